@@ -1,0 +1,1 @@
+"""Vectorised PyTorch implementations (the CPU path)."""

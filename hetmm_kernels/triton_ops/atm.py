@@ -1,0 +1,238 @@
+"""Windowed pixel-to-patch matching in Triton: tensor-core tiles.
+
+Each program owns a tile of ``TILE_H x TILE_W`` query pixels for ``BLOCK_A`` maps of
+the query side and multiplies them with the union of their windows in one map of
+the other side: ``[BLOCK_A * P, C] x [C, U]`` with ``tl.dot`` (fp32 accumulation),
+then keeps each pixel's maximum inside its own window. The union is clamped to the
+map, so a window larger than the map costs no more than the map.
+
+* ``_window_max_kernel``: one program per (tile, query block, template); writes the
+  per-template map ``[A, N, H, W]`` (``forward_ATM``; ``backward_ATM`` swaps roles).
+* ``_mutual_kernel``: one program per (tile, query block, template chunk); reduces
+  over its templates in registers and computes each product once for both
+  directions. The forward maximum of a pixel and the backward maximum of a
+  template position are merged across programs with one ``atomic_max`` each.
+
+Feature maps are pixel-major ``[N, H, W, C]`` so that the ``C`` axis of every load
+is contiguous. Offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MATCH_FLOOR = -1.0
+
+
+@triton.jit
+def _tile_rows(pid_tile, pid_block, n_tiles_w, count, height, width,
+               TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows ``m = map * P + pixel`` of a program: map index, pixel y, pixel x, validity."""
+    P: tl.constexpr = TILE_H * TILE_W
+    m = tl.arange(0, BLOCK * P)
+    index = pid_block * BLOCK + m // P
+    y = (pid_tile // n_tiles_w) * TILE_H + (m % P) // TILE_W
+    x = (pid_tile % n_tiles_w) * TILE_W + m % TILE_W
+    return index, y, x, (index < count) & (y < height) & (x < width)
+
+
+@triton.jit
+def _tile_union(pid_tile, n_tiles_w, height, width, reach, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                UNION_H: tl.constexpr, UNION_W: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Map coordinates of the union of a tile's windows, flattened to ``[BLOCK_U]``."""
+    # origin clamped into the map: [origin, origin + UNION) still covers every window
+    uy0 = tl.minimum(tl.maximum((pid_tile // n_tiles_w) * TILE_H - reach, 0), height - UNION_H)
+    ux0 = tl.minimum(tl.maximum((pid_tile % n_tiles_w) * TILE_W - reach, 0), width - UNION_W)
+    u = tl.arange(0, BLOCK_U)
+    return uy0 + u // UNION_W, ux0 + u % UNION_W, u < UNION_H * UNION_W
+
+
+@triton.jit
+def _union_products(x_ptr, y_ptr, x_rows, x_valid, y_cols, y_valid, channels,
+                    BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``sum_c x[row, c] * y[col, c]`` for ``[M]`` row offsets and ``[BLOCK_U]`` column offsets."""
+    acc = tl.zeros((x_rows.shape[0], y_cols.shape[0]), dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_valid = c < channels
+        xb = tl.load(x_ptr + x_rows[:, None] + c[None, :], mask=x_valid[:, None] & c_valid[None, :], other=0.0)
+        yb = tl.load(y_ptr + y_cols[None, :] + c[:, None], mask=y_valid[None, :] & c_valid[:, None], other=0.0)
+        acc = tl.dot(xb, yb, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _window_max_kernel(
+    x_ptr, y_ptr, out_ptr,
+    count_a, count_n, height, width, channels, n_tiles_w,
+    RADIUS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    UNION_H: tl.constexpr, UNION_W: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_tile = tl.program_id(0)
+    pid_a = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    a, row_y, row_x, row_valid = _tile_rows(pid_tile, pid_a, n_tiles_w, count_a, height, width,
+                                            TILE_H, TILE_W, BLOCK_A)
+    uy, ux, u_valid = _tile_union(pid_tile, n_tiles_w, height, width, RADIUS,
+                                  TILE_H, TILE_W, UNION_H, UNION_W, BLOCK_U)
+    pixel = (row_y * width + row_x).to(tl.int64)
+    hw = height * width
+    x_rows = (a.to(tl.int64) * hw + pixel) * channels
+    y_cols = (n * hw + (uy * width + ux).to(tl.int64)) * channels
+    sims = _union_products(x_ptr, y_ptr, x_rows, row_valid, y_cols, u_valid, channels, BLOCK_C, DOT_PRECISION)
+    in_window = (tl.abs(row_y[:, None] - uy[None, :]) <= RADIUS) & (tl.abs(row_x[:, None] - ux[None, :]) <= RADIUS)
+    in_window = in_window & u_valid[None, :]
+    best = tl.max(tl.where(in_window, sims, float("-inf")), axis=1)
+    best = tl.maximum(best, MATCH_FLOOR)
+    out_offs = (a.to(tl.int64) * count_n + n) * hw + pixel
+    tl.store(out_ptr + out_offs, best.to(out_ptr.dtype.element_ty), mask=row_valid)
+
+
+@triton.jit
+def _mutual_kernel(
+    q_ptr, t_ptr, fore_ptr, back_ptr,
+    batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
+    FORE_R: tl.constexpr, BACK_R: tl.constexpr, REACH: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, UNION_H: tl.constexpr, UNION_W: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_tile = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    P: tl.constexpr = TILE_H * TILE_W
+    b, row_y, row_x, row_valid = _tile_rows(pid_tile, pid_b, n_tiles_w, batch, height, width,
+                                            TILE_H, TILE_W, BLOCK_B)
+    uy, ux, u_valid = _tile_union(pid_tile, n_tiles_w, height, width, REACH,
+                                  TILE_H, TILE_W, UNION_H, UNION_W, BLOCK_U)
+    pixel = (row_y * width + row_x).to(tl.int64)
+    hw = height * width
+    q_rows = (b.to(tl.int64) * hw + pixel) * channels
+    union_pixel = (uy * width + ux).to(tl.int64)
+
+    best = tl.full((BLOCK_B * P, BLOCK_U), float("-inf"), dtype=tl.float32)
+    t_start = pid_t * templates_per_program
+    t_stop = tl.minimum(t_start + templates_per_program, count_t)
+    t_cols = union_pixel * channels
+    template = t_ptr + t_start.to(tl.int64) * hw * channels
+    for _ in range(t_start, t_stop):
+        sims = _union_products(q_ptr, template, q_rows, row_valid, t_cols, u_valid, channels, BLOCK_C, DOT_PRECISION)
+        best = tl.maximum(best, sims)
+        template += hw * channels
+
+    dy = tl.abs(row_y[:, None] - uy[None, :])
+    dx = tl.abs(row_x[:, None] - ux[None, :])
+    pair_valid = row_valid[:, None] & u_valid[None, :]
+    # forward: each query pixel's best template position inside its window
+    fore_win = (dy <= FORE_R) & (dx <= FORE_R) & pair_valid
+    fore = tl.max(tl.where(fore_win, best, float("-inf")), axis=1)
+    tl.atomic_max(fore_ptr + b.to(tl.int64) * hw + pixel, fore, mask=row_valid)
+    # backward: each template position's best query pixel (of this tile) inside its window
+    back_win = (dy <= BACK_R) & (dx <= BACK_R) & pair_valid
+    back = tl.where(back_win, best, float("-inf"))
+    back = tl.max(tl.reshape(back, (BLOCK_B, P, BLOCK_U)), axis=1)
+    b_block = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    back_offs = b_block.to(tl.int64)[:, None] * hw + union_pixel[None, :]
+    tl.atomic_max(back_ptr + back_offs, back, mask=(b_block < batch)[:, None] & u_valid[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def pixel_major(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` -> contiguous ``[N, H, W, C]`` (same dtype)."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    return min(cap, triton.next_power_of_2(max(1, n)))
+
+
+def tile_config(height: int, width: int, reach: int, count_a: int, channels: int) -> dict:
+    """Tile shape and block sizes for one problem (tl.dot needs every dimension >= 16)."""
+    tile_h = _pow2_at_most(height, 4)
+    tile_w = _pow2_at_most(width, 4)
+    pixels = tile_h * tile_w
+    block_a = max(16 // pixels, min(_pow2_at_most(count_a, 4), max(1, 64 // pixels)))
+    union_h = min(tile_h + 2 * reach, height)
+    union_w = min(tile_w + 2 * reach, width)
+    return dict(
+        TILE_H=tile_h, TILE_W=tile_w, UNION_H=union_h, UNION_W=union_w,
+        BLOCK_U=max(16, triton.next_power_of_2(union_h * union_w)),
+        BLOCK_C=max(16, _pow2_at_most(channels, 64)),
+        block=block_a,
+    )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 must match the published fp32 kernel: no TF32 rounding.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def window_max(x: torch.Tensor, y: torch.Tensor, radius: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Pixel-major ``x [A, H, W, C]``, ``y [N, H, W, C]`` -> ``[A, N, H, W]`` window maxima."""
+    count_a, height, width, channels = x.shape
+    count_n = y.shape[0]
+    out = torch.empty((count_a, count_n, height, width), device=x.device, dtype=out_dtype)
+    cfg = tile_config(height, width, radius, count_a, channels)
+    n_tiles_w = triton.cdiv(width, cfg["TILE_W"])
+    grid = (triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w, triton.cdiv(count_a, cfg["block"]), count_n)
+    _window_max_kernel[grid](
+        x, y, out, count_a, count_n, height, width, channels, n_tiles_w,
+        RADIUS=radius, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], UNION_H=cfg["UNION_H"], UNION_W=cfg["UNION_W"],
+        BLOCK_A=cfg["block"], BLOCK_U=cfg["BLOCK_U"], BLOCK_C=cfg["BLOCK_C"],
+        DOT_PRECISION=_dot_precision(x.dtype),
+    )
+    return out
+
+
+def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: int,
+               templates_per_program: int | None = None):
+    """Pixel-major ``q [B, H, W, C]``, ``t [T, H, W, C]`` -> float32 ``(fore, back)``, each ``[B, H, W]``."""
+    batch, height, width, channels = q.shape
+    count_t = t.shape[0]
+    reach = max(fore_radius, back_radius)
+    fore = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=torch.float32)
+    back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=torch.float32)
+    cfg = tile_config(height, width, reach, batch, channels)
+    n_tiles_w = triton.cdiv(width, cfg["TILE_W"])
+    n_tiles = triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w
+    n_b = triton.cdiv(batch, cfg["block"])
+    if templates_per_program is None:
+        # split the templates only as far as needed to give every multiprocessor work
+        target = 4 * _multiprocessors(q.device)
+        chunks = max(1, min(count_t, target // max(1, n_tiles * n_b)))
+        templates_per_program = triton.cdiv(count_t, chunks)
+    grid = (n_tiles, n_b, triton.cdiv(count_t, templates_per_program))
+    _mutual_kernel[grid](
+        q, t, fore, back, batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
+        FORE_R=fore_radius, BACK_R=back_radius, REACH=reach,
+        TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], UNION_H=cfg["UNION_H"], UNION_W=cfg["UNION_W"],
+        BLOCK_B=cfg["block"], BLOCK_U=cfg["BLOCK_U"], BLOCK_C=cfg["BLOCK_C"],
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return fore, back
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one by one: fewer, larger programs are faster
+
+
+def forward_ATM(query: torch.Tensor, temp_pm: torch.Tensor, patch: int) -> torch.Tensor:
+    return window_max(pixel_major(query), temp_pm, patch // 2, query.dtype)
+
+
+def backward_ATM(query: torch.Tensor, temp_pm: torch.Tensor, patch: int) -> torch.Tensor:
+    # R(query, temp)[b, t] is the forward map with the roles swapped, transposed
+    return window_max(temp_pm, pixel_major(query), patch // 2, query.dtype).transpose(0, 1)
+
+
+def mutual_match(query: torch.Tensor, temp_pm: torch.Tensor, fore_patch: int, back_patch: int,
+                 templates_per_program: int | None = None):
+    return mutual_max(pixel_major(query), temp_pm, fore_patch // 2, back_patch // 2, templates_per_program)

@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="hetmm",
+    version="0.1.0",
+    description="Training-free industrial anomaly detection by template mutual matching, with Triton kernels",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hetmm", "hetmm.*", "hetmm_kernels", "hetmm_kernels.*"]),
+    python_requires=">=3.10",
+    # Ranges that torch 2.14.1 / torchvision 0.29.1 / triton 3.6-3.8 satisfy; the upper
+    # bounds keep pip from fetching releases that do not import beside each other.
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "torchvision>=0.19,<0.30",
+        "triton>=3.6,<3.9; platform_system == 'Linux'",
+        "timm>=1.0",
+        "numpy>=1.24",
+        "scikit-learn>=1.3",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+    },
+    entry_points={"console_scripts": ["hetmm=hetmm.cli:main"]},
+)
