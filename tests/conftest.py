@@ -1,0 +1,10 @@
+import os
+
+# The Triton kernels must be decorated in interpreter mode to run on CPU tensors, so the
+# variable is set before anything imports hetmm_kernels. With a GPU (and the variable unset)
+# the same tests run the compiled kernels on CUDA tensors instead.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub download in a test

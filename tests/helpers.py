@@ -1,0 +1,55 @@
+"""What every backend test shares: devices, inputs, and the comparison with its tolerance."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_CUDA = torch.cuda.is_available()
+# Backends under test: triton runs on CUDA tensors, or on CPU tensors in the interpreter.
+BACKENDS = ["torch", "triton"] if (HAS_CUDA or INTERPRETED) else ["torch"]
+
+# Unit round-off of each dtype: the output is rounded to it once.
+ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def device_for(backend: str) -> torch.device:
+    if backend == "triton" and not INTERPRETED:
+        return torch.device("cuda")
+    return torch.device("cuda") if (HAS_CUDA and backend != "torch") else torch.device("cpu")
+
+
+def skip_reason(backend: str, dtype: torch.dtype) -> str | None:
+    if backend == "triton" and dtype == torch.bfloat16 and INTERPRETED:
+        return "the Triton interpreter multiplies bf16 bit patterns in tl.dot; bf16 is checked on a GPU"
+    return None
+
+
+def features(n: int, c: int, h: int, w: int, *, dtype=torch.float32, device="cpu", seed: int = 0) -> torch.Tensor:
+    """L2-normalised random features, as a backbone would give (|<q, t>| <= 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, c, h, w, generator=g), dim=1)
+    return x.to(device=device, dtype=dtype)
+
+
+def tolerance(dtype: torch.dtype, channels: int) -> float:
+    """Absolute tolerance for similarities of unit-norm features.
+
+    Both sides multiply the same rounded inputs in float32; they differ by float32
+    accumulation order (grows with the reduction length C) plus one rounding of the
+    output to ``dtype`` (one unit in the last place near 1).
+    """
+    accumulate = 4 * channels * ROUNDOFF[torch.float32]
+    return accumulate + 2 * ROUNDOFF[dtype] + 1e-7
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, channels: int) -> None:
+    """``actual`` equals the reference ``expected`` in shape, dtype and value (within tolerance)."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    tol = tolerance(expected.dtype, channels)
+    gap = (actual.float().cpu() - expected.float().cpu()).abs()
+    assert gap.max().item() <= tol, f"max |difference| {gap.max().item():.3e} > tolerance {tol:.3e}"

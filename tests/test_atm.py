@@ -1,0 +1,176 @@
+"""Every ATM op on every backend against the naive reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hetmm_kernels as hk
+from hetmm_kernels import reference
+from hetmm_kernels.torch_ops import atm as torch_atm
+from helpers import BACKENDS, assert_matches, device_for, features, skip_reason
+
+# (B, T, C, H, W, fore window, back window)
+SHAPES = [
+    pytest.param(1, 1, 3, 1, 1, 3, 3, id="1x1-map"),
+    pytest.param(2, 3, 8, 4, 5, 13, 9, id="window-larger-than-map"),
+    pytest.param(2, 2, 16, 7, 6, 4, 2, id="even-windows"),
+    pytest.param(2, 3, 8, 5, 5, 1, 0, id="windows-1-and-0"),
+    pytest.param(1, 2, 70, 6, 6, 5, 3, id="C-not-a-block-multiple"),
+    pytest.param(1, 1, 16, 9, 9, 3, 5, id="T=1"),
+    pytest.param(5, 2, 4, 6, 7, 3, 3, id="B-greater-than-a-block"),
+    pytest.param(3, 2, 5, 3, 9, 3, 5, id="non-square"),
+    pytest.param(2, 3, 24, 13, 11, 5, 3, id="many-tiles"),
+    pytest.param(1, 4, 12, 10, 10, 7, 7, id="equal-windows"),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(backend, dtype, b, t, c, h, w, seed=0):
+    reason = skip_reason(backend, dtype)
+    if reason:
+        pytest.skip(reason)
+    device = device_for(backend)
+    query = features(b, c, h, w, dtype=dtype, device=device, seed=seed)
+    temp = features(t, c, h, w, dtype=dtype, device=device, seed=seed + 1)
+    return query, temp
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,t,c,h,w,kf,kb", SHAPES)
+def test_forward_ATM(backend, dtype, b, t, c, h, w, kf, kb):
+    query, temp = _inputs(backend, dtype, b, t, c, h, w)
+    out = hk.forward_ATM(query, temp, kf, backend=backend)
+    assert_matches(out, reference.forward_ATM(query.cpu(), temp.cpu(), kf), c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,t,c,h,w,kf,kb", SHAPES)
+def test_backward_ATM(backend, dtype, b, t, c, h, w, kf, kb):
+    query, temp = _inputs(backend, dtype, b, t, c, h, w)
+    out = hk.backward_ATM(query, temp, kb, backend=backend)
+    assert_matches(out, reference.backward_ATM(query.cpu(), temp.cpu(), kb), c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,t,c,h,w,kf,kb", SHAPES)
+def test_mutual_match(backend, dtype, b, t, c, h, w, kf, kb):
+    query, temp = _inputs(backend, dtype, b, t, c, h, w)
+    fore, back = hk.mutual_match(query, temp, kf, kb, backend=backend)
+    ref_fore, ref_back = reference.mutual_match(query.cpu(), temp.cpu(), kf, kb)
+    assert_matches(fore, ref_fore, c)
+    assert_matches(back, ref_back, c)
+
+
+def test_reference_mutual_is_the_max_of_the_maps():
+    query, temp = features(2, 8, 6, 5), features(3, 8, 6, 5, seed=1)
+    fore, back = reference.mutual_match(query, temp, 5, 3)
+    assert torch.equal(fore, reference.forward_ATM(query, temp, 5).amax(1))
+    assert torch.equal(back, reference.backward_ATM(query, temp, 3).amax(1))
+
+
+def test_hand_computed_single_channel():
+    """One channel: a dot product is a plain product, so the maps can be written down."""
+    query = torch.ones(1, 1, 3, 4)
+    temp = torch.full((1, 1, 3, 4), -5.0)
+    temp[0, 0, 0, 0] = 2.0
+    expected_fore = torch.full((1, 1, 3, 4), -1.0)  # -5 is floored at -1
+    expected_fore[0, 0, :2, :2] = 2.0  # pixels whose 3x3 window holds (0, 0)
+    expected_back = torch.full((1, 1, 3, 4), -1.0)
+    expected_back[0, 0, 0, 0] = 2.0  # only template pixel (0, 0) holds a 2
+    for backend in ["reference", *BACKENDS]:
+        device = device_for(backend) if backend != "reference" else torch.device("cpu")
+        q, t = query.to(device), temp.to(device)
+        assert torch.equal(hk.forward_ATM(q, t, 3, backend=backend).cpu(), expected_fore), backend
+        assert torch.equal(hk.backward_ATM(q, t, 3, backend=backend).cpu(), expected_back), backend
+        fore, back = hk.mutual_match(q, t, 3, 3, backend=backend)
+        assert torch.equal(fore.cpu(), expected_fore[:, 0]), backend
+        assert torch.equal(back.cpu(), expected_back[:, 0]), backend
+
+
+def test_asymmetric_window_relation():
+    """Forward and backward differ exactly by which side the window slides on."""
+    query = torch.zeros(1, 1, 1, 5)
+    temp = torch.zeros(1, 1, 1, 5)
+    query[0, 0, 0, 0] = 1.0
+    temp[0, 0, 0, 2] = 1.0
+    # forward: query pixel 0 sees template pixels 0..2 (window 5) -> 1 at pixel 0 only
+    fore = reference.forward_ATM(query, temp, 5)[0, 0, 0]
+    assert fore.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    # backward: template pixel 2 sees query pixels 0..4 -> 1 at pixel 2 only
+    back = reference.backward_ATM(query, temp, 5)[0, 0, 0]
+    assert back.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    device = device_for(backend)
+    base_q = features(2, 10, 9, 8, device=device)
+    base_t = features(3, 10, 9, 8, device=device, seed=1)
+    query = base_q.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)[:, ::2]  # strided channels, odd strides
+    temp = base_t.flip(0)[:, ::2]
+    assert not query.is_contiguous() and not temp.is_contiguous()
+    fore, back = hk.mutual_match(query, temp, 5, 3, backend=backend)
+    ref_fore, ref_back = reference.mutual_match(query.contiguous().cpu(), temp.contiguous().cpu(), 5, 3)
+    assert_matches(fore, ref_fore, 5)
+    assert_matches(back, ref_back, 5)
+    assert_matches(hk.forward_ATM(query, temp, 3, backend=backend), reference.forward_ATM(query.cpu(), temp.cpu(), 3), 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepared_templates_match_raw(backend):
+    device = device_for(backend)
+    query, temp = features(2, 12, 7, 7, device=device), features(4, 12, 7, 7, device=device, seed=1)
+    bank = hk.prepare_templates(temp)
+    assert hk.prepare_templates(bank) is bank
+    for _ in range(2):  # second call reuses the cached layout
+        fore, back = hk.mutual_match(query, bank, 5, 3, backend=backend)
+        ref_fore, ref_back = hk.mutual_match(query, temp, 5, 3, backend=backend)
+        assert torch.equal(fore, ref_fore) and torch.equal(back, ref_back)
+    assert torch.equal(hk.forward_ATM(query, bank, 3, backend=backend), hk.forward_ATM(query, temp, 3, backend=backend))
+    assert torch.equal(hk.backward_ATM(query, bank, 3, backend=backend), hk.backward_ATM(query, temp, 3, backend=backend))
+
+
+def test_triton_template_chunks_merge_with_atomics():
+    """Templates split over programs (T > templates per program) merge to the same maxima."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend on this machine")
+    from hetmm_kernels.triton_ops import atm as triton_atm
+
+    device = device_for("triton")
+    query, temp = features(2, 16, 6, 7, device=device), features(7, 16, 6, 7, device=device, seed=1)
+    ref_fore, ref_back = reference.mutual_match(query.cpu(), temp.cpu(), 5, 3)
+    for per_program in (1, 3, 7):
+        fore, back = triton_atm.mutual_match(query, triton_atm.pixel_major(temp), 5, 3, templates_per_program=per_program)
+        assert_matches(fore, ref_fore, 16)
+        assert_matches(back, ref_back, 16)
+
+
+def test_torch_template_groups_and_batch_chunks(monkeypatch):
+    """More templates than one BLAS group and more queries than one row block."""
+    monkeypatch.setattr(torch_atm, "MAX_ROWS", 8)
+    query, temp = features(7, 6, 5, 6), features(70, 6, 5, 6, seed=1)
+    assert len(torch_atm.template_groups(temp)) == 2
+    fore, back = hk.mutual_match(query, temp, 3, 5, backend="torch")
+    ref_fore, ref_back = reference.mutual_match(query, temp, 3, 5)
+    assert_matches(fore, ref_fore, 6)
+    assert_matches(back, ref_back, 6)
+    assert_matches(hk.forward_ATM(query, temp, 3, backend="torch"), reference.forward_ATM(query, temp, 3), 6)
+    assert_matches(hk.backward_ATM(query, temp, 5, backend="torch"), reference.backward_ATM(query, temp, 5), 6)
+
+
+@pytest.mark.parametrize("height,width,radius,batch", [(64, 64, 2, 8), (16, 16, 3, 1), (1, 1, 6, 32), (5, 64, 1, 4)])
+def test_torch_tile_choice_is_valid(height, width, radius, batch):
+    th, tw = torch_atm.pick_tile(height, width, radius, batch)
+    assert th in (1, 2, 4, 8) and tw in (1, 2, 4, 8)
+
+
+def test_empty_query_batch():
+    temp = features(2, 4, 3, 3)
+    query = temp[:0]
+    assert hk.forward_ATM(query, temp, 3).shape == (0, 2, 3, 3)
+    fore, back = hk.mutual_match(query, temp, 3, 3)
+    assert fore.shape == back.shape == (0, 3, 3)
