@@ -25,8 +25,13 @@ TEMPLATE_GROUP = 64
 MAX_ROWS = 256
 
 
+def map_major(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` -> contiguous float32 ``[N, H, W, C]`` (free for channels-last float32 input)."""
+    return x.to(torch.float32).permute(0, 2, 3, 1).contiguous()
+
+
 def pixel_major(x: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` -> contiguous float32 ``[H, W, N, C]``."""
+    """``[N, C, H, W]`` -> contiguous float32 ``[H, W, N, C]``: every union row is one contiguous block."""
     return x.to(torch.float32).permute(2, 3, 0, 1).contiguous()
 
 
@@ -81,79 +86,78 @@ def _tile_products(x_tile: torch.Tensor, y: torch.Tensor, uy0, uy1, ux0, ux1) ->
 
 
 def window_max(x: torch.Tensor, y_groups: list[torch.Tensor], radius: int) -> torch.Tensor:
-    """``out[a, n, i, j] = max(-1, max over the (2r+1)^2 window of <x[i,j,a], y[i2,j2,n]>)``.
+    """``out[a, n, i, j] = max(-1, max over the (2r+1)^2 window of <x[a,i,j], y[i2,j2,n]>)``.
 
-    ``x`` is pixel-major ``[H, W, A, C]``, ``y_groups`` pixel-major ``[H, W, N_g, C]`` pieces.
+    ``x`` is map-major ``[A, H, W, C]``, ``y_groups`` pixel-major ``[H, W, N_g, C]`` pieces.
     Returns float32 ``[A, N, H, W]``.
     """
-    height, width, count_a, channels = x.shape
+    count_a, height, width, channels = x.shape
     count_n = sum(g.shape[2] for g in y_groups)
     th, tw = pick_tile(height, width, radius, count_a)
     a_chunk = max(1, MAX_ROWS // (th * tw))
-    out = torch.empty(height, width, count_a, count_n, device=x.device)
+    out = torch.empty(count_a, height, width, count_n, device=x.device)
     rows_y = _window_masks(height, th, radius, radius, x.device)
     rows_x = _window_masks(width, tw, radius, radius, x.device)
     for a0 in range(0, count_a, a_chunk):
         a1 = min(count_a, a0 + a_chunk)
         for y0, y1, uy0, uy1, mask_y in rows_y:
-            mask_y = mask_y.t()[:, :, None, None, None, None]  # [U_h, th, 1, 1, 1, 1]
+            mask_y = mask_y.t()[:, None, :, None, None, None]  # [U_h, 1, th, 1, 1, 1]
             for x0, x1, ux0, ux1, mask_x in rows_x:
-                mask_x = mask_x[None, None, :, None, :, None]  # [1, 1, tw, 1, U_w, 1]
-                x_tile = x[y0:y1, x0:x1, a0:a1].reshape(-1, channels)
+                mask_x = mask_x[None, None, None]  # [1, 1, 1, tw, U_w]
+                x_tile = x[a0:a1, y0:y1, x0:x1].reshape(-1, channels)  # rows (a, y, x)
                 n0 = 0
                 for group in y_groups:
                     n1 = n0 + group.shape[2]
                     sims = _tile_products(x_tile, group, uy0, uy1, ux0, ux1)
-                    sims = sims.view(uy1 - uy0, y1 - y0, x1 - x0, a1 - a0, ux1 - ux0, n1 - n0)
-                    out[y0:y1, x0:x1, a0:a1, n0:n1] = (sims + mask_y + mask_x).amax(dim=(0, 4))
+                    sims = sims.view(uy1 - uy0, a1 - a0, y1 - y0, x1 - x0, ux1 - ux0, n1 - n0)
+                    out[a0:a1, y0:y1, x0:x1, n0:n1] = (sims + mask_y + mask_x[..., None]).amax(dim=(0, 4))
                     n0 = n1
-    return out.clamp_min_(MATCH_FLOOR).permute(2, 3, 0, 1)
+    return out.clamp_min_(MATCH_FLOOR).permute(0, 3, 1, 2).contiguous()
 
 
 def mutual_max(q: torch.Tensor, t_groups: list[torch.Tensor], fore_radius: int, back_radius: int):
-    """``(max_t forward map, max_t backward map)`` for pixel-major ``q [H, W, B, C]``; float32 ``[B, H, W]`` each."""
-    height, width, batch, channels = q.shape
+    """``(max_t forward map, max_t backward map)`` for map-major ``q [B, H, W, C]``; float32 ``[B, H, W]`` each."""
+    batch, height, width, channels = q.shape
     reach = max(fore_radius, back_radius)
     th, tw = pick_tile(height, width, reach, batch)
     b_chunk = max(1, MAX_ROWS // (th * tw))
-    fore = torch.empty(height, width, batch, device=q.device)
+    fore = torch.empty(batch, height, width, device=q.device)
     back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device)
     fore_y = _window_masks(height, th, fore_radius, reach, q.device)
     fore_x = _window_masks(width, tw, fore_radius, reach, q.device)
     back_y = _window_masks(height, th, back_radius, reach, q.device)
     back_x = _window_masks(width, tw, back_radius, reach, q.device)
+    # combined additive masks per (tile row, tile column), shaped [U_h, 1, th, tw, U_w]
+    fore_masks = [[fy.t()[:, None, :, None, None] + fx[None, None, None] for *_, fx in fore_x] for *_, fy in fore_y]
+    back_masks = [[by.t()[:, None, :, None, None] + bx[None, None, None] for *_, bx in back_x] for *_, by in back_y]
     for b0 in range(0, batch, b_chunk):
         b1 = min(batch, b0 + b_chunk)
-        for (y0, y1, uy0, uy1, fy), (_, _, _, _, by) in zip(fore_y, back_y):
-            fy = fy.t()[:, :, None, None, None]  # [U_h, th, 1, 1, 1]
-            by = by.t()[:, :, None, None, None]
-            for (x0, x1, ux0, ux1, fx), (_, _, _, _, bx) in zip(fore_x, back_x):
-                x_tile = q[y0:y1, x0:x1, b0:b1].reshape(-1, channels)
+        for iy, (y0, y1, uy0, uy1, _) in enumerate(fore_y):
+            for ix, (x0, x1, ux0, ux1, _) in enumerate(fore_x):
+                x_tile = q[b0:b1, y0:y1, x0:x1].reshape(-1, channels)  # rows (b, y, x)
                 best = None
                 for group in t_groups:
                     sims = _tile_products(x_tile, group, uy0, uy1, ux0, ux1)
                     # max over templates first: the window masks do not depend on the template
                     group_best = sims.view(sims.shape[0], sims.shape[1], ux1 - ux0, group.shape[2]).amax(dim=-1)
                     best = group_best if best is None else torch.maximum(best, group_best, out=best)
-                best = best.view(uy1 - uy0, y1 - y0, x1 - x0, b1 - b0, ux1 - ux0)
-                fx_ = fx[None, None, :, None, :]  # [1, 1, tw, 1, U_w]
-                bx_ = bx[None, None, :, None, :]
-                fore[y0:y1, x0:x1, b0:b1] = (best + fy + fx_).amax(dim=(0, 4))
-                back_tile = (best + by + bx_).amax(dim=(1, 2))  # [U_h, b, U_w]
+                best = best.view(uy1 - uy0, b1 - b0, y1 - y0, x1 - x0, ux1 - ux0)
+                fore[b0:b1, y0:y1, x0:x1] = (best + fore_masks[iy][ix]).amax(dim=(0, 4))
+                back_tile = (best + back_masks[iy][ix]).amax(dim=(2, 3))  # [U_h, b, U_w]
                 target = back[b0:b1, uy0:uy1, ux0:ux1]
-                torch.maximum(target, back_tile.permute(1, 0, 2), out=target)
-    return fore.clamp_min_(MATCH_FLOOR).permute(2, 0, 1), back
+                torch.maximum(target, back_tile.transpose(0, 1), out=target)
+    return fore.clamp_min_(MATCH_FLOOR), back
 
 
 def forward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) -> torch.Tensor:
-    return window_max(pixel_major(query), t_groups, patch // 2)
+    return window_max(map_major(query), t_groups, patch // 2)
 
 
 def backward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) -> torch.Tensor:
     # R(query, temp)[b, t] is the forward map with the roles swapped, transposed
-    temp = t_groups[0] if len(t_groups) == 1 else torch.cat(t_groups, dim=2)
-    return window_max(temp, [pixel_major(query)], patch // 2).transpose(0, 1)
+    temp = torch.cat([g.permute(2, 0, 1, 3) for g in t_groups]).contiguous()  # map-major [T, H, W, C]
+    return window_max(temp, [pixel_major(query)], patch // 2).transpose(0, 1).contiguous()
 
 
 def mutual_match(query: torch.Tensor, t_groups: list[torch.Tensor], fore_patch: int, back_patch: int):
-    return mutual_max(pixel_major(query), t_groups, fore_patch // 2, back_patch // 2)
+    return mutual_max(map_major(query), t_groups, fore_patch // 2, back_patch // 2)
