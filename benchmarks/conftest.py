@@ -1,0 +1,108 @@
+"""Shared benchmark machinery: devices, the matmul roofline, and the summary table.
+
+Each benchmark records its useful GFLOP/s (``2*B*T*H*W*k^2*C``, k the larger window)
+and its fraction of a plain ``torch.matmul`` measured in the same run; the table at the
+end also gives each backend's speed-up over the reference on the same problem.
+Set ``HETMM_BENCH_REPORT=path.md`` to also write the table as markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS: list[dict] = []
+ROOFLINE: dict[str, float] = {}
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def backends() -> list[str]:
+    return ["reference", "torch", "triton"] if torch.cuda.is_available() else ["reference", "torch"]
+
+
+def measure_matmul(dtype: torch.dtype, repeats: int = 20) -> float:
+    """FLOP/s of ``[2048, 512] @ [512, 2048]`` (best of ``repeats``) on the benchmark device."""
+    a = torch.randn(2048, 512, device=device()).to(dtype)
+    b = torch.randn(512, 2048, device=device()).to(dtype)
+    for _ in range(3):
+        a @ b
+    synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048 * 512 * 2048 / best
+
+
+@pytest.fixture(scope="session")
+def matmul_rate() -> dict[str, float]:
+    if not ROOFLINE:
+        ROOFLINE["float32"] = measure_matmul(torch.float32)
+        if torch.cuda.is_available():
+            ROOFLINE["float16"] = measure_matmul(torch.float16, repeats=50)
+    return ROOFLINE
+
+
+def record(benchmark, flops: float, rate: dict[str, float], dtype: torch.dtype, **key) -> None:
+    """Attach GFLOP/s and the roofline fraction to a finished benchmark and keep it for the table."""
+    seconds = benchmark.stats.stats.median
+    roofline = rate.get(str(dtype).replace("torch.", ""), rate["float32"])
+    row = dict(key, dtype=str(dtype).replace("torch.", ""), ms=seconds * 1e3,
+               gflops=flops / seconds / 1e9, fraction=flops / seconds / roofline)
+    benchmark.extra_info.update(row)
+    RESULTS.append(row)
+
+
+def _table() -> list[str]:
+    if not RESULTS:
+        return []
+    ref_ms = {
+        tuple((k, v) for k, v in r.items() if k not in ("backend", "ms", "gflops", "fraction", "mode")): r["ms"]
+        for r in RESULTS if r["backend"] == "reference"
+    }
+    lines = [
+        f"matmul roofline: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in ROOFLINE.items())
+        + f" on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+        "",
+        "| op | layer | windows | B | T | dtype | backend | mode | ms | GFLOP/s | of matmul | vs reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(RESULTS, key=lambda r: (r["op"], r["layer"], r["windows"], r["batch"], r["backend"], r["mode"])):
+        key = tuple((k, v) for k, v in r.items() if k not in ("backend", "ms", "gflops", "fraction", "mode"))
+        speedup = f"{ref_ms[key] / r['ms']:.1f}x" if key in ref_ms and r["backend"] != "reference" else ""
+        lines.append(
+            f"| {r['op']} | {r['layer']} | {r['windows']} | {r['batch']} | {r['templates']} | {r['dtype']} | "
+            f"{r['backend']} | {r['mode']} | {r['ms']:.2f} | {r['gflops']:.1f} | {r['fraction']:.3f} | {speedup} |"
+        )
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = _table()
+    if not lines:
+        return
+    terminalreporter.write_sep("=", "useful GFLOP/s as a fraction of torch.matmul, same run")
+    for line in lines:
+        terminalreporter.write_line(line)
+    report = os.environ.get("HETMM_BENCH_REPORT")
+    if report:
+        with open(report, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(os.path.splitext(report)[0] + ".json", "w", encoding="utf-8") as f:
+            json.dump({"roofline": ROOFLINE, "results": RESULTS}, f, indent=1)

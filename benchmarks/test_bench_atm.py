@@ -1,0 +1,100 @@
+"""ATM matching on the paper's layer shapes (Wide-ResNet-101-2 at 256x256), T = 60 templates.
+
+``pytest benchmarks --benchmark-only``. Steady state uses a prepared template bank
+(laid out once, as the detector does); cold passes the raw template tensor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hetmm_kernels as hk
+from conftest import backends, device, record, synchronize
+
+LAYERS = {"layer1": (256, 64), "layer2": (512, 32), "layer3": (1024, 16)}  # channels, side
+TEMPLATES = 60
+BACK_WINDOW = 3
+
+
+def _features(n, channels, side, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, channels, side, side, generator=g), dim=1).to(device=device(), dtype=dtype)
+
+
+def _dtype_for(backend):
+    # the GPU fast path multiplies half precision; the CPU paths compute in float32
+    return torch.float16 if backend == "triton" else torch.float32
+
+
+def _run(benchmark, fn, backend):
+    def timed():
+        out = fn()
+        synchronize()
+        return out
+
+    rounds = 1 if backend == "reference" else 3
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0 if backend == "reference" else 1, iterations=1)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("window", [3, 5, 7, 13])
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("backend", backends())
+def test_mutual_match(benchmark, matmul_rate, backend, layer, window, batch):
+    """mutual_match with forward window k and backward window 3, steady state."""
+    if backend == "reference" and (window == 13 or (batch == 8 and window != {"layer1": 5}.get(layer, 7))):
+        pytest.skip("the reference runs on the goal shapes only (it takes seconds per call)")
+    channels, side = LAYERS[layer]
+    dtype = _dtype_for(backend)
+    query = _features(batch, channels, side, dtype, 0)
+    bank = hk.prepare_templates(_features(TEMPLATES, channels, side, dtype, 1))
+    _run(benchmark, lambda: hk.mutual_match(query, bank, window, BACK_WINDOW, backend=backend), backend)
+    k = max(window, BACK_WINDOW)
+    flops = 2 * batch * TEMPLATES * side * side * (k | 1) ** 2 * channels
+    record(benchmark, flops, matmul_rate, dtype, op="mutual_match", layer=layer, windows=f"{window}x{BACK_WINDOW}",
+           batch=batch, templates=TEMPLATES, backend=backend, mode="steady")
+
+
+@pytest.mark.parametrize("layer,window", [("layer1", 5), ("layer2", 7), ("layer3", 7)])
+@pytest.mark.parametrize("backend", [b for b in backends() if b != "reference"])
+def test_mutual_match_cold(benchmark, matmul_rate, backend, layer, window):
+    """The same at batch 8, but with the raw templates: their layout is rebuilt on every call."""
+    channels, side = LAYERS[layer]
+    dtype = _dtype_for(backend)
+    query = _features(8, channels, side, dtype, 0)
+    temp = _features(TEMPLATES, channels, side, dtype, 1)
+    _run(benchmark, lambda: hk.mutual_match(query, temp, window, BACK_WINDOW, backend=backend), backend)
+    flops = 2 * 8 * TEMPLATES * side * side * window**2 * channels
+    record(benchmark, flops, matmul_rate, dtype, op="mutual_match", layer=layer, windows=f"{window}x{BACK_WINDOW}",
+           batch=8, templates=TEMPLATES, backend=backend, mode="cold")
+
+
+@pytest.mark.parametrize("op,window", [("forward_ATM", 5), ("backward_ATM", 3)])
+@pytest.mark.parametrize("backend", backends())
+def test_drop_in_ops(benchmark, matmul_rate, backend, op, window):
+    """The published ops on layer 1 at batch 8 (they write the full [B, T, H, W] map)."""
+    channels, side = LAYERS["layer1"]
+    dtype = _dtype_for(backend)
+    query = _features(8, channels, side, dtype, 0)
+    bank = hk.prepare_templates(_features(TEMPLATES, channels, side, dtype, 1))
+    fn = getattr(hk, op)
+    _run(benchmark, lambda: fn(query, bank, window, backend=backend), backend)
+    flops = 2 * 8 * TEMPLATES * side * side * (window | 1) ** 2 * channels
+    record(benchmark, flops, matmul_rate, dtype, op=op, layer="layer1", windows=str(window), batch=8,
+           templates=TEMPLATES, backend=backend, mode="steady")
+
+
+def test_matmul_roofline(benchmark, matmul_rate):
+    """The plain float32 matmul every fraction is measured against."""
+    a = torch.randn(2048, 512, device=device())
+    b = torch.randn(512, 2048, device=device())
+
+    def timed():
+        a @ b
+        synchronize()
+
+    benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
+    record(benchmark, 2 * 2048 * 512 * 2048, matmul_rate, torch.float32, op="torch.matmul", layer="-",
+           windows="-", batch="-", templates="-", backend="torch", mode="-")
