@@ -54,13 +54,18 @@ def measure_matmul(dtype: torch.dtype, repeats: int = 20) -> float:
 def matmul_rate() -> dict[str, float]:
     if not ROOFLINE:
         ROOFLINE["float32"] = measure_matmul(torch.float32)
+        ROOFLINE["bfloat16"] = measure_matmul(torch.bfloat16)
         if torch.cuda.is_available():
             ROOFLINE["float16"] = measure_matmul(torch.float16, repeats=50)
     return ROOFLINE
 
 
 def record(benchmark, flops: float, rate: dict[str, float], dtype: torch.dtype, **key) -> None:
-    """Attach GFLOP/s and the roofline fraction to a finished benchmark and keep it for the table."""
+    """Attach GFLOP/s and the roofline fraction to a finished benchmark and keep it for the table.
+
+    The fraction is of the matmul rate in the same dtype (float32 on the CPU paths,
+    which compute float16 in float32).
+    """
     seconds = benchmark.stats.stats.median
     roofline = rate.get(str(dtype).replace("torch.", ""), rate["float32"])
     row = dict(key, dtype=str(dtype).replace("torch.", ""), ms=seconds * 1e3,

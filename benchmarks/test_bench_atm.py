@@ -71,6 +71,19 @@ def test_mutual_match_cold(benchmark, matmul_rate, backend, layer, window):
            batch=8, templates=TEMPLATES, backend=backend, mode="cold")
 
 
+@pytest.mark.parametrize("layer,window", [("layer1", 5), ("layer2", 7), ("layer3", 7)])
+@pytest.mark.parametrize("backend", [b for b in backends() if b != "reference"])
+def test_mutual_match_bfloat16(benchmark, matmul_rate, backend, layer, window):
+    """bfloat16 features at batch 8, steady state (the CPU path multiplies them natively)."""
+    channels, side = LAYERS[layer]
+    query = _features(8, channels, side, torch.bfloat16, 0)
+    bank = hk.prepare_templates(_features(TEMPLATES, channels, side, torch.bfloat16, 1))
+    _run(benchmark, lambda: hk.mutual_match(query, bank, window, BACK_WINDOW, backend=backend), backend)
+    flops = 2 * 8 * TEMPLATES * side * side * window**2 * channels
+    record(benchmark, flops, matmul_rate, torch.bfloat16, op="mutual_match", layer=layer,
+           windows=f"{window}x{BACK_WINDOW}", batch=8, templates=TEMPLATES, backend=backend, mode="steady")
+
+
 @pytest.mark.parametrize("op,window", [("forward_ATM", 5), ("backward_ATM", 3)])
 @pytest.mark.parametrize("backend", backends())
 def test_drop_in_ops(benchmark, matmul_rate, backend, op, window):

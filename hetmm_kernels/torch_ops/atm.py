@@ -25,14 +25,26 @@ TEMPLATE_GROUP = 64
 MAX_ROWS = 256
 
 
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the products run in: float32, except bfloat16 on the CPU.
+
+    CPU BLAS multiplies bfloat16 natively with float32 accumulation (2-3x the float32
+    rate on AVX512-BF16 cores). Each similarity is then rounded to bfloat16 once; as
+    rounding is monotonic, the maximum of rounded values equals the rounded maximum,
+    which is what a bfloat16 caller gets anyway. float16 has no fast CPU kernels and
+    runs in float32.
+    """
+    return torch.bfloat16 if (dtype == torch.bfloat16 and device.type == "cpu") else torch.float32
+
+
 def map_major(x: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` -> contiguous float32 ``[N, H, W, C]`` (free for channels-last float32 input)."""
-    return x.to(torch.float32).permute(0, 2, 3, 1).contiguous()
+    """``[N, C, H, W]`` -> contiguous ``[N, H, W, C]`` (free for channels-last input)."""
+    return x.to(compute_dtype(x.dtype, x.device)).permute(0, 2, 3, 1).contiguous()
 
 
 def pixel_major(x: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H, W]`` -> contiguous float32 ``[H, W, N, C]``: every union row is one contiguous block."""
-    return x.to(torch.float32).permute(2, 3, 0, 1).contiguous()
+    """``[N, C, H, W]`` -> contiguous ``[H, W, N, C]``: every union row is one contiguous block."""
+    return x.to(compute_dtype(x.dtype, x.device)).permute(2, 3, 0, 1).contiguous()
 
 
 def template_groups(temp: torch.Tensor, group: int = TEMPLATE_GROUP) -> list[torch.Tensor]:
@@ -43,13 +55,19 @@ def template_groups(temp: torch.Tensor, group: int = TEMPLATE_GROUP) -> list[tor
     return [pixel_major(temp[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def pick_tile(height: int, width: int, radius: int, rows_per_pixel: int) -> tuple[int, int]:
+# Rows at which a BLAS block reaches half its peak rate, fitted per compute dtype on a
+# 2-core AVX-512 machine (bfloat16 kernels want taller blocks).
+HALF_RATE_ROWS = {torch.float32: 12, torch.bfloat16: 48}
+
+
+def pick_tile(height: int, width: int, radius: int, rows_per_pixel: int, dtype=torch.float32) -> tuple[int, int]:
     """Tile shape (th, tw) minimising the estimated cost per query pixel.
 
     Every pixel of a tile is multiplied with the whole union of U positions, so the
-    cost per pixel is ``U / efficiency(M)`` for a BLAS block of ``M = P * rows``
-    rows; ``M / (M + 12)`` fits the rates measured on this backend (2-core AVX-512).
+    cost per pixel is ``U / efficiency(M)`` for a BLAS block of ``M = P * rows`` rows,
+    with ``efficiency(M) = M / (M + HALF_RATE_ROWS)``.
     """
+    half_rate = HALF_RATE_ROWS.get(dtype, 12)
     best, best_cost = (1, 1), float("inf")
     for th in (1, 2, 4, 8):
         for tw in (1, 2, 4, 8):
@@ -58,31 +76,35 @@ def pick_tile(height: int, width: int, radius: int, rows_per_pixel: int) -> tupl
             union = min(th + 2 * radius, height) * min(tw + 2 * radius, width)
             pixels = min(th, height) * min(tw, width)
             rows = pixels * min(rows_per_pixel, max(1, MAX_ROWS // pixels))
-            cost = union * (rows + 12) / rows
+            cost = union * (rows + half_rate) / rows
             if cost < best_cost - 1e-9:
                 best, best_cost = (th, tw), cost
     return best
 
 
-def _window_masks(extent: int, tile: int, radius: int, reach: int, device):
+def _window_masks(extent: int, tile: int, radius: int, reach: int, like: torch.Tensor):
     """Per tile along one axis: (start, stop, union start, union stop, additive mask [rows, union])."""
     spans = []
     for start in range(0, extent, tile):
         stop = min(extent, start + tile)
         u_start, u_stop = max(0, start - reach), min(extent, stop + reach)
-        rows = torch.arange(start, stop, device=device).view(-1, 1)
-        cols = torch.arange(u_start, u_stop, device=device).view(1, -1)
-        mask = torch.zeros(rows.shape[0], cols.shape[1], device=device)
+        rows = torch.arange(start, stop, device=like.device).view(-1, 1)
+        cols = torch.arange(u_start, u_stop, device=like.device).view(1, -1)
+        mask = like.new_zeros(rows.shape[0], cols.shape[1])
         mask.masked_fill_((rows - cols).abs() > radius, float("-inf"))
         spans.append((start, stop, u_start, u_stop, mask))
     return spans
 
 
 def _tile_products(x_tile: torch.Tensor, y: torch.Tensor, uy0, uy1, ux0, ux1) -> torch.Tensor:
-    """``x_tile [M, C]`` against the union ``y[uy0:uy1, ux0:ux1]`` -> ``[U_h, M, U_w * N]``."""
+    """The union ``y[uy0:uy1, ux0:ux1]`` against ``x_tile [M, C]`` -> ``[U_h, U_w * N, M]``.
+
+    Union rows on the left: each is a contiguous ``[U_w * N, C]`` block, read in place
+    (with the union on the right, CPU bfloat16 BLAS copies it first: 3x slower).
+    """
     union = y[uy0:uy1, ux0:ux1]  # [U_h, U_w, N, C], each row contiguous
     union = union.reshape(uy1 - uy0, -1, union.shape[-1])  # a view, no copy
-    return torch.matmul(x_tile, union.transpose(1, 2))
+    return torch.matmul(union, x_tile.t())
 
 
 def window_max(x: torch.Tensor, y_groups: list[torch.Tensor], radius: int) -> torch.Tensor:
@@ -93,59 +115,64 @@ def window_max(x: torch.Tensor, y_groups: list[torch.Tensor], radius: int) -> to
     """
     count_a, height, width, channels = x.shape
     count_n = sum(g.shape[2] for g in y_groups)
-    th, tw = pick_tile(height, width, radius, count_a)
+    th, tw = pick_tile(height, width, radius, count_a, x.dtype)
     a_chunk = max(1, MAX_ROWS // (th * tw))
-    out = torch.empty(count_a, height, width, count_n, device=x.device)
-    rows_y = _window_masks(height, th, radius, radius, x.device)
-    rows_x = _window_masks(width, tw, radius, radius, x.device)
+    out = torch.empty(count_n, count_a, height, width, device=x.device)
+    rows_y = _window_masks(height, th, radius, radius, x)
+    rows_x = _window_masks(width, tw, radius, radius, x)
+    # additive masks per (tile row, tile column), shaped [U_h, U_w, 1, 1, th, tw]
+    masks = [[my.t()[:, None, None, None, :, None] + mx.t()[None, :, None, None, None, :]
+              for *_, mx in rows_x] for *_, my in rows_y]
     for a0 in range(0, count_a, a_chunk):
         a1 = min(count_a, a0 + a_chunk)
-        for y0, y1, uy0, uy1, mask_y in rows_y:
-            mask_y = mask_y.t()[:, None, :, None, None, None]  # [U_h, 1, th, 1, 1, 1]
-            for x0, x1, ux0, ux1, mask_x in rows_x:
-                mask_x = mask_x[None, None, None]  # [1, 1, 1, tw, U_w]
+        for iy, (y0, y1, uy0, uy1, _) in enumerate(rows_y):
+            for ix, (x0, x1, ux0, ux1, _) in enumerate(rows_x):
                 x_tile = x[a0:a1, y0:y1, x0:x1].reshape(-1, channels)  # rows (a, y, x)
                 n0 = 0
                 for group in y_groups:
                     n1 = n0 + group.shape[2]
                     sims = _tile_products(x_tile, group, uy0, uy1, ux0, ux1)
-                    sims = sims.view(uy1 - uy0, a1 - a0, y1 - y0, x1 - x0, ux1 - ux0, n1 - n0)
-                    out[a0:a1, y0:y1, x0:x1, n0:n1] = (sims + mask_y + mask_x[..., None]).amax(dim=(0, 4))
+                    sims = sims.view(uy1 - uy0, ux1 - ux0, n1 - n0, a1 - a0, y1 - y0, x1 - x0)
+                    out[n0:n1, a0:a1, y0:y1, x0:x1] = (sims + masks[iy][ix]).amax(dim=(0, 1))
                     n0 = n1
-    return out.clamp_min_(MATCH_FLOOR).permute(0, 3, 1, 2).contiguous()
+    return out.clamp_min_(MATCH_FLOOR).transpose(0, 1).contiguous()
 
 
 def mutual_max(q: torch.Tensor, t_groups: list[torch.Tensor], fore_radius: int, back_radius: int):
     """``(max_t forward map, max_t backward map)`` for map-major ``q [B, H, W, C]``; float32 ``[B, H, W]`` each."""
     batch, height, width, channels = q.shape
     reach = max(fore_radius, back_radius)
-    th, tw = pick_tile(height, width, reach, batch)
+    th, tw = pick_tile(height, width, reach, batch, q.dtype)
     b_chunk = max(1, MAX_ROWS // (th * tw))
     fore = torch.empty(batch, height, width, device=q.device)
     back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device)
-    fore_y = _window_masks(height, th, fore_radius, reach, q.device)
-    fore_x = _window_masks(width, tw, fore_radius, reach, q.device)
-    back_y = _window_masks(height, th, back_radius, reach, q.device)
-    back_x = _window_masks(width, tw, back_radius, reach, q.device)
-    # combined additive masks per (tile row, tile column), shaped [U_h, 1, th, tw, U_w]
-    fore_masks = [[fy.t()[:, None, :, None, None] + fx[None, None, None] for *_, fx in fore_x] for *_, fy in fore_y]
-    back_masks = [[by.t()[:, None, :, None, None] + bx[None, None, None] for *_, bx in back_x] for *_, by in back_y]
+    spans_y = _window_masks(height, th, fore_radius, reach, q)
+    spans_x = _window_masks(width, tw, fore_radius, reach, q)
+    back_y = _window_masks(height, th, back_radius, reach, q)
+    back_x = _window_masks(width, tw, back_radius, reach, q)
+
+    # additive masks per (tile row, tile column), shaped [U_h, U_w, 1, th, tw]
+    def combine(rows, cols):
+        return [[my.t()[:, None, None, :, None] + mx.t()[None, :, None, None, :] for *_, mx in cols] for *_, my in rows]
+
+    fore_masks, back_masks = combine(spans_y, spans_x), combine(back_y, back_x)
     for b0 in range(0, batch, b_chunk):
         b1 = min(batch, b0 + b_chunk)
-        for iy, (y0, y1, uy0, uy1, _) in enumerate(fore_y):
-            for ix, (x0, x1, ux0, ux1, _) in enumerate(fore_x):
+        for iy, (y0, y1, uy0, uy1, _) in enumerate(spans_y):
+            for ix, (x0, x1, ux0, ux1, _) in enumerate(spans_x):
                 x_tile = q[b0:b1, y0:y1, x0:x1].reshape(-1, channels)  # rows (b, y, x)
                 best = None
                 for group in t_groups:
                     sims = _tile_products(x_tile, group, uy0, uy1, ux0, ux1)
                     # max over templates first: the window masks do not depend on the template
-                    group_best = sims.view(sims.shape[0], sims.shape[1], ux1 - ux0, group.shape[2]).amax(dim=-1)
+                    sims = sims.view(uy1 - uy0, ux1 - ux0, group.shape[2], -1)
+                    group_best = sims.amax(dim=2)
                     best = group_best if best is None else torch.maximum(best, group_best, out=best)
-                best = best.view(uy1 - uy0, b1 - b0, y1 - y0, x1 - x0, ux1 - ux0)
-                fore[b0:b1, y0:y1, x0:x1] = (best + fore_masks[iy][ix]).amax(dim=(0, 4))
-                back_tile = (best + back_masks[iy][ix]).amax(dim=(2, 3))  # [U_h, b, U_w]
+                best = best.view(uy1 - uy0, ux1 - ux0, b1 - b0, y1 - y0, x1 - x0)
+                fore[b0:b1, y0:y1, x0:x1] = (best + fore_masks[iy][ix]).amax(dim=(0, 1))
+                back_tile = (best + back_masks[iy][ix]).amax(dim=(3, 4))  # [U_h, U_w, b]
                 target = back[b0:b1, uy0:uy1, ux0:ux1]
-                torch.maximum(target, back_tile.transpose(0, 1), out=target)
+                torch.maximum(target, back_tile.permute(2, 0, 1), out=target)
     return fore.clamp_min_(MATCH_FLOOR), back
 
 
