@@ -107,17 +107,23 @@ def _tile_products(x_tile: torch.Tensor, y: torch.Tensor, uy0, uy1, ux0, ux1) ->
     return torch.matmul(union, x_tile.t())
 
 
-def window_max(x: torch.Tensor, y_groups: list[torch.Tensor], radius: int) -> torch.Tensor:
-    """``out[a, n, i, j] = max(-1, max over the (2r+1)^2 window of <x[a,i,j], y[i2,j2,n]>)``.
+def window_max(x: torch.Tensor, y_groups: list[torch.Tensor], radius: int, reverse: bool = False) -> torch.Tensor:
+    """Per-pair window maxima of ``<x[a, i, j], y[i2, j2, n]>`` over ``|i2-i|, |j2-j| <= radius``, floored at -1.
 
-    ``x`` is map-major ``[A, H, W, C]``, ``y_groups`` pixel-major ``[H, W, N_g, C]`` pieces.
-    Returns float32 ``[A, N, H, W]``.
+    ``x`` is map-major ``[A, H, W, C]`` (the query), ``y_groups`` pixel-major ``[H, W, N_g, C]``
+    pieces (the templates). Forward: the maximum for each x pixel over its window in y.
+    ``reverse``: the maximum for each y pixel over its window in x (``backward_ATM``); the
+    products are the same, only the masked reduction runs over the other axes and merges
+    across tiles. Returns float32 ``[A, N, H, W]``.
     """
     count_a, height, width, channels = x.shape
     count_n = sum(g.shape[2] for g in y_groups)
     th, tw = pick_tile(height, width, radius, count_a, x.dtype)
     a_chunk = max(1, MAX_ROWS // (th * tw))
-    out = torch.empty(count_n, count_a, height, width, device=x.device)
+    if reverse:
+        out = torch.full((count_a, count_n, height, width), MATCH_FLOOR, device=x.device)
+    else:
+        out = torch.empty(count_n, count_a, height, width, device=x.device)
     rows_y = _window_masks(height, th, radius, radius, x)
     rows_x = _window_masks(width, tw, radius, radius, x)
     # additive masks per (tile row, tile column), shaped [U_h, U_w, 1, 1, th, tw]
@@ -132,9 +138,15 @@ def window_max(x: torch.Tensor, y_groups: list[torch.Tensor], radius: int) -> to
                 for group in y_groups:
                     n1 = n0 + group.shape[2]
                     sims = _tile_products(x_tile, group, uy0, uy1, ux0, ux1)
-                    sims = sims.view(uy1 - uy0, ux1 - ux0, n1 - n0, a1 - a0, y1 - y0, x1 - x0)
-                    out[n0:n1, a0:a1, y0:y1, x0:x1] = (sims + masks[iy][ix]).amax(dim=(0, 1))
+                    sims = sims.view(uy1 - uy0, ux1 - ux0, n1 - n0, a1 - a0, y1 - y0, x1 - x0) + masks[iy][ix]
+                    if reverse:
+                        target = out[a0:a1, n0:n1, uy0:uy1, ux0:ux1]
+                        torch.maximum(target, sims.amax(dim=(4, 5)).permute(3, 2, 0, 1), out=target)
+                    else:
+                        out[n0:n1, a0:a1, y0:y1, x0:x1] = sims.amax(dim=(0, 1))
                     n0 = n1
+    if reverse:
+        return out
     return out.clamp_min_(MATCH_FLOOR).transpose(0, 1).contiguous()
 
 
@@ -181,9 +193,7 @@ def forward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) -
 
 
 def backward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) -> torch.Tensor:
-    # R(query, temp)[b, t] is the forward map with the roles swapped, transposed
-    temp = torch.cat([g.permute(2, 0, 1, 3) for g in t_groups]).contiguous()  # map-major [T, H, W, C]
-    return window_max(temp, [pixel_major(query)], patch // 2).transpose(0, 1).contiguous()
+    return window_max(map_major(query), t_groups, patch // 2, reverse=True)
 
 
 def mutual_match(query: torch.Tensor, t_groups: list[torch.Tensor], fore_patch: int, back_patch: int):
