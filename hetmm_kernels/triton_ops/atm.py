@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 MATCH_FLOOR = -1.0
+_FLOOR = tl.constexpr(MATCH_FLOOR)  # kernels may only read constexpr globals
 
 
 @triton.jit
@@ -87,7 +88,7 @@ def _window_max_kernel(
     in_window = (tl.abs(row_y[:, None] - uy[None, :]) <= RADIUS) & (tl.abs(row_x[:, None] - ux[None, :]) <= RADIUS)
     in_window = in_window & u_valid[None, :]
     best = tl.max(tl.where(in_window, sims, float("-inf")), axis=1)
-    best = tl.maximum(best, MATCH_FLOOR)
+    best = tl.maximum(best, _FLOOR)
     out_offs = (a.to(tl.int64) * count_n + n) * hw + pixel
     tl.store(out_ptr + out_offs, best.to(out_ptr.dtype.element_ty), mask=row_valid)
 

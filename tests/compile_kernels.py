@@ -1,0 +1,65 @@
+"""Compile every Triton kernel for real NVIDIA targets, ahead of time, without a GPU.
+
+The interpreter forgives what the compiler will not (non-constexpr globals, block
+shapes, dot sizes); this lowers each kernel to a cubin with Triton's bundled ptxas.
+Run as a script with TRITON_INTERPRET=0 (the tests do it in a subprocess); prints one
+line per kernel configuration and exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from hetmm_kernels.triton_ops import atm  # noqa: E402
+
+# (height, width, reach, batch, channels): a 1x1 map, the paper's layers, a window larger than the map
+PROBLEMS = [(1, 1, 1, 1, 3), (64, 64, 2, 8, 256), (32, 32, 3, 32, 512), (16, 16, 6, 1, 1024), (5, 7, 6, 2, 24)]
+DTYPES = ["fp16", "bf16", "fp32"]
+
+
+def _signature(kernel, pointer, constexprs, fp32_pointers=()):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in fp32_pointers else f"*{pointer}"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def configurations():
+    for height, width, reach, batch, channels in PROBLEMS:
+        cfg = atm.tile_config(height, width, reach, batch, channels)
+        shared = dict(TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], UNION_H=cfg["UNION_H"], UNION_W=cfg["UNION_W"],
+                      BLOCK_U=cfg["BLOCK_U"], BLOCK_C=cfg["BLOCK_C"])
+        for dtype in DTYPES:
+            precision = "ieee" if dtype == "fp32" else "tf32"
+            window = dict(shared, RADIUS=reach, BLOCK_A=cfg["block"], DOT_PRECISION=precision)
+            yield "window_max", atm._window_max_kernel, dtype, window, ()
+            mutual = dict(shared, FORE_R=reach, BACK_R=max(0, reach - 1), REACH=reach, BLOCK_B=cfg["block"],
+                          DOT_PRECISION=precision)
+            yield "mutual", atm._mutual_kernel, dtype, mutual, ("fore_ptr", "back_ptr")
+
+
+def main(arch: int) -> int:
+    target = GPUTarget("cuda", arch, 32)
+    for name, kernel, dtype, constexprs, fp32_pointers in configurations():
+        source = ASTSource(kernel, _signature(kernel, dtype, constexprs, fp32_pointers), constexprs=constexprs)
+        compiled = triton.compile(source, target=target)
+        uses_mma = "mma" in compiled.asm["ptx"]
+        print(f"sm_{arch} {name} {dtype} {constexprs['TILE_H']}x{constexprs['TILE_W']} "
+              f"U={constexprs['BLOCK_U']} ok tensor-cores={uses_mma}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
