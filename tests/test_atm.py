@@ -39,19 +39,13 @@ def _inputs(backend, dtype, b, t, c, h, w, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("b,t,c,h,w,kf,kb", SHAPES)
-def test_forward_ATM(backend, dtype, b, t, c, h, w, kf, kb):
+@pytest.mark.parametrize("op", ["forward_ATM", "backward_ATM"])
+def test_drop_in_op(op, backend, dtype, b, t, c, h, w, kf, kb):
+    """The published per-template maps; forward uses the fore window, backward the back window."""
     query, temp = _inputs(backend, dtype, b, t, c, h, w)
-    out = hk.forward_ATM(query, temp, kf, backend=backend)
-    assert_matches(out, reference.forward_ATM(query.cpu(), temp.cpu(), kf), c)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("b,t,c,h,w,kf,kb", SHAPES)
-def test_backward_ATM(backend, dtype, b, t, c, h, w, kf, kb):
-    query, temp = _inputs(backend, dtype, b, t, c, h, w)
-    out = hk.backward_ATM(query, temp, kb, backend=backend)
-    assert_matches(out, reference.backward_ATM(query.cpu(), temp.cpu(), kb), c)
+    window = kf if op == "forward_ATM" else kb
+    out = getattr(hk, op)(query, temp, window, backend=backend)
+    assert_matches(out, getattr(reference, op)(query.cpu(), temp.cpu(), window), c)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
