@@ -1,9 +1,9 @@
 """Windowed pixel-to-patch matching on the CPU: tiled matrix products in PyTorch.
 
 A tile of P query pixels (times a chunk of the query batch) is multiplied with the
-*union* of their windows in the templates: ``[P*B, C] x [C, U*T]``, one BLAS call
-per tile. With pixel-major layouts (``[H, W, N, C]``) every row of that union is a
-contiguous ``[U_w * T, C]`` block, so the call reads the templates in place, no copy.
+*union* of their windows in the templates: ``[U*T, C] x [C, P*B]``, one batched BLAS
+call per tile. With pixel-major templates (``[H, W, T, C]``) every row of that union
+is a contiguous ``[U_w * T, C]`` block, so the call reads the templates in place.
 Each pixel then keeps the maximum inside its own ``k x k`` window of the union
 (an additive 0/-inf mask, separable in y and x). ``mutual_match`` reduces over
 templates *before* masking (the window mask does not depend on the template), so
@@ -19,7 +19,7 @@ import math
 import torch
 
 MATCH_FLOOR = -1.0
-# Templates per BLAS call: bounds the [U_h, P*B, U_w*T] similarity block.
+# Templates per BLAS call: bounds the [U_h, U_w*T, P*B] similarity block.
 TEMPLATE_GROUP = 64
 # Query rows per BLAS call (P * batch chunk).
 MAX_ROWS = 256
