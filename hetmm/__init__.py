@@ -1,7 +1,21 @@
-"""hetmm: a training-free anomaly detector over the ``hetmm_kernels`` ops.
+"""hetmm: training-free industrial anomaly detection by template mutual matching.
 
-The detector (backbone, template bank, scoring, metrics, data) is being built;
-today the package carries the command-line entry point and its ops demonstration.
+>>> import hetmm
+>>> det = hetmm.HETMM(backbone="tf_efficientnet_lite0").fit(normal_images)   # doctest: +SKIP
+>>> result = det.predict(test_images)                                         # doctest: +SKIP
+>>> result.pred_score, result.anomaly_map                                     # doctest: +SKIP
 """
+
+from .backbone import Backbone, WeightsUnavailable
+from .bank import BankMismatch, TemplateBank
+from .detector import HETMM, Prediction
+from .metrics import aupro, image_auroc, pixel_auroc
+from .parameters import DEFAULT, MVTEC_AD, parse_params
+from .scoring import atmm_score
+
+__all__ = [
+    "DEFAULT", "HETMM", "MVTEC_AD", "Backbone", "BankMismatch", "Prediction", "TemplateBank",
+    "WeightsUnavailable", "atmm_score", "aupro", "image_auroc", "parse_params", "pixel_auroc",
+]
 
 __version__ = "0.1.0"

@@ -71,11 +71,14 @@ def _load_into(model: nn.Module, state: dict, source: str) -> None:
 
 def create_network(name: str, weights="imagenet", download: bool = False) -> nn.Module:
     """A timm network with weights: ``"imagenet"`` (timm's cache, or the lite0 package), a checkpoint path,
-    or ``None`` for random initialisation (only when asked for)."""
+    or ``None``/``"random"`` for a (seeded) random initialisation, only when asked for."""
     import timm
 
-    if weights is None:
-        return timm.create_model(name, pretrained=False)
+    if weights is None or weights == "random":
+        # seeded, so that a bank made with random weights still matches its detector after a reload
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(name, pretrained=False)
     if weights != "imagenet":
         model = timm.create_model(name, pretrained=False)
         _load_into(model, _load_state_dict(weights), str(weights))

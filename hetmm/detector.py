@@ -1,0 +1,168 @@
+"""The HETMM detector: backbone features, a template bank, ATMM scoring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import LAYERS, Backbone
+from .bank import TemplateBank
+from .data import read_image
+from .parameters import parse_params, params_for
+from .scoring import atmm_score, image_scores, post_process
+
+
+@dataclass
+class Prediction:
+    """Per-image results, named as anomalib names them."""
+
+    pred_score: torch.Tensor  # [B] image anomaly scores
+    anomaly_map: torch.Tensor  # [B, H, W] pixel anomaly map (post-processed for pixel AUROC)
+    pro_map: torch.Tensor  # [B, H, W] the map post-processed for PRO
+    pred_label: torch.Tensor | None = None  # [B] bool, when a threshold is set
+    pred_mask: torch.Tensor | None = None  # [B, H, W] bool, when a threshold is set
+
+
+class HETMM:
+    """Training-free anomaly detector by template mutual matching.
+
+    >>> det = HETMM(backbone="resnet18", weights=None, image_size=64, out_size=64)
+    >>> det = det.fit(torch.rand(4, 3, 64, 64))
+    >>> det.predict(torch.rand(2, 3, 64, 64)).anomaly_map.shape
+    torch.Size([2, 64, 64])
+    """
+
+    def __init__(self, backbone: str = "wide_resnet101_2", weights="imagenet", *, category: str | None = None,
+                 params: str | None = None, image_size: int = 256, out_size: int = 256, device=None,
+                 half: bool = False, batch_size: int = 8, threshold: float | None = None, download: bool = False,
+                 progress: bool = False):
+        if int(image_size) < 16:
+            raise ValueError(f"image_size must be at least 16; got {image_size}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.half = bool(half) and self.device.type == "cuda"  # half precision only pays on a GPU
+        self.params_string = params or params_for(category)
+        self.params = parse_params(self.params_string)
+        self.category = category
+        self.image_size, self.out_size = int(image_size), int(out_size)
+        self.batch_size, self.threshold, self.progress = int(batch_size), threshold, progress
+        self.backbone = Backbone(backbone, weights, download=download).to(self.device)
+        if self.half:
+            self.backbone = self.backbone.half().to(memory_format=torch.channels_last)
+        self.bank: TemplateBank | None = None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def config(self) -> dict:
+        return dict(backbone=self.backbone.name, weights=self.backbone.weights, image_size=self.image_size,
+                    layers=list(LAYERS), params=self.params_string, category=self.category, out_size=self.out_size)
+
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        return torch.float16 if self.half else torch.float32
+
+    # ------------------------------------------------------------------ features
+    def _images(self, images) -> list:
+        if isinstance(images, torch.Tensor):
+            if images.dim() == 3:
+                images = images[None]
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"images must be [N, 3, H, W] floats in [0, 1]; got {tuple(images.shape)}")
+            if images.shape[0] == 0:
+                raise ValueError("images is empty")
+            return list(images)
+        items = list(images)
+        if not items:
+            raise ValueError("images is empty")
+        return items
+
+    def _batch(self, items) -> torch.Tensor:
+        tensors = [read_image(x, self.image_size) if isinstance(x, (str, Path)) else x.float() for x in items]
+        batch = torch.stack([t if t.shape[-2:] == (self.image_size,) * 2 else
+                             F.interpolate(t[None], size=(self.image_size,) * 2, mode="bilinear",
+                                           align_corners=False, antialias=True)[0] for t in tensors])
+        return batch.to(self.device)
+
+    def extract(self, images) -> dict:
+        """Per-layer unit features ``{layer: [N, C, h, w]}`` of images (tensor or file paths), batched."""
+        items = self._images(images)
+        chunks = range(0, len(items), self.batch_size)
+        if self.progress:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc="features", unit="batch", leave=False)
+        parts = [self.backbone(self._batch(items[i:i + self.batch_size])) for i in chunks]
+        return {layer: torch.cat([p[layer] for p in parts]) for layer in LAYERS}
+
+    # ------------------------------------------------------------------ templates
+    def fit(self, images) -> "HETMM":
+        """Build the template bank from normal images."""
+        features = {k: v.float().cpu() for k, v in self.extract(images).items()}
+        self.bank = TemplateBank(features, self.config)
+        return self
+
+    def add_templates(self, images) -> "HETMM":
+        """Hot update: insert new normal images into the bank without refitting."""
+        self._require_bank()
+        self.bank.add({k: v.float().cpu() for k, v in self.extract(images).items()})
+        return self
+
+    def save(self, path) -> Path:
+        return self._require_bank().save(path)
+
+    @classmethod
+    def load(cls, path, *, weights=None, device=None, half: bool = False, batch_size: int = 8,
+             threshold: float | None = None, download: bool = False, progress: bool = False) -> "HETMM":
+        """A detector from a saved bank, with the bank's backbone, image size and parameters.
+
+        ``weights`` defaults to the ones the bank was made with.
+        """
+        bank = TemplateBank.load(path)
+        cfg = bank.config
+        det = cls(cfg["backbone"], cfg["weights"] if weights is None else weights, category=cfg.get("category"),
+                  params=cfg["params"], image_size=cfg["image_size"], out_size=cfg.get("out_size", 256),
+                  device=device, half=half, batch_size=batch_size, threshold=threshold, download=download,
+                  progress=progress)
+        bank.check(det.config if weights is None else {k: v for k, v in det.config.items() if k != "weights"})
+        det.bank = bank
+        return det
+
+    def _require_bank(self) -> TemplateBank:
+        if self.bank is None:
+            raise RuntimeError("the detector has no templates: call fit(normal_images) or HETMM.load(bank_path) first")
+        return self.bank
+
+    # ------------------------------------------------------------------ scoring
+    def score_features(self, features: dict) -> torch.Tensor:
+        """Raw anomaly maps ``[B, 1, H, W]`` for extracted query features."""
+        bank = self._require_bank()
+        dtype = self.feature_dtype
+        templates = {layer: bank.prepared(layer, self.device, dtype) for layer in self.params.active_layers}
+        query = {layer: features[layer].to(self.device, dtype) for layer in self.params.active_layers}
+        return atmm_score(query, templates, self.params, self.out_size)
+
+    def predict(self, images) -> Prediction:
+        """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths)."""
+        self._require_bank()
+        items = self._images(images)
+        maps = []
+        chunks = range(0, len(items), self.batch_size)
+        if self.progress:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc="predict", unit="batch", leave=False)
+        for i in chunks:
+            maps.append(self.score_features(self.extract(items[i:i + self.batch_size])).cpu())
+        raw = torch.cat(maps)
+        scores = image_scores(raw, self.params.image)
+        anomaly = post_process(raw, self.params.pixel)[:, 0]
+        pro = post_process(raw, self.params.pro)[:, 0]
+        result = Prediction(scores, anomaly, pro)
+        if self.threshold is not None:
+            result.pred_label = scores >= self.threshold
+            result.pred_mask = anomaly >= self.threshold
+        return result
