@@ -147,7 +147,7 @@ class Backbone(nn.Module):
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, normalize: bool = True) -> dict:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W]; got {tuple(images.shape)}")
         dtype = next(self.parameters()).dtype
@@ -158,5 +158,5 @@ class Backbone(nn.Module):
         features = {}
         for name, stage in zip(LAYERS, self.stages):
             x = stage(F.relu(x) if self.kind == "resnet" else x)
-            features[name] = F.normalize(x.float(), dim=1).to(dtype)
+            features[name] = F.normalize(x.float(), dim=1).to(dtype) if normalize else x
         return features

