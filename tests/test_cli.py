@@ -1,11 +1,57 @@
+"""The command line, end to end, on generated MVTec-layout data."""
+
+from __future__ import annotations
+
+import json
+
 from hetmm.cli import main
+from hetmm.demo import build_dataset
+
+SMALL = ["--backbone", "resnet18", "--weights", "random", "--image-size", "64", "--out-size", "64"]
 
 
-def test_demo_runs_and_finds_the_defect(capsys):
-    assert main(["demo", "--size", "16", "--channels", "16", "--templates", "4"]) == 0
+def test_ops_demo_finds_the_defect(capsys):
+    assert main(["ops-demo", "--size", "16", "--channels", "16", "--templates", "4"]) == 0
     out = capsys.readouterr().out
     assert "torch backend vs reference" in out
     line = next(l for l in out.splitlines() if l.startswith("anomaly score"))
     defect = float(line.split("defect ")[1].split(",")[0])
     elsewhere = float(line.split("elsewhere ")[1])
     assert defect > 2 * elsewhere
+
+
+def test_fit_predict_evaluate(tmp_path, capsys):
+    root = build_dataset(tmp_path / "data", n_train=3, n_good=2, n_defective=2)
+    bank = tmp_path / "bank.safetensors"
+    assert main(["fit", "--data", str(root), "--category", "gravel", "--out", str(bank), *SMALL]) == 0
+    assert bank.is_file()
+    images = sorted((root / "gravel" / "test").rglob("*.png"))
+    out = tmp_path / "out"
+    assert main(["predict", "--bank", str(bank), *map(str, images), "--out", str(out), "--threshold", "0.5"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert len(scores) == len(images) and all("anomalous" in row for row in scores)
+    assert (out / "scores.csv").read_text().count("\n") == len(images) + 1
+    assert len(list(out.glob("*_heatmap.png"))) == len(images)
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(root), "--category", "gravel", "brick", *SMALL,
+                 "--json", str(tmp_path / "m.json")]) == 0
+    table = capsys.readouterr().out
+    assert "image AUROC" in table and "gravel" in table and "brick" in table
+    assert {row["category"] for row in json.loads((tmp_path / "m.json").read_text())} == {"gravel", "brick"}
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["predict", "--bank", str(tmp_path / "none.safetensors"), "x.png", "--out", str(tmp_path)]) == 2
+    assert "no file at" in capsys.readouterr().err
+    assert main(["fit", "--data", str(tmp_path), "--category", "c", "--out", str(tmp_path / "b"), *SMALL]) == 2
+    assert "MVTec AD layout" in capsys.readouterr().err
+    assert main(["demo", "--backbone", "wide_resnet50_2.tv_in1k"]) == 2
+    assert "no ImageNet weights" in capsys.readouterr().err
+
+
+def test_demo_prints_metrics(capsys):
+    assert main(["demo", "--image-size", "128", "--out-size", "128"]) == 0
+    out = capsys.readouterr().out
+    for texture in ("brick", "grass", "gravel"):
+        assert texture in out
+    assert "pixel AUROC" in out
