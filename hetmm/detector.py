@@ -12,7 +12,7 @@ from .backbone import LAYERS, Backbone
 from .bank import TemplateBank
 from .data import read_image
 from .parameters import parse_params, params_for
-from .scoring import atmm_score, image_scores, post_process
+from .scoring import LayerMatches
 
 
 @dataclass
@@ -141,27 +141,28 @@ class HETMM:
         return self.bank
 
     # ------------------------------------------------------------------ scoring
-    def score_features(self, features: dict) -> torch.Tensor:
-        """Raw anomaly maps ``[B, 1, H, W]`` for extracted query features."""
+    def match(self, features: dict) -> LayerMatches:
+        """Per-layer matches of extracted query features against the bank."""
         bank = self._require_bank()
         dtype = self.feature_dtype
         templates = {layer: bank.prepared(layer, self.device, dtype) for layer in self.params.active_layers}
         query = {layer: features[layer].to(self.device, dtype) for layer in self.params.active_layers}
-        return atmm_score(query, templates, self.params, self.out_size)
+        return LayerMatches(query, templates, self.params)
 
     def predict(self, images) -> Prediction:
         """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths)."""
         self._require_bank()
         items = self._images(images)
-        maps = []
+        scores, anomaly, pro = [], [], []
+        size = (self.out_size, self.out_size)
         for i in self._chunks(len(items), "predict", True):
-            maps.append(self.score_features(self.extract(items[i:i + self.batch_size], progress=False)).cpu())
-        raw = torch.cat(maps)
-        scores = image_scores(raw, self.params.image)
-        anomaly = post_process(raw, self.params.pixel)[:, 0]
-        pro = post_process(raw, self.params.pro)[:, 0]
-        result = Prediction(scores, anomaly, pro)
+            matches = self.match(self.extract(items[i:i + self.batch_size], progress=False))
+            scores.append(matches.image_scores(size, self.params.image).cpu())
+            anomaly.append(matches.aggregate(size, self.params.pixel).maps[:, 0].cpu())
+            pro.append(anomaly[-1] if self.params.pro == self.params.pixel
+                       else matches.aggregate(size, self.params.pro).maps[:, 0].cpu())
+        result = Prediction(torch.cat(scores), torch.cat(anomaly), torch.cat(pro))
         if self.threshold is not None:
-            result.pred_label = scores >= self.threshold
-            result.pred_mask = anomaly >= self.threshold
+            result.pred_label = result.pred_score >= self.threshold
+            result.pred_mask = result.anomaly_map >= self.threshold
         return result

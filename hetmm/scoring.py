@@ -1,14 +1,12 @@
-"""ATMM scoring: per-layer mutual matching, weighted aggregation, post-processing."""
+"""ATMM scoring: per-layer mutual matching, then the fused weighted aggregation."""
 
 from __future__ import annotations
 
-
 import torch
-import torch.nn.functional as F
 
 import hetmm_kernels as hk
 
-from .parameters import PostProcess, ScoringParams, parse_params
+from .parameters import PostProcess, parse_params
 
 
 def _size(out_size) -> tuple[int, int]:
@@ -19,6 +17,34 @@ def _size(out_size) -> tuple[int, int]:
     return int(out_size[0]), int(out_size[1])
 
 
+class LayerMatches:
+    """Each active layer's fore and back maxima ``[B, h, w]`` with its alpha and lambda."""
+
+    def __init__(self, query_feats: dict, temp_feats: dict, params):
+        params = parse_params(params)
+        self.fores, self.backs, self.alphas, self.ldas = [], [], [], []
+        for layer, p in params.active_layers.items():
+            if layer not in query_feats or layer not in temp_feats:
+                raise KeyError(f"params use {layer}, but the features have {sorted(query_feats)} / {sorted(temp_feats)}")
+            fore, back = hk.mutual_match(query_feats[layer], temp_feats[layer], p.fore, p.back)
+            self.fores.append(fore)
+            self.backs.append(back)
+            self.alphas.append(p.alpha)
+            self.ldas.append(p.lda)
+
+    def aggregate(self, out_size, post: PostProcess = PostProcess(), image_score=None) -> hk.Aggregated:
+        """The anomaly map at ``out_size``, blurred as ``post`` says, with an optional image score."""
+        blur = (post.sigma, post.k) if post.kind == "blur" else None
+        return hk.aggregate_maps(self.fores, self.backs, self.alphas, self.ldas, _size(out_size),
+                                 blur=blur, image_score=image_score)
+
+    def image_scores(self, out_size, post: PostProcess) -> torch.Tensor:
+        """``[B]``: the maximum of the post-processed map, or for ``mp`` the mean of its k x k max-pool."""
+        if post.kind == "mp":
+            return self.aggregate(out_size, PostProcess(), image_score=post.k).scores
+        return self.aggregate(out_size, post, image_score="max").scores
+
+
 def atmm_score(query_feats: dict, temp_feats: dict, params, out_size=256) -> torch.Tensor:
     """Anomaly map ``[B, 1, H, W]`` (float32) of already-extracted, L2-normalised features.
 
@@ -27,47 +53,4 @@ def atmm_score(query_feats: dict, temp_feats: dict, params, out_size=256) -> tor
     ``out_size`` and summed as ``lambda * (alpha * fore + (1 - alpha) * back)``.
     ``temp_feats`` values may be raw ``[N, C, h, w]`` tensors or ``PreparedTemplates``.
     """
-    params = parse_params(params)
-    height, width = _size(out_size)
-    total = None
-    for layer, p in params.active_layers.items():
-        if layer not in query_feats or layer not in temp_feats:
-            raise KeyError(f"params use {layer}, but the features have only {sorted(query_feats)} / {sorted(temp_feats)}")
-        fore, back = hk.mutual_match(query_feats[layer], temp_feats[layer], p.fore, p.back)
-        maps = torch.stack([1 - fore.float(), 1 - back.float()], dim=1)  # [B, 2, h, w]
-        maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=True)
-        layer_map = p.lda * (p.alpha * maps[:, :1] + (1 - p.alpha) * maps[:, 1:])
-        total = layer_map if total is None else total + layer_map
-    return total
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float, k: int) -> torch.Tensor:
-    """Gaussian blur of ``[B, 1, H, W]`` maps: a ``k x k`` normalised kernel, zero padding ``k // 2``."""
-    offsets = torch.arange(k, dtype=torch.float32, device=maps.device) - (k - 1) / 2
-    g = torch.exp(-(offsets**2) / (2 * sigma * sigma))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :])[None, None].to(maps.dtype)
-    out = F.conv2d(maps, kernel, padding=k // 2)
-    return out[..., : maps.shape[-2], : maps.shape[-1]]  # an even k pads one extra row and column
-
-
-def post_process(maps: torch.Tensor, post: PostProcess) -> torch.Tensor:
-    """A map post-processed for a pixel metric (``mp`` leaves the map as it is)."""
-    return gaussian_blur(maps, post.sigma, post.k) if post.kind == "blur" else maps
-
-
-def image_scores(maps: torch.Tensor, post: PostProcess) -> torch.Tensor:
-    """One score per image ``[B]``: the maximum of the post-processed map, or for ``mp`` the
-    mean of a ``k x k`` max-pool (stride k) of it."""
-    if post.kind == "mp":
-        k = min(post.k, maps.shape[-2], maps.shape[-1])
-        return F.max_pool2d(maps, k).mean(dim=(1, 2, 3))
-    return post_process(maps, post).amax(dim=(1, 2, 3))
-
-
-def describe(params: ScoringParams) -> str:
-    """A one-line summary of the layers in use."""
-    return ", ".join(f"{n}: {p.fore}x{p.back} a={p.alpha:g} l={p.lda:g}" for n, p in params.active_layers.items())
-
-
-__all__ = ["atmm_score", "describe", "gaussian_blur", "image_scores", "post_process"]
+    return LayerMatches(query_feats, temp_feats, params).aggregate(out_size).maps

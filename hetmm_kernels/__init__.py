@@ -8,12 +8,14 @@ the CPU path) and ``triton`` (the GPU path). See ``set_backend``.
 
 from . import reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
-from .ops import backward_ATM, forward_ATM, mutual_match
+from .ops import Aggregated, aggregate_maps, backward_ATM, forward_ATM, mutual_match
 from .templates import PreparedTemplates, prepare_templates
 
 __all__ = [
+    "Aggregated",
     "BACKENDS",
     "PreparedTemplates",
+    "aggregate_maps",
     "backward_ATM",
     "forward_ATM",
     "get_backend",

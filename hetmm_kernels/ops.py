@@ -1,16 +1,20 @@
-"""The public ATM ops: validate, pick the backend, run.
+"""The public ops: validate, pick the backend, run.
 
 Signatures and semantics follow the published extension (``forward_ATM``,
-``backward_ATM``); ``mutual_match`` is the fused op the detector uses.
+``backward_ATM``, ``PTS``); ``mutual_match`` and ``aggregate_maps`` are the fused ops
+the detector uses.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from . import reference
 from .backend import resolve
 from .templates import PreparedTemplates, prepare_templates
+from .torch_ops import aggregate as torch_aggregate
 from .torch_ops import atm as torch_atm
 from .validation import check_feature_tensor, check_same_maps, check_window
 
@@ -111,3 +115,65 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     else:
         fore, back = _triton_atm().mutual_match(query, _triton_layout(bank), fore_patch, back_patch)
     return fore.to(query.dtype), back.to(query.dtype)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+class Aggregated(NamedTuple):
+    maps: torch.Tensor  # [B, 1, H, W] float32
+    scores: torch.Tensor | None  # [B] float32, when an image score was asked for
+
+
+def _out_size(out_size) -> tuple[int, int]:
+    size = (out_size, out_size) if isinstance(out_size, int) and not isinstance(out_size, bool) else tuple(out_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+        raise ValueError(f"out_size must be a positive int or (height, width); got {out_size!r}")
+    return size
+
+
+def aggregate_maps(fores, backs, alphas, ldas, out_size, *, blur=None, image_score=None,
+                   backend: str | None = None) -> Aggregated:
+    """Fuse the per-layer maps into one anomaly map, optionally blurred, with an image score.
+
+    ``maps = sum_l lda_l * (alpha_l * up(1 - fores[l]) + (1 - alpha_l) * up(1 - backs[l]))``
+    with ``up`` bilinear (align_corners=True) to ``out_size``; ``fores[l]``, ``backs[l]`` are
+    ``[B, h_l, w_l]`` similarities as ``mutual_match`` returns them. ``blur=(sigma, k)``
+    applies a normalised ``k x k`` Gaussian with zero padding ``k // 2``. ``image_score`` is
+    None, ``"max"`` or an int ``k`` (mean of a ``k x k`` max-pool with stride k).
+    """
+    fores, backs, alphas, ldas = list(fores), list(backs), list(alphas), list(ldas)
+    if not fores or not (len(fores) == len(backs) == len(alphas) == len(ldas)):
+        raise ValueError(
+            f"fores, backs, alphas and ldas need one entry per layer (at least one); got lengths "
+            f"{len(fores)}, {len(backs)}, {len(alphas)}, {len(ldas)}"
+        )
+    for l, (fore, back) in enumerate(zip(fores, backs)):
+        for name, x in ((f"fores[{l}]", fore), (f"backs[{l}]", back)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+                raise TypeError(f"{name} must be a float tensor [B, h, w]; got "
+                                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            if x.shape[0] != fores[0].shape[0] or x.device != fores[0].device:
+                raise ValueError(f"{name} must share the batch size and device of fores[0]")
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} contains NaN or inf values")
+        if fore.shape != back.shape:
+            raise ValueError(f"fores[{l}] and backs[{l}] must have the same shape; got {tuple(fore.shape)} and {tuple(back.shape)}")
+    size = _out_size(out_size)
+    if blur is not None:
+        if len(blur) != 2 or not float(blur[0]) > 0 or int(blur[1]) != blur[1] or int(blur[1]) < 1:
+            raise ValueError(f"blur must be None or (sigma > 0, kernel size k >= 1); got {blur!r}")
+        blur = (float(blur[0]), int(blur[1]))
+    if image_score not in (None, "max") and not (isinstance(image_score, int) and image_score >= 1):
+        raise ValueError(f"image_score must be None, 'max' or a max-pool size k >= 1; got {image_score!r}")
+    alphas, ldas = [float(a) for a in alphas], [float(w) for w in ldas]
+    impl = resolve(fores[0].device, backend)
+    if impl == "reference":
+        return Aggregated(*reference.aggregate_maps(fores, backs, alphas, ldas, size, blur, image_score))
+    if impl == "torch":
+        return Aggregated(*torch_aggregate.aggregate_maps(fores, backs, alphas, ldas, size, blur, image_score))
+    from .triton_ops import aggregate as triton_aggregate
+
+    return Aggregated(*triton_aggregate.aggregate_maps([f.float().contiguous() for f in fores],
+                                                       [b.float().contiguous() for b in backs],
+                                                       alphas, ldas, size, blur, image_score))

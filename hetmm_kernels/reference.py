@@ -47,3 +47,39 @@ def mutual_match(query: torch.Tensor, temp: torch.Tensor, fore_patch: int, back_
     fore = forward_ATM(query.float(), temp.float(), fore_patch).amax(dim=1)
     back = backward_ATM(query.float(), temp.float(), back_patch).amax(dim=1)
     return fore.to(query.dtype), back.to(query.dtype)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, k: int) -> torch.Tensor:
+    """``[B, 1, H, W]`` maps blurred by a normalised ``k x k`` Gaussian, zero padding ``k // 2``.
+
+    An even ``k`` yields one extra row and column, which are dropped (the map keeps its size).
+    """
+    offsets = torch.arange(k, dtype=torch.float32, device=maps.device) - (k - 1) / 2
+    g = torch.exp(-(offsets**2) / (2 * sigma * sigma))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :])[None, None]
+    return torch.nn.functional.conv2d(maps, kernel, padding=k // 2)[..., : maps.shape[-2], : maps.shape[-1]]
+
+
+def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=None):
+    """``sum_l lda_l * (alpha_l * up(1 - fore_l) + (1 - alpha_l) * up(1 - back_l))`` as ``[B, 1, H, W]``.
+
+    ``up`` is bilinear upsampling with align_corners=True; ``blur`` is ``(sigma, k)`` or None;
+    ``image_score`` is None, ``"max"`` or an int ``k`` (mean of a ``k x k`` max-pool, stride k).
+    Returns ``(maps, scores)``, scores ``[B]`` or None.
+    """
+    total = 0
+    for fore, back, alpha, lda in zip(fores, backs, alphas, ldas):
+        up_fore = torch.nn.functional.interpolate(1 - fore.float()[:, None], size=out_size, mode="bilinear",
+                                                  align_corners=True)
+        up_back = torch.nn.functional.interpolate(1 - back.float()[:, None], size=out_size, mode="bilinear",
+                                                  align_corners=True)
+        total = total + lda * (alpha * up_fore + (1 - alpha) * up_back)
+    if blur is not None:
+        total = gaussian_blur(total, *blur)
+    if image_score is None:
+        return total, None
+    if image_score == "max":
+        return total, total.amax(dim=(1, 2, 3))
+    k = min(int(image_score), total.shape[-2], total.shape[-1])
+    return total, torch.nn.functional.max_pool2d(total, k).mean(dim=(1, 2, 3))

@@ -17,7 +17,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hetmm_kernels.triton_ops import atm  # noqa: E402
+from hetmm_kernels.triton_ops import aggregate, atm  # noqa: E402
 
 # (height, width, reach, batch, channels): a 1x1 map, the paper's layers, a window larger than the map
 PROBLEMS = [(1, 1, 1, 1, 3), (64, 64, 2, 8, 256), (32, 32, 3, 32, 512), (16, 16, 6, 1, 1024), (5, 7, 6, 2, 24)]
@@ -48,6 +48,9 @@ def configurations():
             mutual = dict(shared, FORE_R=reach, BACK_R=max(0, reach - 1), REACH=reach, BLOCK_B=cfg["block"],
                           DOT_PRECISION=precision)
             yield "mutual", atm._mutual_kernel, dtype, mutual, ("fore_ptr", "back_ptr")
+    for map_side, block in ((16, 16), (64, 32)):
+        shape = dict(MAP_H=map_side, MAP_W=map_side, BLOCK_H=block, BLOCK_W=block, SCORE_MAX=True)
+        yield "aggregate", aggregate._aggregate_kernel, "fp32", shape, ()
 
 
 def main(arch: int) -> int:
@@ -56,8 +59,8 @@ def main(arch: int) -> int:
         source = ASTSource(kernel, _signature(kernel, dtype, constexprs, fp32_pointers), constexprs=constexprs)
         compiled = triton.compile(source, target=target)
         uses_mma = "mma" in compiled.asm["ptx"]
-        print(f"sm_{arch} {name} {dtype} {constexprs['TILE_H']}x{constexprs['TILE_W']} "
-              f"U={constexprs['BLOCK_U']} ok tensor-cores={uses_mma}")
+        blocks = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("TILE", "BLOCK", "MAP")))
+        print(f"sm_{arch} {name} {dtype} {blocks} ok tensor-cores={uses_mma}")
     return 0
 
 

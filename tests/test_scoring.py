@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import hetmm
 from hetmm.parameters import DEFAULT, MVTEC_AD, PostProcess, parse_params, params_for
-from hetmm.scoring import gaussian_blur, image_scores
 from hetmm_kernels import reference
 from helpers import features
 
@@ -72,21 +71,16 @@ def test_a_template_scores_zero_and_a_stranger_scores_higher():
     assert hetmm.atmm_score(stranger, temp, DEFAULT, 20).min() > 0.1
 
 
-def test_gaussian_blur_keeps_mass_and_shape():
-    impulse = torch.zeros(1, 1, 31, 31)
-    impulse[0, 0, 15, 15] = 1
-    for k in (5, 6, 11):
-        out = gaussian_blur(impulse, 2.0, k)
-        assert out.shape == impulse.shape
-        assert abs(out.sum().item() - 1) < 1e-5
-        assert out[0, 0, 15, 15] == out.max()
+def test_detector_post_processing_per_metric():
+    """mp scores the mean of a k x k max-pool; blur scores the maximum of the blurred map."""
+    from hetmm.scoring import LayerMatches
 
-
-def test_image_scores():
-    maps = torch.zeros(2, 1, 8, 8)
-    maps[0, 0, 2, 3] = 4.0
-    maps[1, 0] = 1.0
-    assert image_scores(maps, PostProcess()).tolist() == [4.0, 1.0]
-    # mean of a 4x4 max-pool (stride 4): one of the four cells holds the 4
-    assert image_scores(maps, PostProcess("mp", 0, 4)).tolist() == [1.0, 1.0]
-    assert image_scores(maps, PostProcess("blur", 1.0, 5))[0] < 4.0
+    temp = {"layer1": features(3, 8, 8, 8)}
+    query = {"layer1": features(2, 8, 8, 8, seed=7)}
+    matches = LayerMatches(query, temp, "L1:3x3_a=0.5_l=1")
+    raw = matches.aggregate(16).maps
+    assert torch.equal(matches.image_scores(16, PostProcess()), raw.amax(dim=(1, 2, 3)))
+    mp = matches.image_scores(16, PostProcess("mp", 0, 4))
+    assert torch.allclose(mp, F.max_pool2d(raw, 4).mean(dim=(1, 2, 3)))
+    blurred = matches.image_scores(16, PostProcess("blur", 2.0, 9))
+    assert torch.allclose(blurred, reference.gaussian_blur(raw, 2.0, 9).amax(dim=(1, 2, 3)), atol=1e-5)

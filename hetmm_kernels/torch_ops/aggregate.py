@@ -1,0 +1,75 @@
+"""Multi-layer map aggregation as separable matrix products.
+
+Bilinear upsampling (align_corners=True) and a zero-padded Gaussian blur are both linear
+and separable, so for each layer ``blur(up(M))`` is ``A_y @ M @ A_x^T`` with
+``A = Blur @ Resample`` (``[H, h]`` and ``[W, w]``), and the weighted sum over layers
+folds into the same products: one pass, no full-size intermediate per layer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_matrix_cpu(out_len: int, in_len: int, blur: tuple | None) -> torch.Tensor:
+    """``[out_len, in_len]`` float64: bilinear align_corners=True resampling, then the blur."""
+    resample = torch.zeros(out_len, in_len, dtype=torch.float64)
+    scale = (in_len - 1) / (out_len - 1) if out_len > 1 else 0.0
+    src = torch.arange(out_len, dtype=torch.float64) * scale
+    lo = src.floor().long().clamp(max=in_len - 1)
+    hi = (lo + 1).clamp(max=in_len - 1)
+    frac = src - lo
+    rows = torch.arange(out_len)
+    resample.index_put_((rows, lo), 1 - frac, accumulate=True)
+    resample.index_put_((rows, hi), frac, accumulate=True)
+    if blur is None:
+        return resample
+    sigma, k = blur
+    offsets = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    g = torch.exp(-(offsets**2) / (2 * sigma * sigma))
+    g = g / g.sum()
+    # out[y] = sum_d g[d] * in[y + d - k // 2] with zeros outside the map
+    band = torch.zeros(out_len, out_len, dtype=torch.float64)
+    for d in range(k):
+        shift = d - k // 2
+        lo_y, hi_y = max(0, -shift), min(out_len, out_len - shift)
+        if lo_y < hi_y:
+            y = torch.arange(lo_y, hi_y)
+            band[y, y + shift] += g[d]
+    return band @ resample
+
+
+def axis_matrix(out_len: int, in_len: int, blur, device) -> torch.Tensor:
+    return _axis_matrix_cpu(out_len, in_len, None if blur is None else (float(blur[0]), int(blur[1]))).to(
+        device=device, dtype=torch.float32
+    )
+
+
+def combine(fore: torch.Tensor, back: torch.Tensor, alpha: float, lda: float) -> torch.Tensor:
+    """The layer's low-resolution map ``lda * (alpha * (1 - fore) + (1 - alpha) * (1 - back))``."""
+    return lda * (1 - alpha * fore.float() - (1 - alpha) * back.float())
+
+
+def image_scores(maps: torch.Tensor, image_score) -> torch.Tensor | None:
+    if image_score is None:
+        return None
+    if image_score == "max":
+        return maps.amax(dim=(1, 2, 3))
+    k = min(int(image_score), maps.shape[-2], maps.shape[-1])
+    return F.max_pool2d(maps, k).mean(dim=(1, 2, 3))
+
+
+def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=None):
+    height, width = out_size
+    total = None
+    for fore, back, alpha, lda in zip(fores, backs, alphas, ldas):
+        rows = axis_matrix(height, fore.shape[-2], blur, fore.device)
+        cols = axis_matrix(width, fore.shape[-1], blur, fore.device)
+        layer = rows @ combine(fore, back, alpha, lda) @ cols.t()
+        total = layer if total is None else total.add_(layer)
+    total = total[:, None]
+    return total, image_scores(total, image_score)

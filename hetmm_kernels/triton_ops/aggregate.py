@@ -1,0 +1,83 @@
+"""Multi-layer map aggregation in one Triton pass over the output pixels.
+
+Each program owns a ``BLOCK_H x BLOCK_W`` tile of one image's output map. For every layer
+it combines the layer's fore and back similarities into ``lda * (1 - alpha*fore -
+(1-alpha)*back)`` in registers and applies the separable resample-and-blur operators
+(``A_y @ M @ A_x^T``, see ``torch_ops.aggregate``) with two ``tl.dot``; the layers
+accumulate in place, the tile is written once, and the image maximum is merged across
+tiles with one ``atomic_max``. The operators and the padded layer maps are tiny and
+built by the launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..torch_ops.aggregate import axis_matrix, image_scores
+
+
+@triton.jit
+def _aggregate_kernel(
+    fore_ptr, back_ptr, weight_ptr, rows_ptr, cols_ptr, out_ptr, score_ptr,
+    layers, batch, height, width, n_tiles_w,
+    MAP_H: tl.constexpr, MAP_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    SCORE_MAX: tl.constexpr,
+):
+    pid_tile = tl.program_id(0)
+    b = tl.program_id(1)
+    y = (pid_tile // n_tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+    x = (pid_tile % n_tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+    i = tl.arange(0, MAP_H)
+    j = tl.arange(0, MAP_W)
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for layer in range(layers):
+        alpha = tl.load(weight_ptr + 2 * layer)
+        lda = tl.load(weight_ptr + 2 * layer + 1)
+        offs = ((layer * batch + b).to(tl.int64) * MAP_H + i[:, None]) * MAP_W + j[None, :]
+        fore = tl.load(fore_ptr + offs)
+        back = tl.load(back_ptr + offs)
+        low = lda * (1.0 - alpha * fore - (1.0 - alpha) * back)  # padding meets zero operator columns
+        a_y = tl.load(rows_ptr + (layer * height + y[:, None]) * MAP_H + i[None, :], mask=y[:, None] < height, other=0.0)
+        a_x = tl.load(cols_ptr + (layer * width + x[None, :]) * MAP_W + j[:, None], mask=x[None, :] < width, other=0.0)
+        partial = tl.dot(a_y, low, input_precision="ieee")
+        acc = tl.dot(partial, a_x, acc, input_precision="ieee")
+    valid = (y[:, None] < height) & (x[None, :] < width)
+    out_offs = (b.to(tl.int64) * height + y[:, None]) * width + x[None, :]
+    tl.store(out_ptr + out_offs, acc, mask=valid)
+    if SCORE_MAX:
+        tl.atomic_max(score_ptr + b, tl.max(tl.max(tl.where(valid, acc, float("-inf")), axis=1), axis=0))
+
+
+def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=None):
+    height, width = out_size
+    device = fores[0].device
+    batch = fores[0].shape[0]
+    map_h = max(16, triton.next_power_of_2(max(f.shape[-2] for f in fores)))
+    map_w = max(16, triton.next_power_of_2(max(f.shape[-1] for f in fores)))
+    layers = len(fores)
+    fore_pad = torch.zeros(layers, batch, map_h, map_w, device=device)
+    back_pad = torch.zeros(layers, batch, map_h, map_w, device=device)
+    rows = torch.zeros(layers, height, map_h, device=device)
+    cols = torch.zeros(layers, width, map_w, device=device)
+    for layer, (fore, back) in enumerate(zip(fores, backs)):
+        h, w = fore.shape[-2:]
+        fore_pad[layer, :, :h, :w] = fore
+        back_pad[layer, :, :h, :w] = back
+        rows[layer, :, :h] = axis_matrix(height, h, blur, device)
+        cols[layer, :, :w] = axis_matrix(width, w, blur, device)
+    weights = torch.tensor([[a, l] for a, l in zip(alphas, ldas)], dtype=torch.float32, device=device)
+    out = torch.empty(batch, 1, height, width, device=device)
+    scores = torch.full((batch,), float("-inf"), device=device)
+    block_h = 32 if height > 16 else 16
+    block_w = 32 if width > 16 else 16
+    n_tiles_w = triton.cdiv(width, block_w)
+    grid = (triton.cdiv(height, block_h) * n_tiles_w, batch)
+    _aggregate_kernel[grid](
+        fore_pad, back_pad, weights, rows, cols, out, scores, layers, batch, height, width, n_tiles_w,
+        MAP_H=map_h, MAP_W=map_w, BLOCK_H=block_h, BLOCK_W=block_w, SCORE_MAX=image_score == "max",
+    )
+    if image_score == "max":
+        return out, scores
+    return out, image_scores(out, image_score)  # the k x k max-pool mean runs after the pass
