@@ -16,6 +16,7 @@ from .backend import resolve
 from .templates import PreparedTemplates, prepare_templates
 from .torch_ops import aggregate as torch_aggregate
 from .torch_ops import atm as torch_atm
+from .torch_ops import pts as torch_pts
 from .validation import check_feature_tensor, check_same_maps, check_window
 
 TemplatesLike = torch.Tensor | PreparedTemplates
@@ -177,3 +178,39 @@ def aggregate_maps(fores, backs, alphas, ldas, out_size, *, blur=None, image_sco
     return Aggregated(*triton_aggregate.aggregate_maps([f.float().contiguous() for f in fores],
                                                        [b.float().contiguous() for b in backs],
                                                        alphas, ldas, size, blur, image_score))
+
+
+# ----------------------------------------------------------------------------- PTS
+
+
+def PTS(temp: torch.Tensor, clus: torch.Tensor, tsize: int, *, backend: str | None = None) -> torch.Tensor:
+    """Pixel-level template selection, the published op: ``[tsize, C, H, W]`` in temp's dtype.
+
+    ``clus [N, H, W]`` holds each template's cluster id at each pixel (-1 = noise). Per pixel:
+    one centre per cluster (ids in order of first appearance), else the global centre, then
+    hard-normal prototypes (least similar to the picked set); ties go to the first index and
+    unfilled slots stay zero. See ``hetmm_kernels.reference.PTS`` for the exact rules.
+    """
+    check_feature_tensor("temp", temp)
+    integer = isinstance(clus, torch.Tensor) and not (clus.is_floating_point() or clus.is_complex())
+    if not integer or clus.dtype == torch.bool:
+        raise TypeError(f"clus must be an integer tensor [N, H, W] of cluster ids; got "
+                        f"{clus.dtype if isinstance(clus, torch.Tensor) else type(clus).__name__}")
+    if clus.shape != (temp.shape[0], *temp.shape[2:]):
+        raise ValueError(f"clus must be [N, H, W] = {[temp.shape[0], *temp.shape[2:]]} to match temp; "
+                         f"got {list(clus.shape)}")
+    if clus.device != temp.device:
+        raise ValueError(f"clus and temp must be on the same device: clus on {clus.device}, temp on {temp.device}")
+    if clus.numel() and int(clus.min()) < -1:
+        raise ValueError("clus ids must be >= 0, or -1 for noise")
+    if isinstance(tsize, bool) or not isinstance(tsize, int) or tsize < 1:
+        raise ValueError(f"tsize must be a positive int; got {tsize!r}")
+    clus = clus.long()
+    impl = resolve(temp.device, backend)
+    if impl == "reference":
+        return reference.PTS(temp, clus, tsize)
+    if impl == "torch":
+        return torch_pts.PTS(temp, clus, tsize)
+    from .triton_ops import pts as triton_pts
+
+    return triton_pts.PTS(temp, clus, tsize)

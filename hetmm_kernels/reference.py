@@ -83,3 +83,49 @@ def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=
         return total, total.amax(dim=(1, 2, 3))
     k = min(int(image_score), total.shape[-2], total.shape[-1])
     return total, torch.nn.functional.max_pool2d(total, k).mean(dim=(1, 2, 3))
+
+
+def PTS(temp: torch.Tensor, clus: torch.Tensor, tsize: int) -> torch.Tensor:
+    """Pixel-level template selection: ``[tsize, C, H, W]`` picked from ``temp [N, C, H, W]``.
+
+    At each pixel, with ``G`` the Gram matrix of the N features there:
+    1. for each cluster of ``clus[:, i, j]`` (ids in order of first appearance, noise -1
+       ignored), while fewer than ``tsize`` are picked: the member with the largest summed
+       similarity to the cluster's members (first index on ties);
+    2. if nothing was picked: the global centre (largest summed similarity to all N);
+    3. then, while slots and candidates remain: the unpicked candidate with the smallest
+       accumulated similarity to the picked set (first index on ties).
+    Unfilled slots stay zero. Sums accumulate in float32; the result has temp's dtype.
+    """
+    count, channels, height, width = temp.shape
+    out = torch.zeros(tsize, channels, height, width, device=temp.device)
+    feats_all = temp.float()
+    for i in range(height):
+        for j in range(width):
+            feats = feats_all[:, :, i, j]
+            labels = clus[:, i, j].tolist()
+            gram = feats @ feats.t()
+            picked = []
+            clusters = []
+            for label in labels:
+                if label != -1 and label not in clusters:
+                    clusters.append(label)
+            for label in clusters:
+                if len(picked) >= tsize:
+                    break
+                members = [k for k in range(count) if labels[k] == label]
+                sums = [gram[m, members].sum().item() for m in members]
+                picked.append(members[sums.index(max(sums))])
+            if not picked:
+                totals = gram.sum(dim=1).tolist()
+                picked.append(totals.index(max(totals)))
+            candidates = [k for k in range(count) if k not in picked]
+            accumulated = {k: sum(gram[k, p].item() for p in picked) for k in candidates}
+            while len(picked) < tsize and candidates:
+                choose = min(candidates, key=lambda k: (accumulated[k], k))
+                picked.append(choose)
+                candidates.remove(choose)
+                for k in candidates:
+                    accumulated[k] += gram[k, choose].item()
+            out[: len(picked), :, i, j] = feats[picked]
+    return out.to(temp.dtype)

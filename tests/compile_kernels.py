@@ -17,20 +17,20 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hetmm_kernels.triton_ops import aggregate, atm  # noqa: E402
+from hetmm_kernels.triton_ops import aggregate, atm, pts  # noqa: E402
 
 # (height, width, reach, batch, channels): a 1x1 map, the paper's layers, a window larger than the map
 PROBLEMS = [(1, 1, 1, 1, 3), (64, 64, 2, 8, 256), (32, 32, 3, 32, 512), (16, 16, 6, 1, 1024), (5, 7, 6, 2, 24)]
 DTYPES = ["fp16", "bf16", "fp32"]
 
 
-def _signature(kernel, pointer, constexprs, fp32_pointers=()):
+def _signature(kernel, pointer, constexprs, pointer_types=None):
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in fp32_pointers else f"*{pointer}"
+            sig[name] = (pointer_types or {}).get(name, f"*{pointer}")
         else:
             sig[name] = "i32"
     return sig
@@ -44,22 +44,26 @@ def configurations():
         for dtype in DTYPES:
             precision = "ieee" if dtype == "fp32" else "tf32"
             window = dict(shared, RADIUS=reach, BLOCK_A=cfg["block"], DOT_PRECISION=precision)
-            yield "window_max", atm._window_max_kernel, dtype, window, ()
+            yield "window_max", atm._window_max_kernel, dtype, window, None
             mutual = dict(shared, FORE_R=reach, BACK_R=max(0, reach - 1), REACH=reach, BLOCK_B=cfg["block"],
                           DOT_PRECISION=precision)
-            yield "mutual", atm._mutual_kernel, dtype, mutual, ("fore_ptr", "back_ptr")
+            yield "mutual", atm._mutual_kernel, dtype, mutual, {"fore_ptr": "*fp32", "back_ptr": "*fp32"}
     for map_side, block in ((16, 16), (64, 32)):
         shape = dict(MAP_H=map_side, MAP_W=map_side, BLOCK_H=block, BLOCK_W=block, SCORE_MAX=True)
-        yield "aggregate", aggregate._aggregate_kernel, "fp32", shape, ()
+        yield "aggregate", aggregate._aggregate_kernel, "fp32", shape, None
+    for count in (16, 200):
+        yield "pts_select", pts._pts_select_kernel, "fp32", dict(BLOCK_N=triton.next_power_of_2(count)), \
+            {"labels_ptr": "*i64", "picked_ptr": "*i64"}
 
 
 def main(arch: int) -> int:
     target = GPUTarget("cuda", arch, 32)
-    for name, kernel, dtype, constexprs, fp32_pointers in configurations():
-        source = ASTSource(kernel, _signature(kernel, dtype, constexprs, fp32_pointers), constexprs=constexprs)
+    for name, kernel, dtype, constexprs, pointer_types in configurations():
+        source = ASTSource(kernel, _signature(kernel, dtype, constexprs, pointer_types), constexprs=constexprs)
         compiled = triton.compile(source, target=target)
         uses_mma = "mma" in compiled.asm["ptx"]
         blocks = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("TILE", "BLOCK", "MAP")))
+        blocks = blocks or "-"
         print(f"sm_{arch} {name} {dtype} {blocks} ok tensor-cores={uses_mma}")
     return 0
 
