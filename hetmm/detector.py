@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .backbone import LAYERS, Backbone
 from .bank import TemplateBank
+from .clustering import compress
 from .data import read_image
 from .parameters import parse_params, params_for
 from .scoring import LayerMatches
@@ -38,11 +39,16 @@ class HETMM:
     def __init__(self, backbone: str = "wide_resnet101_2", weights="imagenet", *, category: str | None = None,
                  params: str | None = None, image_size: int = 256, out_size: int = 256, device=None,
                  half: bool = False, batch_size: int = 8, threshold: float | None = None, download: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, templates: str = "all", tsize: int = 60):
         if int(image_size) < 16:
             raise ValueError(f"image_size must be at least 16; got {image_size}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        if templates not in ("all", "pts"):
+            raise ValueError(f"templates must be 'all' or 'pts'; got {templates!r}")
+        if int(tsize) < 1:
+            raise ValueError(f"tsize must be at least 1; got {tsize}")
+        self.templates, self.tsize = templates, int(tsize)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.half = bool(half) and self.device.type == "cuda"  # half precision only pays on a GPU
         self.params_string = params or params_for(category)
@@ -59,7 +65,8 @@ class HETMM:
     @property
     def config(self) -> dict:
         return dict(backbone=self.backbone.name, weights=self.backbone.weights, image_size=self.image_size,
-                    layers=list(LAYERS), params=self.params_string, category=self.category, out_size=self.out_size)
+                    layers=list(LAYERS), params=self.params_string, category=self.category, out_size=self.out_size,
+                    templates=self.templates, tsize=self.tsize)
 
     @property
     def feature_dtype(self) -> torch.dtype:
@@ -104,9 +111,11 @@ class HETMM:
 
     # ------------------------------------------------------------------ templates
     def fit(self, images) -> "HETMM":
-        """Build the template bank from normal images."""
-        features = {k: v.float().cpu() for k, v in self.extract(images).items()}
-        self.bank = TemplateBank(features, self.config)
+        """Build the template bank from normal images (all of them, or their PTS tiny set)."""
+        features = {k: v.float() for k, v in self.extract(images).items()}
+        if self.templates == "pts":
+            features = {k: compress(v, self.tsize) for k, v in features.items()}
+        self.bank = TemplateBank({k: v.cpu() for k, v in features.items()}, self.config)
         return self
 
     def add_templates(self, images) -> "HETMM":
@@ -130,7 +139,7 @@ class HETMM:
         det = cls(cfg["backbone"], cfg["weights"] if weights is None else weights, category=cfg.get("category"),
                   params=cfg["params"], image_size=cfg["image_size"], out_size=cfg.get("out_size", 256),
                   device=device, half=half, batch_size=batch_size, threshold=threshold, download=download,
-                  progress=progress)
+                  progress=progress, templates=cfg.get("templates", "all"), tsize=cfg.get("tsize", 60))
         bank.check(det.config if weights is None else {k: v for k, v in det.config.items() if k != "weights"})
         det.bank = bank
         return det
