@@ -69,7 +69,7 @@ def record(benchmark, flops: float, rate: dict[str, float], dtype: torch.dtype, 
     seconds = benchmark.stats.stats.median
     roofline = rate.get(str(dtype).replace("torch.", ""), rate["float32"])
     row = dict(key, dtype=str(dtype).replace("torch.", ""), ms=seconds * 1e3,
-               gflops=flops / seconds / 1e9, fraction=flops / seconds / roofline)
+               gflops=flops / seconds / 1e9 if flops else None, fraction=flops / seconds / roofline if flops else None)
     benchmark.extra_info.update(row)
     RESULTS.append(row)
 
@@ -91,9 +91,11 @@ def _table() -> list[str]:
     for r in sorted(RESULTS, key=lambda r: (r["op"], r["layer"], r["windows"], r["batch"], r["backend"], r["mode"])):
         key = tuple((k, v) for k, v in r.items() if k not in ("backend", "ms", "gflops", "fraction", "mode"))
         speedup = f"{ref_ms[key] / r['ms']:.1f}x" if key in ref_ms and r["backend"] != "reference" else ""
+        gflops = "-" if r["gflops"] is None else f"{r['gflops']:.1f}"
+        fraction = "-" if r["fraction"] is None else f"{r['fraction']:.3f}"
         lines.append(
             f"| {r['op']} | {r['layer']} | {r['windows']} | {r['batch']} | {r['templates']} | {r['dtype']} | "
-            f"{r['backend']} | {r['mode']} | {r['ms']:.2f} | {r['gflops']:.1f} | {r['fraction']:.3f} | {speedup} |"
+            f"{r['backend']} | {r['mode']} | {r['ms']:.2f} | {gflops} | {fraction} | {speedup} |"
         )
     return lines
 

@@ -19,7 +19,8 @@ def _detector(args, category=None):
 
     return HETMM(args.backbone, args.weights, category=category,
                  params=args.params, image_size=args.image_size, out_size=args.out_size, device=args.device,
-                 half=args.half, batch_size=args.batch_size, download=args.download, progress=True)
+                 half=args.half, batch_size=args.batch_size, download=args.download, progress=True,
+                 templates=args.templates, tsize=args.tsize)
 
 
 def _fit(args) -> int:
@@ -103,10 +104,11 @@ def _demo(args) -> int:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        root = build_dataset(args.data or tmp, seed=args.seed)
+        root = build_dataset(args.data or tmp, n_train=args.train, seed=args.seed)
         print(f"demo dataset (MVTec layout, real texture photographs with painted defects): {root}")
         det = _detector(args)
         print(f"backbone {det.backbone.name} ({det.backbone.weights} weights), {det.image_size}px, "
+              f"templates {det.templates}{f' (PTS-{det.tsize})' if det.templates == 'pts' else ''}, "
               f"params {det.params_string}")
         rows = [evaluate_category(det, MVTecCategory(root, name)) for name in TEXTURES]
     print(format_table(rows))
@@ -161,6 +163,9 @@ def _add_model_options(parser, backbone="wide_resnet101_2", weights="imagenet"):
     parser.add_argument("--params", default=None, help="parameter string (default: the category's, see README)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--out-size", type=int, default=256)
+    parser.add_argument("--templates", choices=("all", "pts"), default="all",
+                        help="match against all normal images or their PTS tiny set (default all)")
+    parser.add_argument("--tsize", type=int, default=60, help="PTS tiny-set size (default 60, as in the paper)")
 
 
 def _add_run_options(parser):
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="offline end to end: real textures with painted defects, real weights")
     demo.add_argument("--data", default=None, help="keep the generated dataset in this folder")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train", type=int, default=16, help="normal training images per texture (default 16)")
     _add_model_options(demo, backbone="tf_efficientnet_lite0")
     _add_run_options(demo)
     demo.set_defaults(run=_demo)

@@ -20,7 +20,7 @@ def check_feature_tensor(name: str, x, *, allow_empty_batch: bool = False) -> No
         raise ValueError(f"{name} is empty: it needs at least one feature map; got shape {tuple(x.shape)}")
     if c == 0 or h == 0 or w == 0:
         raise ValueError(f"{name} must have C, H and W of at least 1; got shape {tuple(x.shape)}")
-    if x.numel() and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+    if x.numel() and x.device.type != "meta" and not _all_finite(x):
         raise ValueError(f"{name} contains NaN or inf values; features must be finite")
 
 
@@ -53,3 +53,9 @@ def check_window(name: str, value) -> int:
     if value < 0:
         raise ValueError(f"{name} must be a non-negative window size; got {value}")
     return value
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """One reduction pass, no full-size temporary: NaN and inf propagate to the extremes."""
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))

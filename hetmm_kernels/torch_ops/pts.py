@@ -14,9 +14,9 @@ def select(gram: torch.Tensor, labels: torch.Tensor, tsize: int) -> torch.Tensor
     index = torch.arange(count, device=gram.device)
     valid = labels != -1
     same = (labels[:, :, None] == labels[:, None, :]) & valid[:, :, None]
-    member_sum = (gram * same).sum(dim=-1)
+    member_sum = torch.where(same, gram, 0.0).sum(dim=-1)
     # clusters in order of first appearance: rank of the cluster each member belongs to
-    first = same.float().argmax(dim=-1)
+    first = torch.where(same, index, count).amin(dim=-1).clamp(max=count - 1)
     is_first = (first == index) & valid
     rank_at = torch.cumsum(is_first.long(), dim=-1) - 1
     cluster_rank = torch.where(valid, rank_at.gather(1, first), -1)
@@ -61,11 +61,12 @@ def gather(temp: torch.Tensor, picked: torch.Tensor, tsize: int) -> torch.Tensor
 def gram_chunks(temp: torch.Tensor, clus: torch.Tensor):
     """Yield (pixel slice, Gram ``[P, N, N]`` float32, labels ``[P, N]``) in memory-bounded chunks."""
     count, channels, height, width = temp.shape
-    feats = temp.float().reshape(count, channels, height * width).permute(2, 0, 1)  # [HW, N, C]
+    flat = temp.reshape(count, channels, height * width)
     labels = clus.reshape(count, height * width).t()
     step = max(1, GRAM_ELEMENTS // (count * count))
     for start in range(0, height * width, step):
-        block = feats[start:start + step]
+        # pixel-major [P, N, C], transposed a chunk at a time (cache-sized copies)
+        block = flat[:, :, start:start + step].permute(2, 0, 1).float().contiguous()
         yield slice(start, start + step), torch.bmm(block, block.transpose(1, 2)), labels[start:start + step]
 
 
