@@ -8,21 +8,34 @@ the CPU path) and ``triton`` (the GPU path). See ``set_backend``.
 
 from . import reference
 from .backend import BACKENDS, get_backend, set_backend, use_backend
-from .ops import PTS, Aggregated, aggregate_maps, backward_ATM, forward_ATM, mutual_match
+from .ops import (
+    PTS,
+    Aggregated,
+    HistogramBank,
+    aggregate_maps,
+    backward_ATM,
+    block_histograms,
+    forward_ATM,
+    mutual_match,
+    retrieve_topk,
+)
 from .templates import PreparedTemplates, prepare_templates
 
 __all__ = [
     "Aggregated",
     "BACKENDS",
+    "HistogramBank",
     "PTS",
     "PreparedTemplates",
     "aggregate_maps",
     "backward_ATM",
+    "block_histograms",
     "forward_ATM",
     "get_backend",
     "mutual_match",
     "prepare_templates",
     "reference",
+    "retrieve_topk",
     "set_backend",
     "use_backend",
 ]

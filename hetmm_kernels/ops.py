@@ -17,7 +17,8 @@ from .templates import PreparedTemplates, prepare_templates
 from .torch_ops import aggregate as torch_aggregate
 from .torch_ops import atm as torch_atm
 from .torch_ops import pts as torch_pts
-from .validation import check_feature_tensor, check_same_maps, check_window
+from .torch_ops import retrieval as torch_retrieval
+from .validation import _all_finite, check_feature_tensor, check_same_maps, check_window
 
 TemplatesLike = torch.Tensor | PreparedTemplates
 
@@ -89,13 +90,16 @@ def backward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backen
 
 
 def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back_patch: int, *,
-                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 indices: torch.Tensor | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Template mutual matching: ``(fore, back)``, each ``[B, H, W]`` in the query's dtype.
 
     ``fore = forward_ATM(query, temp, fore_patch).amax(1)`` and
     ``back = backward_ATM(query, temp, back_patch).amax(1)``, computed in one pass
     that never builds the ``[B, T, H, W]`` maps and computes each query-template
     product once for both directions.
+
+    ``indices [B, K]`` (optional): query ``b`` is matched only against templates
+    ``indices[b]`` (the K retrieved for it), without gathering a copy of the bank.
 
     >>> q = torch.nn.functional.normalize(torch.randn(1, 32, 8, 8), dim=1)
     >>> fore, back = mutual_match(q, q, 5, 3)
@@ -105,10 +109,22 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     fore_patch = check_window("fore_patch", fore_patch)
     back_patch = check_window("back_patch", back_patch)
     bank = _checked(query, temp)
+    if indices is not None:
+        _check_indices(indices, query.shape[0], len(bank), query.device)
     impl = resolve(query.device, backend)
     if query.shape[0] == 0:
         empty = query.new_empty((0, *query.shape[2:]))
         return empty, empty.clone()
+    if indices is not None:
+        if impl == "reference":
+            return reference.mutual_match_subset(query, bank.temp, fore_patch, back_patch, indices)
+        if impl == "torch":
+            all_templates = bank.layout("torch-all", torch_atm.pixel_major)
+            fore, back = torch_atm.mutual_match_subset(query, all_templates, fore_patch, back_patch, indices)
+        else:
+            fore, back = _triton_atm().mutual_match(query, _triton_layout(bank), fore_patch, back_patch,
+                                                    indices=indices.long())
+        return fore.to(query.dtype), back.to(query.dtype)
     if impl == "reference":
         return reference.mutual_match(query, bank.temp, fore_patch, back_patch)
     if impl == "torch":
@@ -116,6 +132,18 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     else:
         fore, back = _triton_atm().mutual_match(query, _triton_layout(bank), fore_patch, back_patch)
     return fore.to(query.dtype), back.to(query.dtype)
+
+
+def _check_indices(indices, batch: int, count: int, device) -> None:
+    integer = isinstance(indices, torch.Tensor) and not (indices.is_floating_point() or indices.is_complex())
+    if not integer or indices.dtype == torch.bool or indices.dim() != 2:
+        raise TypeError("indices must be an integer tensor [B, K] of template indices")
+    if indices.shape[0] != batch or indices.shape[1] < 1:
+        raise ValueError(f"indices must be [B={batch}, K >= 1]; got {list(indices.shape)}")
+    if indices.device != device:
+        raise ValueError(f"indices must be on the query's device {device}; got {indices.device}")
+    if int(indices.min()) < 0 or int(indices.max()) >= count:
+        raise ValueError(f"indices must lie in [0, {count}) (the template count)")
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -214,3 +242,114 @@ def PTS(temp: torch.Tensor, clus: torch.Tensor, tsize: int, *, backend: str | No
     from .triton_ops import pts as triton_pts
 
     return triton_pts.PTS(temp, clus, tsize)
+
+
+# ----------------------------------------------------------------------------- retrieval (CPR)
+
+
+class HistogramBank:
+    """Block histograms of R reference images stored compactly as integer counts.
+
+    ``counts [R, L, bins]`` (uint8 while a block holds at most 255 pixels, else int16) and
+    ``area`` (pixels per block): a histogram is ``counts / area``.
+    """
+
+    def __init__(self, counts: torch.Tensor, area: int):
+        if not isinstance(counts, torch.Tensor) or counts.dim() != 3 or counts.is_floating_point():
+            raise TypeError("counts must be an integer tensor [R, L, bins]")
+        if counts.shape[0] == 0:
+            raise ValueError("the histogram bank is empty: it needs at least one reference image")
+        self.counts, self.area = counts, int(area)
+
+    @classmethod
+    def from_histograms(cls, hist: torch.Tensor, area: int) -> "HistogramBank":
+        """Compact normalised histograms ``[R, L, bins]`` whose entries are multiples of ``1 / area``."""
+        _check_histograms("bank_hist", hist)
+        scaled = hist.float() * area
+        counts = scaled.round()
+        if (scaled - counts).abs().max() > 1e-3:
+            raise ValueError(f"bank_hist entries are not multiples of 1/area (area={area})")
+        return cls(counts.to(torch.uint8 if area <= 255 else torch.int16), area)
+
+    def histograms(self) -> torch.Tensor:
+        return self.counts.float() / self.area
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+
+def _check_histograms(name: str, hist) -> None:
+    if not isinstance(hist, torch.Tensor) or hist.dim() != 3 or not hist.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor [N, L, bins] of normalised block histograms")
+    if hist.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    sums = hist.float().sum(dim=-1)
+    if not _all_finite(hist) or bool((hist < 0).any()) or bool(((sums - 1).abs() > 1e-3).any()):
+        raise ValueError(f"{name} must hold normalised histograms (non-negative, each block summing to 1)")
+
+
+def block_histograms(features: torch.Tensor, centers: torch.Tensor, S: int = 5, *, return_codes: bool = False,
+                     backend: str | None = None):
+    """CPR block histograms ``[B, L, n + 1]`` of nearest-centre codes (and the codes ``[B, H, W]``).
+
+    Each pixel gets the id of its nearest centre (squared L2, the first centre on ties); the
+    map of ids + 1 is cut into blocks of ``ceil(H / S) x ceil(W / S)`` pixels with
+    ``block * S - size`` zero padding on both sides (as ``torch.nn.Unfold`` does), and each
+    block becomes a histogram over the ``n + 1`` bins, normalised by the block area.
+    """
+    check_feature_tensor("features", features, allow_empty_batch=False)
+    if not isinstance(centers, torch.Tensor) or centers.dim() != 2 or not centers.is_floating_point():
+        raise TypeError("centers must be a float tensor [n, C]")
+    if centers.shape[1] != features.shape[1] or centers.shape[0] < 1:
+        raise ValueError(f"centers must be [n >= 1, C={features.shape[1]}]; got {list(centers.shape)}")
+    if centers.device != features.device:
+        raise ValueError("centers and features must be on the same device")
+    if isinstance(S, bool) or not isinstance(S, int) or S < 1:
+        raise ValueError(f"S must be a positive int; got {S!r}")
+    impl = resolve(features.device, backend)
+    if impl == "reference":
+        return reference.block_histograms(features, centers, S, return_codes)
+    if impl == "torch":
+        return torch_retrieval.block_histograms(features, centers, S, return_codes)
+    from .triton_ops import retrieval as triton_retrieval
+
+    return triton_retrieval.block_histograms(features, centers, S, return_codes)
+
+
+def retrieve_topk(query_hist: torch.Tensor, bank_hist, k: int, l_ratio: float = 0.8, method: str = "kl", *,
+                  backend: str | None = None):
+    """The ``k`` most similar bank images per query: ``(distances [Q, k], indices [Q, k])``.
+
+    Per block KL(q + 1e-8 || r + 1e-8) (``method="kl"``) or the L2 distance (``"l2"``); per
+    pair the smallest ``int(L * l_ratio)`` block distances are summed (robust to a few
+    defective blocks); results ascend, ties go to the lower bank index. ``bank_hist`` is a
+    float ``[R, L, bins]`` tensor or a compact ``HistogramBank``. ``k`` larger than the bank
+    is an error.
+    """
+    _check_histograms("query_hist", query_hist)
+    bank = bank_hist if isinstance(bank_hist, HistogramBank) else None
+    if bank is None:
+        _check_histograms("bank_hist", bank_hist)
+    shape = (bank.counts if bank is not None else bank_hist).shape
+    if shape[1:] != query_hist.shape[1:]:
+        raise ValueError(f"query_hist is [Q, L, bins] = {list(query_hist.shape)} but the bank is {list(shape)}: "
+                         "L and bins must match")
+    if (bank.counts if bank is not None else bank_hist).device != query_hist.device:
+        raise ValueError("query_hist and the bank must be on the same device")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= shape[0]:
+        raise ValueError(f"k must be an int between 1 and the bank size {shape[0]}; got {k!r}")
+    if method not in ("kl", "l2"):
+        raise ValueError(f"method must be 'kl' or 'l2'; got {method!r}")
+    if not 0 < l_ratio <= 1 or int(query_hist.shape[1] * l_ratio) < 1:
+        raise ValueError(f"l_ratio must be in (0, 1] and keep at least one of the {query_hist.shape[1]} blocks")
+    impl = resolve(query_hist.device, backend)
+    if impl == "reference":
+        hist = bank.histograms() if bank is not None else bank_hist
+        return reference.retrieve_topk(query_hist, hist, k, l_ratio, method)
+    # a compact bank streams integer counts; float histograms stream as they are (area 1)
+    data, area = (bank.counts, bank.area) if bank is not None else (bank_hist, 1)
+    if impl == "torch":
+        return torch_retrieval.retrieve_topk(query_hist, data, area, k, l_ratio, method)
+    from .triton_ops import retrieval as triton_retrieval
+
+    return triton_retrieval.retrieve_topk(query_hist, data, area, k, l_ratio, method)

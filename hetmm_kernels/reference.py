@@ -129,3 +129,73 @@ def PTS(temp: torch.Tensor, clus: torch.Tensor, tsize: int) -> torch.Tensor:
                     accumulated[k] += gram[k, choose].item()
             out[: len(picked), :, i, j] = feats[picked]
     return out.to(temp.dtype)
+
+
+# ----------------------------------------------------------------------------- retrieval (CPR)
+
+KL_EPS = 1e-8
+
+
+def block_layout(height: int, width: int, S: int):
+    """(block_h, block_w, pad_h, pad_w, blocks_h, blocks_w): ``nn.Unfold(block, stride=block,
+    padding=block * S - size)`` as the published code cuts the code map."""
+    block_h, block_w = -(-height // S), -(-width // S)
+    pad_h, pad_w = block_h * S - height, block_w * S - width
+    return (block_h, block_w, pad_h, pad_w,
+            (height + 2 * pad_h - block_h) // block_h + 1, (width + 2 * pad_w - block_w) // block_w + 1)
+
+
+def nearest_codes(features: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]`` index of the nearest centre (squared L2; the first on ties) of every pixel."""
+    x = features.float()[:, None]  # [B, 1, C, H, W]
+    c = centers.float()[None, :, :, None, None]  # [1, n, C, 1, 1]
+    return ((x - c) ** 2).sum(dim=2).argmin(dim=1)
+
+
+def block_histograms(features: torch.Tensor, centers: torch.Tensor, S: int = 5, return_codes: bool = False):
+    """``[B, L, n + 1]`` normalised histograms of code ids + 1 per block (padding counts in bin 0)."""
+    codes = nearest_codes(features, centers)
+    batch, height, width = codes.shape
+    bins = centers.shape[0] + 1
+    block_h, block_w, pad_h, pad_w, blocks_h, blocks_w = block_layout(height, width, S)
+    padded = torch.zeros(batch, height + 2 * pad_h, width + 2 * pad_w, dtype=torch.long, device=codes.device)
+    padded[:, pad_h:pad_h + height, pad_w:pad_w + width] = codes + 1
+    hist = torch.zeros(batch, blocks_h * blocks_w, bins, device=codes.device)
+    for by in range(blocks_h):
+        for bx in range(blocks_w):
+            block = padded[:, by * block_h:(by + 1) * block_h, bx * block_w:(bx + 1) * block_w]
+            for b in range(batch):
+                hist[b, by * blocks_w + bx] = torch.bincount(block[b].reshape(-1), minlength=bins).float()
+    hist /= block_h * block_w
+    return (hist, codes) if return_codes else hist
+
+
+def histogram_distances(query_hist: torch.Tensor, bank_hist: torch.Tensor, l_ratio: float = 0.8,
+                        method: str = "kl") -> torch.Tensor:
+    """``[Q, R]``: per block KL(q + eps || r + eps) (or L2), the smallest ``int(L * l_ratio)`` summed."""
+    keep = int(query_hist.shape[1] * l_ratio)
+    out = torch.empty(query_hist.shape[0], bank_hist.shape[0], device=query_hist.device)
+    for q in range(query_hist.shape[0]):
+        for r in range(bank_hist.shape[0]):
+            p, t = query_hist[q].float(), bank_hist[r].float()
+            if method == "kl":
+                per_block = ((p + KL_EPS) * torch.log((p + KL_EPS) / (t + KL_EPS))).sum(dim=-1)
+            else:
+                per_block = torch.sqrt(((p - t) ** 2).sum(dim=-1))
+            out[q, r] = per_block.sort().values[:keep].sum()
+    return out
+
+
+def retrieve_topk(query_hist, bank_hist, k: int, l_ratio: float = 0.8, method: str = "kl"):
+    """The ``k`` nearest bank entries per query: ``(distances [Q, k], indices [Q, k])`` ascending,
+    ties to the lower index."""
+    dist = histogram_distances(query_hist, bank_hist, l_ratio, method)
+    order = torch.sort(dist, dim=1, stable=True)  # stable: equal distances keep index order
+    return order.values[:, :k], order.indices[:, :k]
+
+
+def mutual_match_subset(query, temp, fore_patch, back_patch, indices):
+    """``mutual_match`` with query ``b`` matched only against ``temp[indices[b]]``."""
+    fores, backs = zip(*(mutual_match(query[b:b + 1], temp[indices[b]], fore_patch, back_patch)
+                         for b in range(query.shape[0])))
+    return torch.cat(fores), torch.cat(backs)

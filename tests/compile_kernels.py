@@ -17,7 +17,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hetmm_kernels.triton_ops import aggregate, atm, pts  # noqa: E402
+from hetmm_kernels.triton_ops import aggregate, atm, pts, retrieval  # noqa: E402
 
 # (height, width, reach, batch, channels): a 1x1 map, the paper's layers, a window larger than the map
 PROBLEMS = [(1, 1, 1, 1, 3), (64, 64, 2, 8, 256), (32, 32, 3, 32, 512), (16, 16, 6, 1, 1024), (5, 7, 6, 2, 24)]
@@ -46,11 +46,25 @@ def configurations():
             window = dict(shared, RADIUS=reach, BLOCK_A=cfg["block"], DOT_PRECISION=precision)
             yield "window_max", atm._window_max_kernel, dtype, window, None
             mutual = dict(shared, FORE_R=reach, BACK_R=max(0, reach - 1), REACH=reach, BLOCK_B=cfg["block"],
-                          DOT_PRECISION=precision)
-            yield "mutual", atm._mutual_kernel, dtype, mutual, {"fore_ptr": "*fp32", "back_ptr": "*fp32"}
+                          DOT_PRECISION=precision, HAS_INDEX=False)
+            outputs = {"fore_ptr": "*fp32", "back_ptr": "*fp32", "index_ptr": "*i64"}
+            yield "mutual", atm._mutual_kernel, dtype, mutual, outputs
+    for dtype in DTYPES:  # per-query template sets (retrieval): one map per program
+        cfg = atm.tile_config(64, 64, 2, 8, 256, one_map=True)
+        indexed = dict(TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], UNION_H=cfg["UNION_H"], UNION_W=cfg["UNION_W"],
+                       BLOCK_U=cfg["BLOCK_U"], BLOCK_C=cfg["BLOCK_C"], FORE_R=2, BACK_R=1, REACH=2, BLOCK_B=1,
+                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", HAS_INDEX=True)
+        yield "mutual-indexed", atm._mutual_kernel, dtype, indexed, {"fore_ptr": "*fp32", "back_ptr": "*fp32",
+                                                                      "index_ptr": "*i64"}
     for map_side, block in ((16, 16), (64, 32)):
         shape = dict(MAP_H=map_side, MAP_W=map_side, BLOCK_H=block, BLOCK_W=block, SCORE_MAX=True)
         yield "aggregate", aggregate._aggregate_kernel, "fp32", shape, None
+    for dtype in ("fp16", "fp32"):
+        yield "block_histogram", retrieval._block_histogram_kernel, dtype, \
+            dict(BLOCK_PIX=256, BLOCK_C=64, BLOCK_BINS=16, WRITE_CODES=True), {"hist_ptr": "*fp32", "code_ptr": "*i64"}
+    for use_kl in (True, False):
+        yield "trimmed_distance", retrieval._trimmed_distance_kernel, "fp32", \
+            dict(USE_KL=use_kl, BLOCK_Q=16, BLOCK_R=32, BLOCK_L=32, BLOCK_BINS=16), {"bank_ptr": "*u8"}
     for count in (16, 200):
         yield "pts_select", pts._pts_select_kernel, "fp32", dict(BLOCK_N=triton.next_power_of_2(count)), \
             {"labels_ptr": "*i64", "picked_ptr": "*i64"}

@@ -198,3 +198,15 @@ def backward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) 
 
 def mutual_match(query: torch.Tensor, t_groups: list[torch.Tensor], fore_patch: int, back_patch: int):
     return mutual_max(map_major(query), t_groups, fore_patch // 2, back_patch // 2)
+
+
+def mutual_match_subset(query: torch.Tensor, temp_pm: torch.Tensor, fore_patch: int, back_patch: int,
+                        indices: torch.Tensor):
+    """Query b against its own templates ``indices[b]`` of pixel-major ``temp_pm [H, W, T, C]``.
+
+    Only the K selected templates of each query are gathered (``[H, W, K, C]``), never the bank.
+    """
+    q = map_major(query)
+    fores, backs = zip(*(mutual_max(q[b:b + 1], [temp_pm.index_select(2, indices[b])], fore_patch // 2,
+                                    back_patch // 2) for b in range(q.shape[0])))
+    return torch.cat(fores), torch.cat(backs)

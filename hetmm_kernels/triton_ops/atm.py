@@ -95,13 +95,14 @@ def _window_max_kernel(
 
 @triton.jit
 def _mutual_kernel(
-    q_ptr, t_ptr, fore_ptr, back_ptr,
+    q_ptr, t_ptr, fore_ptr, back_ptr, index_ptr,
     batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
     FORE_R: tl.constexpr, BACK_R: tl.constexpr, REACH: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, UNION_H: tl.constexpr, UNION_W: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_INDEX: tl.constexpr,
 ):
+    # HAS_INDEX: query b is matched only against templates index[b, :count_t] (BLOCK_B == 1)
     pid_tile = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -120,10 +121,13 @@ def _mutual_kernel(
     t_stop = tl.minimum(t_start + templates_per_program, count_t)
     t_cols = union_pixel * channels
     template = t_ptr + t_start.to(tl.int64) * hw * channels
-    for _ in range(t_start, t_stop):
+    for i in range(t_start, t_stop):
+        if HAS_INDEX:
+            template = t_ptr + tl.load(index_ptr + pid_b.to(tl.int64) * count_t + i).to(tl.int64) * hw * channels
         sims = _union_products(q_ptr, template, q_rows, row_valid, t_cols, u_valid, channels, BLOCK_C, DOT_PRECISION)
         best = tl.maximum(best, sims)
-        template += hw * channels
+        if not HAS_INDEX:
+            template += hw * channels
 
     dy = tl.abs(row_y[:, None] - uy[None, :])
     dx = tl.abs(row_x[:, None] - ux[None, :])
@@ -153,12 +157,16 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return min(cap, triton.next_power_of_2(max(1, n)))
 
 
-def tile_config(height: int, width: int, reach: int, count_a: int, channels: int) -> dict:
-    """Tile shape and block sizes for one problem (tl.dot needs every dimension >= 16)."""
-    tile_h = _pow2_at_most(height, 4)
-    tile_w = _pow2_at_most(width, 4)
+def tile_config(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False) -> dict:
+    """Tile shape and block sizes for one problem (tl.dot needs every dimension >= 16).
+
+    ``one_map``: one query map per program (per-query template sets), so the tile alone
+    must supply the 16 rows.
+    """
+    tile_h = 4 if one_map else _pow2_at_most(height, 4)
+    tile_w = 4 if one_map else _pow2_at_most(width, 4)
     pixels = tile_h * tile_w
-    block_a = max(16 // pixels, min(_pow2_at_most(count_a, 4), max(1, 64 // pixels)))
+    block_a = 1 if one_map else max(16 // pixels, min(_pow2_at_most(count_a, 4), max(1, 64 // pixels)))
     union_h = min(tile_h + 2 * reach, height)
     union_w = min(tile_w + 2 * reach, width)
     return dict(
@@ -192,14 +200,17 @@ def window_max(x: torch.Tensor, y: torch.Tensor, radius: int, out_dtype: torch.d
 
 
 def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: int,
-               templates_per_program: int | None = None):
-    """Pixel-major ``q [B, H, W, C]``, ``t [T, H, W, C]`` -> float32 ``(fore, back)``, each ``[B, H, W]``."""
+               templates_per_program: int | None = None, indices: torch.Tensor | None = None):
+    """Pixel-major ``q [B, H, W, C]``, ``t [T, H, W, C]`` -> float32 ``(fore, back)``, each ``[B, H, W]``.
+
+    ``indices [B, K]``: query b is matched only against templates ``indices[b]``.
+    """
     batch, height, width, channels = q.shape
-    count_t = t.shape[0]
+    count_t = t.shape[0] if indices is None else indices.shape[1]
     reach = max(fore_radius, back_radius)
     fore = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=torch.float32)
     back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=torch.float32)
-    cfg = tile_config(height, width, reach, batch, channels)
+    cfg = tile_config(height, width, reach, batch, channels, one_map=indices is not None)
     n_tiles_w = triton.cdiv(width, cfg["TILE_W"])
     n_tiles = triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w
     n_b = triton.cdiv(batch, cfg["block"])
@@ -209,12 +220,13 @@ def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: 
         chunks = max(1, min(count_t, target // max(1, n_tiles * n_b)))
         templates_per_program = triton.cdiv(count_t, chunks)
     grid = (n_tiles, n_b, triton.cdiv(count_t, templates_per_program))
+    index = indices.contiguous() if indices is not None else fore  # any pointer when unused
     _mutual_kernel[grid](
-        q, t, fore, back, batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
+        q, t, fore, back, index, batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
         FORE_R=fore_radius, BACK_R=back_radius, REACH=reach,
         TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], UNION_H=cfg["UNION_H"], UNION_W=cfg["UNION_W"],
         BLOCK_B=cfg["block"], BLOCK_U=cfg["BLOCK_U"], BLOCK_C=cfg["BLOCK_C"],
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), HAS_INDEX=indices is not None,
     )
     return fore, back
 
@@ -235,5 +247,5 @@ def backward_ATM(query: torch.Tensor, temp_pm: torch.Tensor, patch: int) -> torc
 
 
 def mutual_match(query: torch.Tensor, temp_pm: torch.Tensor, fore_patch: int, back_patch: int,
-                 templates_per_program: int | None = None):
-    return mutual_max(pixel_major(query), temp_pm, fore_patch // 2, back_patch // 2, templates_per_program)
+                 templates_per_program: int | None = None, indices: torch.Tensor | None = None):
+    return mutual_max(pixel_major(query), temp_pm, fore_patch // 2, back_patch // 2, templates_per_program, indices)

@@ -1,0 +1,74 @@
+"""CPR global retrieval, vectorised: block histograms of codebook ids and trimmed-KL top-K.
+
+The bank is kept as integer counts (uint8 while a block holds at most 255 pixels): 13 bins x
+25 blocks is 325 bytes an image, so a million reference images fit in 325 MB. Distances are
+computed a chunk of the bank at a time; only ``[Q, chunk]`` trimmed sums are kept and the
+running top-K is merged after each chunk, ties going to the lower index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import KL_EPS, block_layout
+
+BANK_CHUNK = 4096
+
+
+def nearest_codes(features: torch.Tensor, centers: torch.Tensor, batch_chunk: int = 4) -> torch.Tensor:
+    """``[B, H, W]`` nearest centre per pixel: the same ``sum((x - c)^2)`` as the reference, a few maps at a time."""
+    c = centers.float()[None, :, :, None, None]
+    parts = [((x.float()[:, None] - c) ** 2).sum(dim=2).argmin(dim=1) for x in features.split(batch_chunk)]
+    return torch.cat(parts)
+
+
+def histograms_from_codes(codes: torch.Tensor, bins: int, S: int) -> torch.Tensor:
+    """Block counts ``[B, L, bins]`` (int32) of ``codes + 1``, zero padding counted in bin 0."""
+    batch, height, width = codes.shape
+    block_h, block_w, pad_h, pad_w, blocks_h, blocks_w = block_layout(height, width, S)
+    padded = F.pad(codes + 1, (pad_w, pad_w, pad_h, pad_h))[:, : blocks_h * block_h, : blocks_w * block_w]
+    block_id = (torch.arange(blocks_h, device=codes.device).repeat_interleave(block_h)[:, None] * blocks_w
+                + torch.arange(blocks_w, device=codes.device).repeat_interleave(block_w)[None, :])
+    flat = (block_id[None] * bins + padded).reshape(batch, -1)
+    counts = torch.zeros(batch, blocks_h * blocks_w * bins, dtype=torch.int32, device=codes.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.int32))
+    return counts.view(batch, blocks_h * blocks_w, bins)
+
+
+def block_histograms(features, centers, S: int = 5, return_codes: bool = False):
+    codes = nearest_codes(features, centers)
+    block_h, block_w, *_ = block_layout(codes.shape[1], codes.shape[2], S)
+    hist = histograms_from_codes(codes, centers.shape[0] + 1, S).float() / (block_h * block_w)
+    return (hist, codes) if return_codes else hist
+
+
+def trimmed_distances(query: torch.Tensor, bank: torch.Tensor, keep: int, method: str) -> torch.Tensor:
+    """``[Q, R]`` for float histograms ``query [Q, L, n+1]`` and ``bank [R, L, n+1]``."""
+    q, r = query[:, None], bank[None]
+    if method == "kl":
+        per_block = ((q + KL_EPS) * torch.log((q + KL_EPS) / (r + KL_EPS))).sum(dim=-1)
+    else:
+        per_block = torch.sqrt(((q - r) ** 2).sum(dim=-1))
+    return per_block.sort(dim=-1).values[..., :keep].sum(dim=-1)
+
+
+def merge_topk(best_d, best_i, dist, offset: int, k: int):
+    """Fold the distances of bank entries ``offset ..`` into the running top-K (ties: lower index first)."""
+    index = torch.arange(offset, offset + dist.shape[1], device=dist.device).expand_as(dist)
+    if best_d is not None:
+        dist, index = torch.cat([best_d, dist], dim=1), torch.cat([best_i, index], dim=1)
+        by_index = index.argsort(dim=1)
+        dist, index = dist.gather(1, by_index), index.gather(1, by_index)
+    order = dist.argsort(dim=1, stable=True)[:, :k]
+    return dist.gather(1, order), index.gather(1, order)
+
+
+def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str):
+    keep = int(query_hist.shape[1] * l_ratio)
+    query = query_hist.float()
+    best_d = best_i = None
+    for start in range(0, bank_counts.shape[0], BANK_CHUNK):
+        chunk = bank_counts[start:start + BANK_CHUNK].float() / area
+        best_d, best_i = merge_topk(best_d, best_i, trimmed_distances(query, chunk, keep, method), start, k)
+    return best_d, best_i

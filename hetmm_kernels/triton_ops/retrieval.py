@@ -1,0 +1,124 @@
+"""CPR global retrieval in Triton.
+
+``_block_histogram_kernel``: one program per (image, block): the nearest centre of each of
+the block's pixels (the same ``sum((x - c)^2)`` as the reference, first centre on ties),
+then the block's histogram of ids + 1 with padding in bin 0, in one pass over the features.
+
+``_trimmed_distance_kernel``: one program per (query block, bank block) streams the compact
+bank (integer counts) once: per-block KL or L2 for every (query, entry) pair in registers,
+sorted along the blocks, the smallest ``keep`` summed. Only the ``[Q, R]`` trimmed
+distances are written, never ``[Q, R, L]``; the top-K selection runs after.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import KL_EPS, block_layout
+
+_EPS = tl.constexpr(KL_EPS)
+
+
+@triton.jit
+def _block_histogram_kernel(
+    feat_ptr, center_ptr, hist_ptr, code_ptr,
+    channels, height, width, centers, blocks_w, blocks,
+    block_h, block_w, pad_h, pad_w,
+    BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_BINS: tl.constexpr, WRITE_CODES: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    i = tl.arange(0, BLOCK_PIX)
+    in_block = i < block_h * block_w
+    y = (block // blocks_w) * block_h + i // block_w - pad_h
+    x = (block % blocks_w) * block_w + i % block_w - pad_w
+    inside = in_block & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+    pixel = (y * width + x).to(tl.int64)
+    best = tl.full((BLOCK_PIX,), float("inf"), dtype=tl.float32)
+    code = tl.zeros((BLOCK_PIX,), dtype=tl.int32)
+    for j in range(centers):
+        dist = tl.zeros((BLOCK_PIX,), dtype=tl.float32)
+        for c0 in range(0, channels, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = c < channels
+            feats = tl.load(feat_ptr + (b * channels + c[None, :]) * height * width + pixel[:, None],
+                            mask=inside[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            centre = tl.load(center_ptr + j * channels + c, mask=c_ok, other=0.0).to(tl.float32)
+            diff = tl.where(c_ok[None, :], feats - centre[None, :], 0.0)
+            dist += tl.sum(diff * diff, axis=1)
+        closer = dist < best  # strict: the first centre wins ties
+        code = tl.where(closer, j, code)
+        best = tl.where(closer, dist, best)
+    value = tl.where(inside, code + 1, 0)  # padding counts in bin 0
+    bins = tl.arange(0, BLOCK_BINS)
+    counts = tl.sum(((value[:, None] == bins[None, :]) & in_block[:, None]).to(tl.float32), axis=0)
+    hist_offs = (b * blocks + block) * (centers + 1) + bins
+    tl.store(hist_ptr + hist_offs, counts / (block_h * block_w), mask=bins < centers + 1)
+    if WRITE_CODES:
+        tl.store(code_ptr + b * height * width + pixel, code.to(tl.int64), mask=inside)
+
+
+@triton.jit
+def _trimmed_distance_kernel(
+    query_ptr, bank_ptr, out_ptr, queries, entries, blocks, bins, keep, area,
+    USE_KL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_BINS: tl.constexpr,
+):
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = tl.arange(0, BLOCK_BINS)
+    lanes = tl.arange(0, BLOCK_L)
+    q_ok, r_ok, k_ok = q < queries, r < entries, k < bins
+    per_block = tl.full((BLOCK_Q, BLOCK_R, BLOCK_L), float("inf"), dtype=tl.float32)
+    for l in range(blocks):
+        qh = tl.load(query_ptr + (q[:, None].to(tl.int64) * blocks + l) * bins + k[None, :],
+                     mask=q_ok[:, None] & k_ok[None, :], other=0.0)
+        counts = tl.load(bank_ptr + (r[:, None].to(tl.int64) * blocks + l) * bins + k[None, :],
+                         mask=r_ok[:, None] & k_ok[None, :], other=0)
+        rh = counts.to(tl.float32) / area
+        p, t = qh[:, None, :], rh[None, :, :]
+        if USE_KL:
+            term = (p + _EPS) * tl.log((p + _EPS) / (t + _EPS))
+            d = tl.sum(tl.where(k_ok[None, None, :], term, 0.0), axis=2)
+        else:
+            diff = p - t
+            d = tl.sqrt(tl.sum(diff * diff, axis=2))
+        per_block = tl.where(lanes[None, None, :] == l, d[:, :, None], per_block)
+    ordered = tl.sort(per_block, dim=2)  # ascending; unused lanes are +inf
+    trimmed = tl.sum(tl.where(lanes[None, None, :] < keep, ordered, 0.0), axis=2)
+    tl.store(out_ptr + q[:, None].to(tl.int64) * entries + r[None, :], trimmed, mask=q_ok[:, None] & r_ok[None, :])
+
+
+def block_histograms(features, centers, S: int = 5, return_codes: bool = False):
+    batch, channels, height, width = features.shape
+    block_h, block_w, pad_h, pad_w, blocks_h, blocks_w = block_layout(height, width, S)
+    count = centers.shape[0]
+    hist = torch.empty(batch, blocks_h * blocks_w, count + 1, device=features.device)
+    codes = torch.empty(batch, height, width, dtype=torch.int64, device=features.device)
+    grid = (batch, blocks_h * blocks_w)
+    _block_histogram_kernel[grid](
+        features.contiguous(), centers.contiguous(), hist, codes,
+        channels, height, width, count, blocks_w, blocks_h * blocks_w, block_h, block_w, pad_h, pad_w,
+        BLOCK_PIX=triton.next_power_of_2(block_h * block_w), BLOCK_C=min(64, triton.next_power_of_2(channels)),
+        BLOCK_BINS=triton.next_power_of_2(count + 1), WRITE_CODES=return_codes,
+    )
+    return (hist, codes) if return_codes else hist
+
+
+def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str):
+    queries, blocks, bins = query_hist.shape
+    entries = bank_counts.shape[0]
+    dist = torch.empty(queries, entries, device=query_hist.device)
+    block_q = min(16, triton.next_power_of_2(queries))
+    block_r = 32
+    grid = (triton.cdiv(queries, block_q), triton.cdiv(entries, block_r))
+    _trimmed_distance_kernel[grid](
+        query_hist.float().contiguous(), bank_counts.contiguous(), dist, queries, entries, blocks, bins,
+        int(blocks * l_ratio), float(area),
+        USE_KL=method == "kl", BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_L=triton.next_power_of_2(blocks),
+        BLOCK_BINS=triton.next_power_of_2(bins),
+    )
+    order = torch.sort(dist, dim=1, stable=True)  # ties: the lower index first
+    return order.values[:, :k], order.indices[:, :k]
