@@ -25,15 +25,20 @@ class BankMismatch(ValueError):
     """A bank was made with another backbone, weights, image size or layers."""
 
 
-class TemplateBank:
-    """Templates ``{layer: [N, C, h, w]}`` plus ``config`` (backbone, weights, image size, layers, params)."""
+EXTRA = "extra/"  # prefix of the non-template tensors in the file (codebook, histogram counts)
 
-    def __init__(self, features: dict, config: dict):
+
+class TemplateBank:
+    """Templates ``{layer: [N, C, h, w]}`` plus ``config`` (backbone, weights, image size, layers, params),
+    and ``extras``: other tensors that travel with them (the retrieval codebook and histograms)."""
+
+    def __init__(self, features: dict, config: dict, extras: dict | None = None):
         counts = {name: t.shape[0] for name, t in features.items()}
         if len(set(counts.values())) > 1:
             raise ValueError(f"every layer needs the same number of templates; got {counts}")
         self.features = {name: t.contiguous() for name, t in features.items()}
         self.config = dict(config)
+        self.extras = dict(extras or {})
         self._prepared: dict = {}
 
     def __len__(self) -> int:
@@ -72,6 +77,7 @@ class TemplateBank:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.features.items()}
+        tensors.update({EXTRA + name: t.detach().cpu().contiguous() for name, t in self.extras.items()})
         metadata = {"format": FORMAT, "config": json.dumps(self.config)}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -101,7 +107,8 @@ class TemplateBank:
             raise ValueError(f"bank: {path} is not a readable safetensors file ({error})") from None
         if metadata.get("format") != FORMAT:
             raise ValueError(f"bank: {path} is not a hetmm template bank (format {metadata.get('format')!r})")
-        bank = cls(features, json.loads(metadata["config"]))
+        extras = {k[len(EXTRA):]: features.pop(k) for k in list(features) if k.startswith(EXTRA)}
+        bank = cls(features, json.loads(metadata["config"]), extras)
         if expected:
             bank.check(expected)
         return bank

@@ -20,7 +20,7 @@ def _detector(args, category=None):
     return HETMM(args.backbone, args.weights, category=category,
                  params=args.params, image_size=args.image_size, out_size=args.out_size, device=args.device,
                  half=args.half, batch_size=args.batch_size, download=args.download, progress=True,
-                 templates=args.templates, tsize=args.tsize)
+                 templates=args.templates, tsize=args.tsize, retrieval_k=args.retrieval_k)
 
 
 def _fit(args) -> int:
@@ -166,6 +166,8 @@ def _add_model_options(parser, backbone="wide_resnet101_2", weights="imagenet"):
     parser.add_argument("--templates", choices=("all", "pts"), default="all",
                         help="match against all normal images or their PTS tiny set (default all)")
     parser.add_argument("--tsize", type=int, default=60, help="PTS tiny-set size (default 60, as in the paper)")
+    parser.add_argument("--retrieval-k", type=int, default=None,
+                        help="match each image only against its K nearest training images (CPR retrieval; off by default)")
 
 
 def _add_run_options(parser):

@@ -8,9 +8,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import hetmm_kernels as hk
+
 from .backbone import LAYERS, Backbone
 from .bank import TemplateBank
 from .clustering import compress
+from .retrieval import Codebook
 from .data import read_image
 from .parameters import parse_params, params_for
 from .scoring import LayerMatches
@@ -39,7 +42,8 @@ class HETMM:
     def __init__(self, backbone: str = "wide_resnet101_2", weights="imagenet", *, category: str | None = None,
                  params: str | None = None, image_size: int = 256, out_size: int = 256, device=None,
                  half: bool = False, batch_size: int = 8, threshold: float | None = None, download: bool = False,
-                 progress: bool = False, templates: str = "all", tsize: int = 60):
+                 progress: bool = False, templates: str = "all", tsize: int = 60,
+                 retrieval_k: int | None = None, retrieval_layer: str = "layer2"):
         if int(image_size) < 16:
             raise ValueError(f"image_size must be at least 16; got {image_size}")
         if int(batch_size) < 1:
@@ -49,6 +53,13 @@ class HETMM:
         if int(tsize) < 1:
             raise ValueError(f"tsize must be at least 1; got {tsize}")
         self.templates, self.tsize = templates, int(tsize)
+        if retrieval_k is not None and (int(retrieval_k) < 1 or templates != "all"):
+            raise ValueError("retrieval_k must be a positive int, and retrieval needs templates='all' "
+                             "(a PTS set mixes images per pixel: there are no whole images to retrieve)")
+        if retrieval_layer not in LAYERS:
+            raise ValueError(f"retrieval_layer must be one of {LAYERS}; got {retrieval_layer!r}")
+        self.retrieval_k = None if retrieval_k is None else int(retrieval_k)
+        self.retrieval_layer = retrieval_layer
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.half = bool(half) and self.device.type == "cuda"  # half precision only pays on a GPU
         self.params_string = params or params_for(category)
@@ -66,7 +77,8 @@ class HETMM:
     def config(self) -> dict:
         return dict(backbone=self.backbone.name, weights=self.backbone.weights, image_size=self.image_size,
                     layers=list(LAYERS), params=self.params_string, category=self.category, out_size=self.out_size,
-                    templates=self.templates, tsize=self.tsize)
+                    templates=self.templates, tsize=self.tsize, retrieval_k=self.retrieval_k,
+                    retrieval_layer=self.retrieval_layer)
 
     @property
     def feature_dtype(self) -> torch.dtype:
@@ -116,12 +128,29 @@ class HETMM:
         if self.templates == "pts":
             features = {k: compress(v, self.tsize) for k, v in features.items()}
         self.bank = TemplateBank({k: v.cpu() for k, v in features.items()}, self.config)
+        if self.retrieval_k is not None:
+            codebook = Codebook.fit(features[self.retrieval_layer])
+            self.bank.extras = {"codebook_centers": codebook.centers,
+                                "histogram_counts": codebook.bank(features[self.retrieval_layer]).counts}
         return self
+
+    def _histogram_bank(self):
+        """The codebook and the compact histogram bank of the templates (retrieval only)."""
+        extras = self._require_bank().extras
+        codebook = Codebook(extras["codebook_centers"])
+        height, width = self.bank.features[self.retrieval_layer].shape[2:]
+        counts = extras["histogram_counts"].to(self.device)
+        return codebook, hk.HistogramBank(counts, codebook.area(height, width))
 
     def add_templates(self, images) -> "HETMM":
         """Hot update: insert new normal images into the bank without refitting."""
         self._require_bank()
-        self.bank.add({k: v.float().cpu() for k, v in self.extract(images).items()})
+        features = {k: v.float().cpu() for k, v in self.extract(images).items()}
+        self.bank.add(features)
+        if self.retrieval_k is not None:  # the new images join the retrieval bank too
+            codebook, _ = self._histogram_bank()
+            new = codebook.bank(features[self.retrieval_layer]).counts
+            self.bank.extras["histogram_counts"] = torch.cat([self.bank.extras["histogram_counts"], new])
         return self
 
     def save(self, path) -> Path:
@@ -139,7 +168,8 @@ class HETMM:
         det = cls(cfg["backbone"], cfg["weights"] if weights is None else weights, category=cfg.get("category"),
                   params=cfg["params"], image_size=cfg["image_size"], out_size=cfg.get("out_size", 256),
                   device=device, half=half, batch_size=batch_size, threshold=threshold, download=download,
-                  progress=progress, templates=cfg.get("templates", "all"), tsize=cfg.get("tsize", 60))
+                  progress=progress, templates=cfg.get("templates", "all"), tsize=cfg.get("tsize", 60),
+                  retrieval_k=cfg.get("retrieval_k"), retrieval_layer=cfg.get("retrieval_layer", "layer2"))
         bank.check(det.config if weights is None else {k: v for k, v in det.config.items() if k != "weights"})
         det.bank = bank
         return det
@@ -156,7 +186,13 @@ class HETMM:
         dtype = self.feature_dtype
         templates = {layer: bank.prepared(layer, self.device, dtype) for layer in self.params.active_layers}
         query = {layer: features[layer].to(self.device, dtype) for layer in self.params.active_layers}
-        return LayerMatches(query, templates, self.params)
+        indices = None
+        if self.retrieval_k is not None:  # target before shooting: only the K nearest images
+            codebook, histogram_bank = self._histogram_bank()
+            k = min(self.retrieval_k, len(histogram_bank))
+            _, indices = hk.retrieve_topk(codebook.histograms(features[self.retrieval_layer].to(self.device)),
+                                          histogram_bank, k)
+        return LayerMatches(query, templates, self.params, indices)
 
     def predict(self, images) -> Prediction:
         """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths)."""

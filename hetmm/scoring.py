@@ -20,13 +20,13 @@ def _size(out_size) -> tuple[int, int]:
 class LayerMatches:
     """Each active layer's fore and back maxima ``[B, h, w]`` with its alpha and lambda."""
 
-    def __init__(self, query_feats: dict, temp_feats: dict, params):
+    def __init__(self, query_feats: dict, temp_feats: dict, params, indices: torch.Tensor | None = None):
         params = parse_params(params)
         self.fores, self.backs, self.alphas, self.ldas = [], [], [], []
         for layer, p in params.active_layers.items():
             if layer not in query_feats or layer not in temp_feats:
                 raise KeyError(f"params use {layer}, but the features have {sorted(query_feats)} / {sorted(temp_feats)}")
-            fore, back = hk.mutual_match(query_feats[layer], temp_feats[layer], p.fore, p.back)
+            fore, back = hk.mutual_match(query_feats[layer], temp_feats[layer], p.fore, p.back, indices=indices)
             self.fores.append(fore)
             self.backs.append(back)
             self.alphas.append(p.alpha)

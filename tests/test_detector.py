@@ -130,3 +130,22 @@ def test_real_textures_defects_score_higher(texture_data):
     inside = result.anomaly_map[masks > 0].mean()
     outside = result.anomaly_map[masks == 0].mean()
     assert inside > 2 * outside
+
+
+def test_retrieval_restricted_detector(tmp_path):
+    images = _images(6, 0)
+    det = _small_detector(retrieval_k=2).fit(images)
+    assert det.bank.extras["histogram_counts"].shape[0] == 6
+    # a training image retrieves itself, so it still matches perfectly
+    assert det.predict(images[4:5]).pred_score.item() < 1e-4
+    loaded = hetmm.HETMM.load(det.save(tmp_path / "r.safetensors"))
+    assert loaded.retrieval_k == 2
+    assert torch.equal(loaded.bank.extras["codebook_centers"], det.bank.extras["codebook_centers"])
+    query = _images(2, 3)
+    assert torch.equal(loaded.predict(query).anomaly_map, det.predict(query).anomaly_map)
+    newcomer = _images(1, 77)
+    det.add_templates(newcomer)
+    assert det.bank.extras["histogram_counts"].shape[0] == 7
+    assert det.predict(newcomer).pred_score.item() < 1e-4
+    with pytest.raises(ValueError, match="retrieval needs templates='all'"):
+        _small_detector(retrieval_k=2, templates="pts")

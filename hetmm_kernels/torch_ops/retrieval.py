@@ -44,13 +44,26 @@ def block_histograms(features, centers, S: int = 5, return_codes: bool = False):
 
 
 def trimmed_distances(query: torch.Tensor, bank: torch.Tensor, keep: int, method: str) -> torch.Tensor:
-    """``[Q, R]`` for float histograms ``query [Q, L, n+1]`` and ``bank [R, L, n+1]``."""
-    q, r = query[:, None], bank[None]
+    """``[Q, R]`` for float histograms ``query [Q, L, n+1]`` and ``bank [R, L, n+1]``.
+
+    The pair terms are matrix products per block: KL(q || r) = sum q log q - sum q log r, and
+    |q - r|^2 = |q|^2 + |r|^2 - 2 q.r; so the logarithms cost R*L*bins, not Q*R*L*bins.
+    Then the ``L - keep`` largest block distances are subtracted from the total.
+    """
+    by_block_q = query.transpose(0, 1)  # [L, Q, bins]
     if method == "kl":
-        per_block = ((q + KL_EPS) * torch.log((q + KL_EPS) / (r + KL_EPS))).sum(dim=-1)
+        q = by_block_q + KL_EPS
+        own = (q * torch.log(q)).sum(dim=-1)  # [L, Q]
+        cross = torch.bmm(q, torch.log(bank + KL_EPS).permute(1, 2, 0))  # [L, Q, R]
+        per_block = own[:, :, None] - cross
     else:
-        per_block = torch.sqrt(((q - r) ** 2).sum(dim=-1))
-    return per_block.sort(dim=-1).values[..., :keep].sum(dim=-1)
+        r = bank.transpose(0, 1)  # [L, R, bins]
+        squared = (by_block_q**2).sum(-1)[:, :, None] + (r**2).sum(-1)[:, None, :] - 2 * torch.bmm(by_block_q, r.transpose(1, 2))
+        per_block = squared.clamp_(min=0).sqrt_()
+    per_block = per_block.permute(1, 2, 0)  # [Q, R, L]
+    total = per_block.sum(dim=-1)
+    drop = per_block.shape[-1] - keep
+    return total if drop == 0 else total - per_block.topk(drop, dim=-1).values.sum(dim=-1)
 
 
 def merge_topk(best_d, best_i, dist, offset: int, k: int):

@@ -1,0 +1,127 @@
+"""CPR retrieval ops on every backend against the reference, and retrieval-restricted matching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hetmm_kernels as hk
+from hetmm_kernels import reference
+from helpers import BACKENDS, assert_matches, device_for, features
+
+
+def _codebook(n, c, seed=0):
+    return torch.randn(n, c, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,c,h,w,n,S", [
+    pytest.param(2, 8, 13, 13, 12, 5, id="H-not-a-multiple-of-S"),
+    pytest.param(1, 70, 10, 10, 12, 5, id="C-over-a-block"),
+    pytest.param(2, 3, 1, 1, 4, 5, id="1x1-map-1x1-blocks"),
+    pytest.param(1, 5, 3, 4, 5, 7, id="S-larger-than-H"),
+    pytest.param(1, 4, 12, 7, 3, 2, id="non-square"),
+])
+def test_block_histograms(backend, b, c, h, w, n, S):
+    device = device_for(backend)
+    feats = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(1)).to(device)
+    centers = _codebook(n, c).to(device)
+    hist, codes = hk.block_histograms(feats, centers, S, return_codes=True, backend=backend)
+    ref_hist, ref_codes = reference.block_histograms(feats.cpu(), centers.cpu(), S, return_codes=True)
+    assert torch.equal(codes.cpu(), ref_codes)
+    assert torch.allclose(hist.cpu(), ref_hist, atol=1e-6)
+    assert torch.allclose(hist.sum(-1).cpu(), torch.ones(hist.shape[:2]), atol=1e-5)
+
+
+def test_histograms_match_the_published_unfold():
+    """The published encoder: nn.Unfold(block, stride=block, padding=block*S-size) of ids + 1, one-hot mean."""
+    feats, centers = torch.randn(2, 6, 16, 16), _codebook(12, 6)
+    codes = reference.nearest_codes(feats, centers)
+    block = -(-16 // 5)
+    unfolded = torch.nn.Unfold(block, stride=block, padding=block * 5 - 16)(codes[:, None].float() + 1).long()
+    expected = torch.nn.functional.one_hot(unfolded, 13).float().mean(1)
+    assert torch.allclose(hk.block_histograms(feats, centers), expected)
+
+
+def _bank(r=24, q=2, side=10, seed=0):
+    centers = _codebook(12, 8, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    bank = reference.block_histograms(torch.randn(r, 8, side, side, generator=g), centers)
+    query = reference.block_histograms(torch.randn(q, 8, side, side, generator=g), centers)
+    return query, bank
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["kl", "l2"])
+@pytest.mark.parametrize("compact", [True, False])
+def test_retrieve_topk(backend, method, compact):
+    query, bank = _bank()
+    device = device_for(backend)
+    area = 4  # 10x10 map, S = 5: 2x2 blocks
+    store = hk.HistogramBank.from_histograms(bank.to(device), area) if compact else bank.to(device)
+    dist, idx = hk.retrieve_topk(query.to(device), store, 5, method=method, backend=backend)
+    ref_dist, ref_idx = reference.retrieve_topk(query, bank, 5, method=method)
+    assert torch.equal(idx.cpu(), ref_idx)
+    assert torch.allclose(dist.cpu(), ref_dist, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_own_histogram_first_and_ties_by_index(backend):
+    _, bank = _bank(r=12)
+    bank = torch.cat([bank, bank[3:4]])  # entry 12 duplicates entry 3
+    device = device_for(backend)
+    dist, idx = hk.retrieve_topk(bank[3:4].to(device), bank.to(device), 3, backend=backend)
+    assert idx[0, :2].tolist() == [3, 12]  # itself first, the tie after by index
+    assert dist[0, 0].item() == pytest.approx(0.0, abs=1e-6)
+    dist, idx = hk.retrieve_topk(bank.to(device), bank.to(device), 1, backend=backend)
+    assert idx[:12, 0].cpu().tolist() == list(range(12))
+
+
+def test_compact_bank_is_small():
+    _, bank = _bank()
+    store = hk.HistogramBank.from_histograms(bank, 4)
+    assert store.counts.dtype == torch.uint8 and len(store) == 24
+    assert torch.allclose(store.histograms(), bank)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mutual_match_with_per_query_templates(backend):
+    device = device_for(backend)
+    query, temp = features(3, 12, 7, 6, device=device), features(6, 12, 7, 6, device=device, seed=1)
+    indices = torch.tensor([[5, 0], [2, 2], [1, 4]], device=device)
+    fore, back = hk.mutual_match(query, temp, 5, 3, indices=indices, backend=backend)
+    ref_fore, ref_back = reference.mutual_match_subset(query.cpu(), temp.cpu(), 5, 3, indices.cpu())
+    assert_matches(fore, ref_fore, 12)
+    assert_matches(back, ref_back, 12)
+    # a query matched against only itself among the templates matches perfectly
+    same = hk.mutual_match(temp[:2], temp, 3, 3, indices=torch.tensor([[0], [1]], device=device), backend=backend)
+    assert torch.allclose(same[0].cpu(), torch.ones(2, 7, 6), atol=1e-5)
+
+
+@pytest.mark.parametrize("call,error,words", [
+    (lambda q, b: hk.retrieve_topk(q, b, 25), ValueError, "between 1 and the bank size 24"),
+    (lambda q, b: hk.retrieve_topk(q, b[:0], 1), ValueError, "bank_hist is empty"),
+    (lambda q, b: hk.retrieve_topk(q * 2, b, 1), ValueError, "normalised histograms"),
+    (lambda q, b: hk.retrieve_topk(q, b[:, :20], 1), ValueError, "L and bins must match"),
+    (lambda q, b: hk.retrieve_topk(q[..., :5], b, 1), ValueError, "normalised"),
+    (lambda q, b: hk.retrieve_topk(q, b, 1, method="cos"), ValueError, "method must be"),
+    (lambda q, b: hk.retrieve_topk(q, b, 1, l_ratio=0.01), ValueError, "l_ratio"),
+    (lambda q, b: hk.HistogramBank.from_histograms(b, 3), ValueError, "multiples of 1/area"),
+    (lambda q, b: hk.block_histograms(torch.randn(1, 4, 5, 5), torch.randn(3, 5)), ValueError, "centers must be"),
+    (lambda q, b: hk.block_histograms(torch.randn(1, 4, 5, 5), torch.randn(3, 4), S=0), ValueError, "S must be"),
+])
+def test_bad_retrieval_input(call, error, words):
+    query, bank = _bank()
+    with pytest.raises(error, match=words):
+        call(query, bank)
+
+
+@pytest.mark.parametrize("indices,error,words", [
+    (torch.tensor([[0.0]]), TypeError, "integer tensor"),
+    (torch.tensor([[0], [1]]), ValueError, r"\[B=1, K >= 1\]"),
+    (torch.tensor([[7]]), ValueError, r"\[0, 3\)"),
+])
+def test_bad_indices(indices, error, words):
+    query, temp = features(1, 4, 3, 3), features(3, 4, 3, 3, seed=1)
+    with pytest.raises(error, match=words):
+        hk.mutual_match(query, temp, 3, 3, indices=indices)
