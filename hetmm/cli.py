@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from the cache or a file unless --download
 
 
 def _detector(args, category=None):

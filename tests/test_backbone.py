@@ -53,10 +53,28 @@ def test_lite0_weights_are_real_imagenet_weights(photo, classes):
     assert top in classes
 
 
-def test_missing_weights_say_what_to_do(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_missing_weights_say_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # no network request either way
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(WeightsUnavailable, match="weights=None for random initialisation"):
         Backbone("wide_resnet50_2.tv_in1k", weights="imagenet")
+
+
+def test_weights_from_the_local_torch_hub_cache(monkeypatch, tmp_path):
+    """A user who has the paper's weights cached gets them: found on disk, no download."""
+    import os
+
+    from timm.models import get_pretrained_cfg
+
+    from hetmm.backbone import cached_weights
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    source = create_network("resnet18", weights=None)
+    target = tmp_path / "checkpoints" / os.path.basename(get_pretrained_cfg("resnet18").url)
+    target.parent.mkdir()
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in source.state_dict().items()}, target)
+    assert cached_weights("resnet18") == target
+    assert torch.equal(create_network("resnet18", "imagenet").conv1.weight, source.conv1.weight + 1)
 
 
 def test_checkpoint_path_loads_torchvision_style_state_dict(tmp_path):
