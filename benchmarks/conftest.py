@@ -34,6 +34,17 @@ def backends() -> list[str]:
     return ["reference", "torch", "triton"] if torch.cuda.is_available() else ["reference", "torch"]
 
 
+def run(benchmark, fn, rounds: int) -> None:
+    """Time ``fn`` (synchronised on a GPU) for ``rounds`` rounds, with one warm-up round when rounds > 1."""
+
+    def timed():
+        out = fn()
+        synchronize()
+        return out
+
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1 if rounds > 1 else 0, iterations=1)
+
+
 def measure_matmul(dtype: torch.dtype, repeats: int = 20) -> float:
     """FLOP/s of ``[2048, 512] @ [512, 2048]`` (best of ``repeats``) on the benchmark device."""
     a = torch.randn(2048, 512, device=device()).to(dtype)

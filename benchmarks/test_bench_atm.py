@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hetmm_kernels as hk
-from conftest import backends, device, record, synchronize
+from conftest import backends, device, record, run
 
 LAYERS = {"layer1": (256, 64), "layer2": (512, 32), "layer3": (1024, 16)}  # channels, side
 TEMPLATES = 60
@@ -28,14 +28,8 @@ def _dtype_for(backend):
     return torch.float16 if backend == "triton" else torch.float32
 
 
-def _run(benchmark, fn, backend):
-    def timed():
-        out = fn()
-        synchronize()
-        return out
-
-    rounds = 1 if backend == "reference" else 3
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0 if backend == "reference" else 1, iterations=1)
+def _rounds(backend):
+    return 1 if backend == "reference" else 3
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -50,7 +44,7 @@ def test_mutual_match(benchmark, matmul_rate, backend, layer, window, batch):
     dtype = _dtype_for(backend)
     query = _features(batch, channels, side, dtype, 0)
     bank = hk.prepare_templates(_features(TEMPLATES, channels, side, dtype, 1))
-    _run(benchmark, lambda: hk.mutual_match(query, bank, window, BACK_WINDOW, backend=backend), backend)
+    run(benchmark, lambda: hk.mutual_match(query, bank, window, BACK_WINDOW, backend=backend), _rounds(backend))
     k = max(window, BACK_WINDOW)
     flops = 2 * batch * TEMPLATES * side * side * (k | 1) ** 2 * channels
     record(benchmark, flops, matmul_rate, dtype, op="mutual_match", layer=layer, windows=f"{window}x{BACK_WINDOW}",
@@ -65,7 +59,7 @@ def test_mutual_match_cold(benchmark, matmul_rate, backend, layer, window):
     dtype = _dtype_for(backend)
     query = _features(8, channels, side, dtype, 0)
     temp = _features(TEMPLATES, channels, side, dtype, 1)
-    _run(benchmark, lambda: hk.mutual_match(query, temp, window, BACK_WINDOW, backend=backend), backend)
+    run(benchmark, lambda: hk.mutual_match(query, temp, window, BACK_WINDOW, backend=backend), _rounds(backend))
     flops = 2 * 8 * TEMPLATES * side * side * window**2 * channels
     record(benchmark, flops, matmul_rate, dtype, op="mutual_match", layer=layer, windows=f"{window}x{BACK_WINDOW}",
            batch=8, templates=TEMPLATES, backend=backend, mode="cold")
@@ -78,7 +72,7 @@ def test_mutual_match_bfloat16(benchmark, matmul_rate, backend, layer, window):
     channels, side = LAYERS[layer]
     query = _features(8, channels, side, torch.bfloat16, 0)
     bank = hk.prepare_templates(_features(TEMPLATES, channels, side, torch.bfloat16, 1))
-    _run(benchmark, lambda: hk.mutual_match(query, bank, window, BACK_WINDOW, backend=backend), backend)
+    run(benchmark, lambda: hk.mutual_match(query, bank, window, BACK_WINDOW, backend=backend), _rounds(backend))
     flops = 2 * 8 * TEMPLATES * side * side * window**2 * channels
     record(benchmark, flops, matmul_rate, torch.bfloat16, op="mutual_match", layer=layer,
            windows=f"{window}x{BACK_WINDOW}", batch=8, templates=TEMPLATES, backend=backend, mode="steady")
@@ -93,7 +87,7 @@ def test_drop_in_ops(benchmark, matmul_rate, backend, op, window):
     query = _features(8, channels, side, dtype, 0)
     bank = hk.prepare_templates(_features(TEMPLATES, channels, side, dtype, 1))
     fn = getattr(hk, op)
-    _run(benchmark, lambda: fn(query, bank, window, backend=backend), backend)
+    run(benchmark, lambda: fn(query, bank, window, backend=backend), _rounds(backend))
     flops = 2 * 8 * TEMPLATES * side * side * (window | 1) ** 2 * channels
     record(benchmark, flops, matmul_rate, dtype, op=op, layer="layer1", windows=str(window), batch=8,
            templates=TEMPLATES, backend=backend, mode="steady")

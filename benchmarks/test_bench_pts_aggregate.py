@@ -14,16 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import hetmm_kernels as hk
-from conftest import backends, device, record, synchronize
-
-
-def _run(benchmark, fn, rounds):
-    def timed():
-        out = fn()
-        synchronize()
-        return out
-
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1 if rounds > 1 else 0, iterations=1)
+from conftest import backends, device, record, run
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -32,7 +23,7 @@ def test_aggregate_maps(benchmark, matmul_rate, backend):
     fores = [torch.rand(8, s, s, generator=g).to(device()) for s in (64, 32, 16)]
     backs = [torch.rand(8, s, s, generator=g).to(device()) for s in (64, 32, 16)]
     args = (fores, backs, [0.3, 0.3, 0.3], [1.0, 1.0, 0.8], 256)
-    _run(benchmark, lambda: hk.aggregate_maps(*args, blur=(4.1, 39), image_score="max", backend=backend),
+    run(benchmark, lambda: hk.aggregate_maps(*args, blur=(4.1, 39), image_score="max", backend=backend),
          1 if backend == "reference" else 5)
     record(benchmark, None, matmul_rate, torch.float32, op="aggregate_maps", layer="1-3", windows="blur 39",
            batch=8, templates="-", backend=backend, mode="fused")
@@ -47,7 +38,7 @@ def test_pts(benchmark, matmul_rate, backend, side):
     channels = 256 if side == 64 else 1024
     temp = F.normalize(torch.randn(200, channels, side, side, generator=g), dim=1).to(device())
     clus = torch.randint(-1, 6, (200, side, side), generator=g).to(device())
-    _run(benchmark, lambda: hk.PTS(temp, clus, 60, backend=backend), 1 if backend == "reference" else 3)
+    run(benchmark, lambda: hk.PTS(temp, clus, 60, backend=backend), 1 if backend == "reference" else 3)
     record(benchmark, None, matmul_rate, torch.float32, op="PTS", layer=f"{side}x{side}", windows="-", batch="-",
            templates="200->60", backend=backend, mode="-")
 
@@ -58,7 +49,7 @@ def test_optics_all_pixels(benchmark, matmul_rate, side):
 
     g = torch.Generator().manual_seed(0)
     temp = F.normalize(torch.randn(200, 256, side, side, generator=g), dim=1).to(device())
-    _run(benchmark, lambda: optics_labels(temp, 60), 1)
+    run(benchmark, lambda: optics_labels(temp, 60), 1)
     record(benchmark, None, matmul_rate, torch.float32, op="OPTICS (ours)", layer=f"{side}x{side}", windows="-",
            batch="-", templates=200, backend="torch", mode="all pixels")
 

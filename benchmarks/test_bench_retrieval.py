@@ -10,18 +10,9 @@ import pytest
 import torch
 
 import hetmm_kernels as hk
-from conftest import backends, device, record, synchronize
+from conftest import backends, device, record, run
 
 BLOCKS, BINS = 25, 13
-
-
-def _run(benchmark, fn, rounds):
-    def timed():
-        out = fn()
-        synchronize()
-        return out
-
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1 if rounds > 1 else 0, iterations=1)
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -29,7 +20,7 @@ def test_block_histograms(benchmark, matmul_rate, backend):
     g = torch.Generator().manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(8, 512, 32, 32, generator=g), dim=1).to(device())
     centers = torch.randn(12, 512, generator=g).to(device())
-    _run(benchmark, lambda: hk.block_histograms(feats, centers, 5, backend=backend), 1 if backend == "reference" else 3)
+    run(benchmark, lambda: hk.block_histograms(feats, centers, 5, backend=backend), 1 if backend == "reference" else 3)
     record(benchmark, None, matmul_rate, torch.float32, op="block_histograms", layer="layer2", windows="S=5",
            batch=8, templates="-", backend=backend, mode="-")
 
@@ -51,7 +42,7 @@ def test_retrieve_topk(benchmark, matmul_rate, backend, queries, entries):
         pytest.skip("the reference loops over pairs in Python: timed on 200 entries only")
     bank = _random_bank(entries, 0)
     query = _random_bank(queries, 1).histograms()
-    _run(benchmark, lambda: hk.retrieve_topk(query, bank, 10, backend=backend), 1 if entries > 10_000 else 3)
+    run(benchmark, lambda: hk.retrieve_topk(query, bank, 10, backend=backend), 1 if entries > 10_000 else 3)
     seconds = benchmark.stats.stats.median
     rate = bank.counts.numel() / seconds / 1e9
     record(benchmark, None, matmul_rate, torch.uint8, op="retrieve_topk", layer=f"R={entries}", windows="k=10",
