@@ -98,10 +98,6 @@ def test_matmul_roofline(benchmark, matmul_rate):
     a = torch.randn(2048, 512, device=device())
     b = torch.randn(512, 2048, device=device())
 
-    def timed():
-        a @ b
-        synchronize()
-
-    benchmark.pedantic(timed, rounds=20, warmup_rounds=3, iterations=1)
+    run(benchmark, lambda: a @ b, 20)
     record(benchmark, 2 * 2048 * 512 * 2048, matmul_rate, torch.float32, op="torch.matmul", layer="-",
            windows="-", batch="-", templates="-", backend="torch", mode="-")
