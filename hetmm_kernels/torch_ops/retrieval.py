@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ..reference import KL_EPS, block_layout
 
-BANK_CHUNK = 4096
+# Bank entries per step: keeps the [Q, chunk, L] block distances near 0.5M elements (cache-sized).
+PAIR_BLOCK_ELEMENTS = 1 << 19
 
 
 def nearest_codes(features: torch.Tensor, centers: torch.Tensor, batch_chunk: int = 4) -> torch.Tensor:
@@ -66,13 +67,26 @@ def trimmed_distances(query: torch.Tensor, bank: torch.Tensor, keep: int, method
     return total if drop == 0 else total - per_block.topk(drop, dim=-1).values.sum(dim=-1)
 
 
+def chunk_topk(dist: torch.Tensor, k: int):
+    """The ``k`` smallest of each row with their column indices, as a set that breaks boundary
+    ties towards the lower index (``topk`` alone may not)."""
+    k = min(k, dist.shape[1])
+    values, index = dist.topk(k, dim=1, largest=False)
+    kth = values.max(dim=1, keepdim=True).values
+    if bool(((dist <= kth).sum(dim=1) > k).any()):  # a tie straddles the boundary: settle it by index
+        index = dist.argsort(dim=1, stable=True)[:, :k]
+        values = dist.gather(1, index)
+    return values, index
+
+
 def merge_topk(best_d, best_i, dist, offset: int, k: int):
     """Fold the distances of bank entries ``offset ..`` into the running top-K (ties: lower index first)."""
-    index = torch.arange(offset, offset + dist.shape[1], device=dist.device).expand_as(dist)
+    dist, index = chunk_topk(dist, k)
+    index = index + offset
     if best_d is not None:
         dist, index = torch.cat([best_d, dist], dim=1), torch.cat([best_i, index], dim=1)
-        by_index = index.argsort(dim=1)
-        dist, index = dist.gather(1, by_index), index.gather(1, by_index)
+    by_index = index.argsort(dim=1)
+    dist, index = dist.gather(1, by_index), index.gather(1, by_index)
     order = dist.argsort(dim=1, stable=True)[:, :k]
     return dist.gather(1, order), index.gather(1, order)
 
@@ -80,8 +94,9 @@ def merge_topk(best_d, best_i, dist, offset: int, k: int):
 def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str):
     keep = int(query_hist.shape[1] * l_ratio)
     query = query_hist.float()
+    step = max(256, PAIR_BLOCK_ELEMENTS // (query.shape[0] * query.shape[1]))
     best_d = best_i = None
-    for start in range(0, bank_counts.shape[0], BANK_CHUNK):
-        chunk = bank_counts[start:start + BANK_CHUNK].float() / area
+    for start in range(0, bank_counts.shape[0], step):
+        chunk = bank_counts[start:start + step].float() / area
         best_d, best_i = merge_topk(best_d, best_i, trimmed_distances(query, chunk, keep, method), start, k)
     return best_d, best_i
