@@ -21,7 +21,7 @@ report="$OUT/gpu_report.md"
 
 # 1. tests: the triton backend compiled for this GPU (bf16 included), torch and reference alongside
 start=$(date +%s)
-timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
+timeout 250 "$PY" -m pytest -q -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
 tests_rc=$?
 {
   echo
@@ -33,7 +33,7 @@ tests_rc=$?
 
 # 2. benchmarks: reference, torch and triton on the paper's layer shapes
 start=$(date +%s)
-HETMM_BENCH_REPORT="$OUT/bench.md" timeout 240 "$PY" -m pytest -q -p no:cacheprovider benchmarks \
+HETMM_BENCH_REPORT="$OUT/bench.md" timeout 200 "$PY" -m pytest -q -p no:cacheprovider benchmarks \
   --benchmark-only --benchmark-json="$OUT/benchmark.json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 {

@@ -71,4 +71,5 @@ def aupro(masks, maps, max_fpr: float = 0.3) -> float:
         t = (max_fpr - fpr[i - 1]) / (fpr[i] - fpr[i - 1])
         cut_fpr = np.append(cut_fpr, max_fpr)
         cut_pro = np.append(cut_pro, pro[i - 1] + t * (pro[i] - pro[i - 1]))
-    return float(np.trapezoid(cut_pro, cut_fpr) / max_fpr)
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
+    return float(trapezoid(cut_pro, cut_fpr) / max_fpr)
