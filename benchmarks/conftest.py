@@ -83,6 +83,10 @@ def record(benchmark, flops: float, rate: dict[str, float], dtype: torch.dtype, 
                gflops=flops / seconds / 1e9 if flops else None, fraction=flops / seconds / roofline if flops else None)
     benchmark.extra_info.update(row)
     RESULTS.append(row)
+    report = os.environ.get("HETMM_BENCH_REPORT")
+    if report:  # row by row, so a run cut short by a time limit still leaves its figures
+        with open(os.path.splitext(report)[0] + ".rows.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(row, roofline=ROOFLINE)) + "\n")
 
 
 def _table() -> list[str]:

@@ -40,7 +40,12 @@ bench_rc=$?
   echo
   echo "## Benchmarks (rc=$bench_rc, $(( $(date +%s) - start )) s)"
   echo
-  if [ -f "$OUT/bench.md" ]; then cat "$OUT/bench.md"; else echo '```'; tail -30 "$OUT/bench.log"; echo '```'; fi
+  if [ -f "$OUT/bench.md" ]; then
+    cat "$OUT/bench.md"
+  else
+    echo "(cut short: the rows measured before the limit, one JSON object each)"
+    echo '```'; cat "$OUT/bench.rows.jsonl" 2>/dev/null; tail -15 "$OUT/bench.log"; echo '```'
+  fi
 } >> "$report"
 
 cat "$report"
