@@ -125,3 +125,13 @@ def test_bad_indices(indices, error, words):
     query, temp = features(1, 4, 3, 3), features(3, 4, 3, 3, seed=1)
     with pytest.raises(error, match=words):
         hk.mutual_match(query, temp, 3, 3, indices=indices)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equal_centres_tie_to_the_first(backend):
+    device = device_for(backend)
+    centers = _codebook(3, 6).repeat(2, 1).to(device)  # centres 3..5 duplicate 0..2
+    feats = torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(4)).to(device)
+    _, codes = hk.block_histograms(feats, centers, return_codes=True, backend=backend)
+    assert bool((codes < 3).all())
+    assert torch.equal(codes.cpu(), reference.nearest_codes(feats.cpu(), centers.cpu()))

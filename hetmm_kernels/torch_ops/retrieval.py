@@ -17,11 +17,27 @@ from ..reference import KL_EPS, block_layout
 PAIR_BLOCK_ELEMENTS = 1 << 19
 
 
-def nearest_codes(features: torch.Tensor, centers: torch.Tensor, batch_chunk: int = 4) -> torch.Tensor:
-    """``[B, H, W]`` nearest centre per pixel: the same ``sum((x - c)^2)`` as the reference, a few maps at a time."""
-    c = centers.float()[None, :, :, None, None]
-    parts = [((x.float()[:, None] - c) ** 2).sum(dim=2).argmin(dim=1) for x in features.split(batch_chunk)]
-    return torch.cat(parts)
+def nearest_codes(features: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]`` nearest centre per pixel, equal to the reference's ``argmin sum((x - c)^2)``.
+
+    Distances come from one matrix product (``|x|^2 - 2 x.c + |c|^2``); pixels whose best two
+    centres are too close for that form's rounding to decide are settled with the difference
+    form. Exact ties (equal centres) go to the first centre, as in the reference; centres closer
+    than float32 rounding (~1e-7) may be told apart differently.
+    """
+    batch, channels, height, width = features.shape
+    x = features.float().permute(0, 2, 3, 1).reshape(-1, channels)  # [P, C]
+    c = centers.float()
+    x_sq, c_sq = (x * x).sum(dim=1, keepdim=True), (c * c).sum(dim=1)
+    dist = x_sq - 2 * (x @ c.t()) + c_sq  # [P, n]
+    codes = dist.argmin(dim=1)
+    if c.shape[0] > 1:
+        two = dist.topk(2, dim=1, largest=False).values
+        unsure = (two[:, 1] - two[:, 0]) <= 1e-4 * (x_sq[:, 0] + c_sq.max() + 1)
+        if bool(unsure.any()):
+            exact = ((x[unsure][:, None, :] - c[None]) ** 2).sum(dim=-1)
+            codes[unsure] = exact.argmin(dim=1)
+    return codes.view(batch, height, width)
 
 
 def histograms_from_codes(codes: torch.Tensor, bins: int, S: int) -> torch.Tensor:
