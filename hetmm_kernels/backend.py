@@ -54,9 +54,16 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve(device: torch.device, backend: str | None = None) -> str:
-    """The concrete backend (``triton``, ``torch`` or ``reference``) for tensors on ``device``."""
+def resolve(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend (``triton``, ``torch`` or ``reference``) for tensors on ``device``.
+
+    ``auto`` runs float64 on the torch path (the Triton kernels multiply 16- and 32-bit floats).
+    """
     name = _check_name(backend, "backend") if backend is not None else get_backend()
+    if dtype == torch.float64 and name in ("auto", "triton"):
+        if name == "triton":
+            raise TypeError("the triton backend takes float32, float16 or bfloat16; use the torch backend for float64")
+        return "torch"
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if name == "triton" and device.type != "cuda" and not triton_interpreted():

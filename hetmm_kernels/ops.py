@@ -18,7 +18,7 @@ from .torch_ops import aggregate as torch_aggregate
 from .torch_ops import atm as torch_atm
 from .torch_ops import pts as torch_pts
 from .torch_ops import retrieval as torch_retrieval
-from .validation import _all_finite, check_feature_tensor, check_same_maps, check_window
+from .validation import all_finite, check_feature_tensor, check_same_maps, check_window
 
 TemplatesLike = torch.Tensor | PreparedTemplates
 
@@ -61,7 +61,7 @@ def forward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backend
     """
     patch = check_window("patch", patch)
     bank = _checked(query, temp)
-    impl = resolve(query.device, backend)
+    impl = resolve(query.device, backend, query.dtype)
     if query.shape[0] == 0:
         return query.new_empty((0, len(bank), *query.shape[2:]))
     if impl == "reference":
@@ -79,7 +79,7 @@ def backward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backen
     """
     patch = check_window("patch", patch)
     bank = _checked(query, temp)
-    impl = resolve(query.device, backend)
+    impl = resolve(query.device, backend, query.dtype)
     if query.shape[0] == 0:
         return query.new_empty((0, len(bank), *query.shape[2:]))
     if impl == "reference":
@@ -111,7 +111,7 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     bank = _checked(query, temp)
     if indices is not None:
         _check_indices(indices, query.shape[0], len(bank), query.device)
-    impl = resolve(query.device, backend)
+    impl = resolve(query.device, backend, query.dtype)
     if query.shape[0] == 0:
         empty = query.new_empty((0, *query.shape[2:]))
         return empty, empty.clone()
@@ -234,7 +234,7 @@ def PTS(temp: torch.Tensor, clus: torch.Tensor, tsize: int, *, backend: str | No
     if isinstance(tsize, bool) or not isinstance(tsize, int) or tsize < 1:
         raise ValueError(f"tsize must be a positive int; got {tsize!r}")
     clus = clus.long()
-    impl = resolve(temp.device, backend)
+    impl = resolve(temp.device, backend, temp.dtype)
     if impl == "reference":
         return reference.PTS(temp, clus, tsize)
     if impl == "torch":
@@ -284,7 +284,7 @@ def _check_histograms(name: str, hist) -> None:
     if hist.shape[0] == 0:
         raise ValueError(f"{name} is empty")
     sums = hist.float().sum(dim=-1)
-    if not _all_finite(hist) or bool((hist < 0).any()) or bool(((sums - 1).abs() > 1e-3).any()):
+    if not all_finite(hist) or bool((hist < 0).any()) or bool(((sums - 1).abs() > 1e-3).any()):
         raise ValueError(f"{name} must hold normalised histograms (non-negative, each block summing to 1)")
 
 
@@ -306,7 +306,7 @@ def block_histograms(features: torch.Tensor, centers: torch.Tensor, S: int = 5, 
         raise ValueError("centers and features must be on the same device")
     if isinstance(S, bool) or not isinstance(S, int) or S < 1:
         raise ValueError(f"S must be a positive int; got {S!r}")
-    impl = resolve(features.device, backend)
+    impl = resolve(features.device, backend, features.dtype)
     if impl == "reference":
         return reference.block_histograms(features, centers, S, return_codes)
     if impl == "torch":

@@ -3,7 +3,8 @@
 Written for clarity, not speed: one query pixel at a time, exactly as
 DESIGN.md section 1 defines the maps. Every other backend is tested against
 these. Inputs are assumed valid (the public ops validate before dispatching).
-Products are accumulated in float32; results are returned in the query's dtype.
+Products are accumulated in float32 (float64 for float64 inputs); results are
+returned in the query's dtype.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ import torch
 MATCH_FLOOR = -1.0
 
 
+def _accumulation(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half and single precision, float64 for double."""
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
 def forward_ATM(query: torch.Tensor, temp: torch.Tensor, patch: int) -> torch.Tensor:
     """``F[b,t,i,j] = max(-1, max_{|i2-i|<=d, |j2-j|<=d} <query[b,:,i,j], temp[t,:,i2,j2]>)``, d = patch // 2."""
     radius = patch // 2
-    q, t = query.float(), temp.float()
+    q, t = _accumulation(query), _accumulation(temp)
     batch, _, height, width = q.shape
-    out = torch.full((batch, t.shape[0], height, width), MATCH_FLOOR, device=q.device)
+    out = torch.full((batch, t.shape[0], height, width), MATCH_FLOOR, device=q.device, dtype=q.dtype)
     for i in range(height):
         for j in range(width):
             window = t[:, :, max(0, i - radius): i + radius + 1, max(0, j - radius): j + radius + 1]
@@ -31,9 +37,9 @@ def forward_ATM(query: torch.Tensor, temp: torch.Tensor, patch: int) -> torch.Te
 def backward_ATM(query: torch.Tensor, temp: torch.Tensor, patch: int) -> torch.Tensor:
     """``R[b,t,i,j] = max(-1, max_{|i2-i|<=d, |j2-j|<=d} <query[b,:,i2,j2], temp[t,:,i,j]>)``, d = patch // 2."""
     radius = patch // 2
-    q, t = query.float(), temp.float()
+    q, t = _accumulation(query), _accumulation(temp)
     batch, _, height, width = q.shape
-    out = torch.full((batch, t.shape[0], height, width), MATCH_FLOOR, device=q.device)
+    out = torch.full((batch, t.shape[0], height, width), MATCH_FLOOR, device=q.device, dtype=q.dtype)
     for i in range(height):
         for j in range(width):
             window = q[:, :, max(0, i - radius): i + radius + 1, max(0, j - radius): j + radius + 1]
@@ -44,8 +50,8 @@ def backward_ATM(query: torch.Tensor, temp: torch.Tensor, patch: int) -> torch.T
 
 def mutual_match(query: torch.Tensor, temp: torch.Tensor, fore_patch: int, back_patch: int):
     """``(max_t forward_ATM, max_t backward_ATM)``, each ``[B, H, W]``, computed from the maps above."""
-    fore = forward_ATM(query.float(), temp.float(), fore_patch).amax(dim=1)
-    back = backward_ATM(query.float(), temp.float(), back_patch).amax(dim=1)
+    fore = forward_ATM(_accumulation(query), _accumulation(temp), fore_patch).amax(dim=1)
+    back = backward_ATM(_accumulation(query), _accumulation(temp), back_patch).amax(dim=1)
     return fore.to(query.dtype), back.to(query.dtype)
 
 
@@ -99,7 +105,8 @@ def PTS(temp: torch.Tensor, clus: torch.Tensor, tsize: int) -> torch.Tensor:
     """
     count, channels, height, width = temp.shape
     out = torch.zeros(tsize, channels, height, width, device=temp.device)
-    feats_all = temp.float()
+    feats_all = _accumulation(temp)
+    out = out.to(temp.dtype)
     for i in range(height):
         for j in range(width):
             feats = feats_all[:, :, i, j]
@@ -127,8 +134,8 @@ def PTS(temp: torch.Tensor, clus: torch.Tensor, tsize: int) -> torch.Tensor:
                 candidates.remove(choose)
                 for k in candidates:
                     accumulated[k] += gram[k, choose].item()
-            out[: len(picked), :, i, j] = feats[picked]
-    return out.to(temp.dtype)
+            out[: len(picked), :, i, j] = temp[picked, :, i, j]  # copies of the templates, not recomputed
+    return out
 
 
 # ----------------------------------------------------------------------------- retrieval (CPR)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_feature_tensor(name: str, x, *, allow_empty_batch: bool = False) -> None:
-    """``x`` must be a finite float16/bfloat16/float32 tensor of shape ``[N, C, H, W]``."""
+    """``x`` must be a finite floating-point tensor (16, 32 or 64 bits) of shape ``[N, C, H, W]``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [N, C, H, W]; got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16; got {x.dtype}")
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64; got {x.dtype}")
     if x.dim() != 4:
         raise ValueError(f"{name} must have 4 dimensions [N, C, H, W]; got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
@@ -20,7 +20,7 @@ def check_feature_tensor(name: str, x, *, allow_empty_batch: bool = False) -> No
         raise ValueError(f"{name} is empty: it needs at least one feature map; got shape {tuple(x.shape)}")
     if c == 0 or h == 0 or w == 0:
         raise ValueError(f"{name} must have C, H and W of at least 1; got shape {tuple(x.shape)}")
-    if x.numel() and x.device.type != "meta" and not _all_finite(x):
+    if x.numel() and x.device.type != "meta" and not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf values; features must be finite")
 
 
@@ -55,7 +55,7 @@ def check_window(name: str, value) -> int:
     return value
 
 
-def _all_finite(x: torch.Tensor) -> bool:
+def all_finite(x: torch.Tensor) -> bool:
     """One reduction pass, no full-size temporary: NaN and inf propagate to the extremes."""
     low, high = torch.aminmax(x)
     return bool(torch.isfinite(low) & torch.isfinite(high))

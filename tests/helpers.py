@@ -13,7 +13,7 @@ HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ["torch", "triton"] if (HAS_CUDA or INTERPRETED) else ["torch"]
 
 # Unit round-off of each dtype: the output is rounded to it once.
-ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
 
 
 def device_for(backend: str) -> torch.device:
@@ -23,6 +23,8 @@ def device_for(backend: str) -> torch.device:
 
 
 def skip_reason(backend: str, dtype: torch.dtype) -> str | None:
+    if backend == "triton" and dtype == torch.float64:
+        return "the triton backend takes 16- and 32-bit floats (float64 runs on the torch path)"
     if backend == "triton" and dtype == torch.bfloat16 and INTERPRETED:
         return "the Triton interpreter multiplies bf16 bit patterns in tl.dot; bf16 is checked on a GPU"
     return None
@@ -42,7 +44,7 @@ def tolerance(dtype: torch.dtype, channels: int) -> float:
     accumulation order (grows with the reduction length C) plus one rounding of the
     output to ``dtype`` (one unit in the last place near 1).
     """
-    accumulate = 4 * channels * ROUNDOFF[torch.float32]
+    accumulate = 4 * channels * ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
     return accumulate + 2 * ROUNDOFF[dtype] + 1e-7
 
 

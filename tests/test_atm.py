@@ -23,7 +23,7 @@ SHAPES = [
     pytest.param(2, 3, 24, 13, 11, 5, 3, id="many-tiles"),
     pytest.param(1, 4, 12, 10, 10, 7, 7, id="equal-windows"),
 ]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def _inputs(backend, dtype, b, t, c, h, w, seed=0):

@@ -73,3 +73,13 @@ def test_triton_runs_on_cpu_in_the_interpreter():
     with hk.use_backend("triton"):
         fore, _ = hk.mutual_match(query, temp, 3, 3)
     assert fore.device.type == "cpu"
+
+
+def test_float64_runs_on_the_torch_path():
+    assert backend_mod.resolve(torch.device("cuda", 0), None, torch.float64) == "torch"
+    with pytest.raises(TypeError, match="use the torch backend for float64"):
+        backend_mod.resolve(torch.device("cpu"), "triton", torch.float64)
+    query, temp = features(1, 4, 3, 3).double(), features(2, 4, 3, 3, seed=1).double()
+    fore, back = hk.mutual_match(query, temp, 3, 3)
+    assert fore.dtype == torch.float64
+    assert torch.allclose(fore, hk.mutual_match(query, temp, 3, 3, backend="reference")[0], atol=1e-12)

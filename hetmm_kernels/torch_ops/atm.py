@@ -26,7 +26,7 @@ MAX_ROWS = 256
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype the products run in: float32, except bfloat16 on the CPU.
+    """The dtype the products run in: float32, except bfloat16 on the CPU (and float64 for float64).
 
     CPU BLAS multiplies bfloat16 natively with float32 accumulation (2-3x the float32
     rate on AVX512-BF16 cores). Each similarity is then rounded to bfloat16 once; as
@@ -34,7 +34,14 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     which is what a bfloat16 caller gets anyway. float16 has no fast CPU kernels and
     runs in float32.
     """
+    if dtype == torch.float64:
+        return torch.float64
     return torch.bfloat16 if (dtype == torch.bfloat16 and device.type == "cpu") else torch.float32
+
+
+def _result(x: torch.Tensor) -> torch.dtype:
+    """Results are kept in float32 (float64 for float64 products)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def map_major(x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +128,9 @@ def window_max(x: torch.Tensor, y_groups: list[torch.Tensor], radius: int, rever
     th, tw = pick_tile(height, width, radius, count_a, x.dtype)
     a_chunk = max(1, MAX_ROWS // (th * tw))
     if reverse:
-        out = torch.full((count_a, count_n, height, width), MATCH_FLOOR, device=x.device)
+        out = torch.full((count_a, count_n, height, width), MATCH_FLOOR, device=x.device, dtype=_result(x))
     else:
-        out = torch.empty(count_n, count_a, height, width, device=x.device)
+        out = torch.empty(count_n, count_a, height, width, device=x.device, dtype=_result(x))
     rows_y = _window_masks(height, th, radius, radius, x)
     rows_x = _window_masks(width, tw, radius, radius, x)
     # additive masks per (tile row, tile column), shaped [U_h, U_w, 1, 1, th, tw]
@@ -156,8 +163,8 @@ def mutual_max(q: torch.Tensor, t_groups: list[torch.Tensor], fore_radius: int, 
     reach = max(fore_radius, back_radius)
     th, tw = pick_tile(height, width, reach, batch, q.dtype)
     b_chunk = max(1, MAX_ROWS // (th * tw))
-    fore = torch.empty(batch, height, width, device=q.device)
-    back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device)
+    fore = torch.empty(batch, height, width, device=q.device, dtype=_result(q))
+    back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=_result(q))
     spans_y = _window_masks(height, th, fore_radius, reach, q)
     spans_x = _window_masks(width, tw, fore_radius, reach, q)
     back_y = _window_masks(height, th, back_radius, reach, q)

@@ -66,7 +66,8 @@ def gram_chunks(temp: torch.Tensor, clus: torch.Tensor):
     step = max(1, GRAM_ELEMENTS // (count * count))
     for start in range(0, height * width, step):
         # pixel-major [P, N, C], transposed a chunk at a time (cache-sized copies)
-        block = flat[:, :, start:start + step].permute(2, 0, 1).float().contiguous()
+        block = flat[:, :, start:start + step].permute(2, 0, 1)
+        block = block.to(torch.float64 if temp.dtype == torch.float64 else torch.float32).contiguous()
         yield slice(start, start + step), torch.bmm(block, block.transpose(1, 2)), labels[start:start + step]
 
 
