@@ -37,8 +37,10 @@ def _overlay(image_path: Path, anomaly, size: int, out: Path, top: float) -> Non
     with Image.open(image_path) as img:
         base = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255
     heat = np.clip(anomaly.numpy() / max(top, 1e-12), 0, 1)[..., None]
-    colour = np.concatenate([heat, np.zeros_like(heat), 1 - heat], axis=2)  # blue (normal) to red (anomalous)
-    blend = 0.6 * base + 0.4 * colour
+    # yellow to red where the score is high, the photograph where it is low
+    colour = np.concatenate([np.ones_like(heat), 1 - heat, np.zeros_like(heat)], axis=2)
+    alpha = 0.75 * heat**2
+    blend = (1 - alpha) * base + alpha * colour
     Image.fromarray((blend * 255).round().astype(np.uint8)).save(out)
 
 
