@@ -55,3 +55,13 @@ def test_demo_prints_metrics(capsys):
     for texture in ("brick", "grass", "gravel"):
         assert texture in out
     assert "pixel AUROC" in out
+
+
+def test_evaluate_with_pts_and_with_retrieval(tmp_path, capsys):
+    root = build_dataset(tmp_path / "data", n_train=5, n_good=2, n_defective=2)
+    for extra in (["--templates", "pts", "--tsize", "3"], ["--retrieval-k", "2"]):
+        assert main(["evaluate", "--data", str(root), "--category", "grass", *SMALL, *extra]) == 0
+        out = capsys.readouterr().out
+        assert "grass" in out
+        templates = int(next(l for l in out.splitlines() if l.startswith("grass")).split()[1])
+        assert templates == (3 if "pts" in extra else 5)
