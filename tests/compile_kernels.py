@@ -63,8 +63,9 @@ def configurations():
         yield "block_histogram", retrieval._block_histogram_kernel, dtype, \
             dict(BLOCK_PIX=256, BLOCK_C=64, BLOCK_BINS=16, WRITE_CODES=True), {"hist_ptr": "*fp32", "code_ptr": "*i64"}
     for use_kl in (True, False):
-        yield "trimmed_distance", retrieval._trimmed_distance_kernel, "fp32", \
-            dict(USE_KL=use_kl, BLOCK_Q=16, BLOCK_R=32, BLOCK_L=32, BLOCK_BINS=16), {"bank_ptr": "*u8"}
+        yield "trimmed_topk", retrieval._trimmed_topk_kernel, "fp32", \
+            dict(USE_KL=use_kl, BLOCK_Q=16, BLOCK_R=32, BLOCK_L=32, BLOCK_BINS=16, CAND=16), \
+            {"bank_ptr": "*u8", "key_ptr": "*i64"}
     for count in (16, 200):
         yield "pts_select", pts._pts_select_kernel, "fp32", dict(BLOCK_N=triton.next_power_of_2(count)), \
             {"labels_ptr": "*i64", "picked_ptr": "*i64"}

@@ -4,10 +4,13 @@
 the block's pixels (the same ``sum((x - c)^2)`` as the reference, first centre on ties),
 then the block's histogram of ids + 1 with padding in bin 0, in one pass over the features.
 
-``_trimmed_distance_kernel``: one program per (query block, bank block) streams the compact
+``_trimmed_topk_kernel``: one program per (query block, bank block) streams the compact
 bank (integer counts) once: per-block KL or L2 for every (query, entry) pair in registers,
-sorted along the blocks, the smallest ``keep`` summed. Only the ``[Q, R]`` trimmed
-distances are written, never ``[Q, R, L]``; the top-K selection runs after.
+sorted along the blocks, the smallest ``keep`` summed; then each query keeps its best
+``CAND`` entries of the block as int64 keys ``(float bits << 32) | index`` (distances are
+non-negative, so integer order is (distance, index) order: ties go to the lower index).
+Only those candidates are written (never ``[Q, R, L]``, nor ``[Q, R]`` when k is small);
+one sort of the candidates gives the global top-K.
 """
 
 from __future__ import annotations
@@ -61,13 +64,15 @@ def _block_histogram_kernel(
 
 
 @triton.jit
-def _trimmed_distance_kernel(
-    query_ptr, bank_ptr, out_ptr, queries, entries, blocks, bins, keep, area,
+def _trimmed_topk_kernel(
+    query_ptr, bank_ptr, key_ptr, queries, entries, blocks, bins, keep, area, n_bank_blocks,
     USE_KL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_BINS: tl.constexpr,
+    BLOCK_BINS: tl.constexpr, CAND: tl.constexpr,
 ):
+    pid_r = tl.program_id(1)
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col = tl.arange(0, BLOCK_R)
+    r = pid_r * BLOCK_R + col
     k = tl.arange(0, BLOCK_BINS)
     lanes = tl.arange(0, BLOCK_L)
     q_ok, r_ok, k_ok = q < queries, r < entries, k < bins
@@ -88,7 +93,11 @@ def _trimmed_distance_kernel(
         per_block = tl.where(lanes[None, None, :] == l, d[:, :, None], per_block)
     ordered = tl.sort(per_block, dim=2)  # ascending; unused lanes are +inf
     trimmed = tl.sum(tl.where(lanes[None, None, :] < keep, ordered, 0.0), axis=2)
-    tl.store(out_ptr + q[:, None].to(tl.int64) * entries + r[None, :], trimmed, mask=q_ok[:, None] & r_ok[None, :])
+    trimmed = tl.where(r_ok[None, :], tl.maximum(trimmed, 0.0), float("inf"))  # rounding may dip below 0
+    bits = trimmed.to(tl.int32, bitcast=True).to(tl.int64)
+    keys = tl.sort((bits << 32) | r[None, :].to(tl.int64), dim=1)
+    out = (q[:, None].to(tl.int64) * n_bank_blocks + pid_r) * CAND + col[None, :]
+    tl.store(key_ptr + out, keys, mask=q_ok[:, None] & (col[None, :] < CAND))
 
 
 def block_histograms(features, centers, S: int = 5, return_codes: bool = False):
@@ -110,15 +119,18 @@ def block_histograms(features, centers, S: int = 5, return_codes: bool = False):
 def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str):
     queries, blocks, bins = query_hist.shape
     entries = bank_counts.shape[0]
-    dist = torch.empty(queries, entries, device=query_hist.device)
     block_q = min(16, triton.next_power_of_2(queries))
     block_r = 32
-    grid = (triton.cdiv(queries, block_q), triton.cdiv(entries, block_r))
-    _trimmed_distance_kernel[grid](
-        query_hist.float().contiguous(), bank_counts.contiguous(), dist, queries, entries, blocks, bins,
-        int(blocks * l_ratio), float(area),
+    cand = min(block_r, triton.next_power_of_2(k))
+    n_bank_blocks = triton.cdiv(entries, block_r)
+    keys = torch.empty(queries, n_bank_blocks * cand, dtype=torch.int64, device=query_hist.device)
+    grid = (triton.cdiv(queries, block_q), n_bank_blocks)
+    _trimmed_topk_kernel[grid](
+        query_hist.float().contiguous(), bank_counts.contiguous(), keys, queries, entries, blocks, bins,
+        int(blocks * l_ratio), float(area), n_bank_blocks,
         USE_KL=method == "kl", BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_L=triton.next_power_of_2(blocks),
-        BLOCK_BINS=triton.next_power_of_2(bins),
+        BLOCK_BINS=triton.next_power_of_2(bins), CAND=cand,
     )
-    order = torch.sort(dist, dim=1, stable=True)  # ties: the lower index first
-    return order.values[:, :k], order.indices[:, :k]
+    best = keys.sort(dim=1).values[:, :k]  # (distance, index) order
+    distances = (best >> 32).to(torch.int32).view(torch.float32)
+    return distances, best & 0xFFFFFFFF
