@@ -21,10 +21,17 @@ def _detector(args, category=None):
 
 
 def _fit(args) -> int:
-    from .data import MVTecCategory
+    from .data import MVTecCategory, image_files
 
-    data = MVTecCategory(args.data, args.category)
-    det = _detector(args, args.category).fit(data.train)
+    if args.good:
+        images = image_files(args.good)
+        if not images:
+            raise FileNotFoundError(f"no images in {args.good}")
+    elif args.data and args.category:
+        images = MVTecCategory(args.data, args.category).train
+    else:
+        raise SystemExit("hetmm fit: give --good DIR, or --data ROOT with --category C")
+    det = _detector(args, args.category).fit(images)
     path = det.save(args.out)
     print(f"saved {len(det.bank)} templates ({det.backbone.name}, {det.image_size}px) to {path}")
     return 0
@@ -50,7 +57,9 @@ def _predict(args) -> int:
     det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights, device=args.device,
                      half=args.half, batch_size=args.batch_size, threshold=args.threshold, download=args.download,
                      progress=True)
-    paths = [Path(p) for p in args.images]
+    from .data import image_files
+
+    paths = [q for p in map(Path, args.images) for q in (image_files(p) if p.is_dir() else [p])]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"hetmm predict: no such image file(s): {', '.join(missing)}")
@@ -179,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hetmm", description="Training-free anomaly detection by template mutual matching.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    fit = commands.add_parser("fit", help="build a template bank from a category's normal training images")
-    fit.add_argument("--data", required=True, help="dataset root in the MVTec AD layout")
-    fit.add_argument("--category", required=True)
+    fit = commands.add_parser("fit", help="build a template bank from normal images")
+    fit.add_argument("--good", default=None, help="a folder of normal images")
+    fit.add_argument("--data", default=None, help="or: a dataset root in the MVTec AD layout ...")
+    fit.add_argument("--category", default=None, help="... and its category (train/good is used)")
     fit.add_argument("--out", required=True, help="bank file to write (.safetensors)")
     _add_model_options(fit)
     _add_run_options(fit)
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     predict = commands.add_parser("predict", help="score images against a saved bank")
     predict.add_argument("--bank", required=True)
-    predict.add_argument("images", nargs="+")
+    predict.add_argument("images", nargs="+", help="image files or folders of images")
     predict.add_argument("--out", required=True, help="folder for heat maps and scores.csv / scores.json")
     predict.add_argument("--threshold", type=float, default=None, help="flag images scoring at or above it")
     predict.add_argument("--weights", default=None, help="override the weights the bank was made with")

@@ -65,3 +65,14 @@ def test_evaluate_with_pts_and_with_retrieval(tmp_path, capsys):
         assert "grass" in out
         templates = int(next(l for l in out.splitlines() if l.startswith("grass")).split()[1])
         assert templates == (3 if "pts" in extra else 5)
+
+
+def test_fit_on_a_plain_folder_and_predict_a_folder(tmp_path, capsys):
+    root = build_dataset(tmp_path / "data", n_train=3, n_good=1, n_defective=1)
+    bank = tmp_path / "bank.safetensors"
+    assert main(["fit", "--good", str(root / "brick" / "train" / "good"), "--out", str(bank), *SMALL]) == 0
+    out = tmp_path / "out"
+    assert main(["predict", "--bank", str(bank), str(root / "brick" / "test" / "good"), "--out", str(out)]) == 0
+    assert len(json.loads((out / "scores.json").read_text())) == 1
+    assert main(["fit", "--good", str(tmp_path / "empty"), "--out", str(bank), *SMALL]) == 2
+    assert "no images in" in capsys.readouterr().err
