@@ -79,11 +79,13 @@ def optics_labels(temp: torch.Tensor, tsize: int, xi: float = 0.05, pixels_per_c
         for start in range(0, height * width, pixels_per_chunk):
             ordering, _, reach, predecessor = optics_graph(feats[start:start + pixels_per_chunk], min_samples)
             ordering, reach, predecessor = ordering.cpu().numpy(), reach.cpu().numpy(), predecessor.cpu().numpy()
-            for i in range(ordering.shape[0]):
-                labels[start + i] = cluster_optics_xi(
-                    reachability=reach[i], predecessor=predecessor[i], ordering=ordering[i],
-                    min_samples=min_samples, xi=xi,
-                )[0]
+            # zero reachabilities (duplicate features) make the xi ratios divide by zero, harmlessly
+            with np.errstate(divide="ignore", invalid="ignore"):
+                for i in range(ordering.shape[0]):
+                    labels[start + i] = cluster_optics_xi(
+                        reachability=reach[i], predecessor=predecessor[i], ordering=ordering[i],
+                        min_samples=min_samples, xi=xi,
+                    )[0]
     return torch.from_numpy(labels.T.reshape(count, height, width).copy()).to(temp.device)
 
 
