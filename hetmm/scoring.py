@@ -9,14 +9,6 @@ import hetmm_kernels as hk
 from .parameters import PostProcess, parse_params
 
 
-def _size(out_size) -> tuple[int, int]:
-    if isinstance(out_size, int):
-        out_size = (out_size, out_size)
-    if len(out_size) != 2 or any(int(s) < 1 for s in out_size):
-        raise ValueError(f"out_size must be a positive int or (height, width); got {out_size!r}")
-    return int(out_size[0]), int(out_size[1])
-
-
 class LayerMatches:
     """Each active layer's fore and back maxima ``[B, h, w]`` with its alpha and lambda."""
 
@@ -35,7 +27,7 @@ class LayerMatches:
     def aggregate(self, out_size, post: PostProcess = PostProcess(), image_score=None) -> hk.Aggregated:
         """The anomaly map at ``out_size``, blurred as ``post`` says, with an optional image score."""
         blur = (post.sigma, post.k) if post.kind == "blur" else None
-        return hk.aggregate_maps(self.fores, self.backs, self.alphas, self.ldas, _size(out_size),
+        return hk.aggregate_maps(self.fores, self.backs, self.alphas, self.ldas, out_size,
                                  blur=blur, image_score=image_score)
 
     def image_scores(self, out_size, post: PostProcess) -> torch.Tensor:

@@ -7,6 +7,7 @@ the detector uses.
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import torch
@@ -155,9 +156,17 @@ class Aggregated(NamedTuple):
 
 
 def _out_size(out_size) -> tuple[int, int]:
-    size = (out_size, out_size) if isinstance(out_size, int) and not isinstance(out_size, bool) else tuple(out_size)
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
-        raise ValueError(f"out_size must be a positive int or (height, width); got {out_size!r}")
+    """A positive int or (height, width) of integers (numpy and torch integers included)."""
+    bad = ValueError(f"out_size must be a positive int or (height, width); got {out_size!r}")
+    try:
+        size = (out_size, out_size) if not hasattr(out_size, "__len__") else tuple(out_size)
+        if len(size) != 2 or any(isinstance(s, bool) for s in size):
+            raise bad
+        size = tuple(operator.index(s) for s in size)
+    except TypeError:
+        raise bad from None
+    if min(size) < 1:
+        raise bad
     return size
 
 
