@@ -26,26 +26,47 @@ class BankMismatch(ValueError):
 
 
 EXTRA = "extra/"  # prefix of the non-template tensors in the file (codebook, histogram counts)
+PER_TEMPLATE = ("histogram_counts",)  # extras with one row per template: they shard with the templates
 
 
 class TemplateBank:
     """Templates ``{layer: [N, C, h, w]}`` plus ``config`` (backbone, weights, image size, layers, params),
-    and ``extras``: other tensors that travel with them (the retrieval codebook and histograms)."""
+    and ``extras``: other tensors that travel with them (the retrieval codebook and histograms).
 
-    def __init__(self, features: dict, config: dict, extras: dict | None = None):
+    A shard (``shard``, or ``load(..., shard=)``) holds templates ``offset .. offset + len(bank)``
+    of a bank of ``total``.
+    """
+
+    def __init__(self, features: dict, config: dict, extras: dict | None = None, offset: int = 0,
+                 total: int | None = None):
         counts = {name: t.shape[0] for name, t in features.items()}
         if len(set(counts.values())) > 1:
             raise ValueError(f"every layer needs the same number of templates; got {counts}")
         self.features = {name: t.contiguous() for name, t in features.items()}
         self.config = dict(config)
         self.extras = dict(extras or {})
+        self.offset = int(offset)
+        self.total = len(self) if total is None else int(total)
         self._prepared: dict = {}
+
+    @property
+    def is_shard(self) -> bool:
+        return self.offset != 0 or self.total != len(self)
+
+    def shard(self, rank: int, world: int) -> "TemplateBank":
+        """Rank ``rank``'s contiguous share of the templates (and their per-template extras)."""
+        rows = _shard_rows(len(self), rank, world)
+        features = {name: t[rows.start:rows.stop] for name, t in self.features.items()}
+        extras = {name: t[rows.start:rows.stop] if name in PER_TEMPLATE else t for name, t in self.extras.items()}
+        return TemplateBank(features, self.config, extras, self.offset + rows.start, self.total)
 
     def __len__(self) -> int:
         return next(iter(self.features.values())).shape[0] if self.features else 0
 
     def add(self, features: dict) -> None:
         """Hot update: append the templates of new normal images (no refit)."""
+        if self.is_shard:
+            raise ValueError("add templates to the whole bank, then shard it: a shard cannot grow in place")
         if set(features) != set(self.features):
             raise ValueError(f"new templates have layers {sorted(features)}, the bank has {sorted(self.features)}")
         for name, new in features.items():
@@ -76,6 +97,9 @@ class TemplateBank:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.is_shard:
+            raise ValueError(f"this bank is a shard (templates {self.offset}..{self.offset + len(self)} of "
+                             f"{self.total}); save the whole bank")
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.features.items()}
         tensors.update({EXTRA + name: t.detach().cpu().contiguous() for name, t in self.extras.items()})
         metadata = {"format": FORMAT, "config": json.dumps(self.config)}
@@ -92,23 +116,41 @@ class TemplateBank:
         return path
 
     @classmethod
-    def load(cls, path, expected: dict | None = None) -> "TemplateBank":
+    def load(cls, path, expected: dict | None = None, shard: tuple[int, int] | None = None) -> "TemplateBank":
+        """Read a bank; ``shard=(rank, world)`` reads only that rank's rows of the templates."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"bank: no file at {path}")
         try:
             with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            features = load_file(str(path))
+                metadata, names = f.metadata() or {}, list(f.keys())
+                layers = [n for n in names if not n.startswith(EXTRA)]
+                total = f.get_slice(layers[0]).get_shape()[0] if layers else 0
         except Exception as error:
             raise ValueError(f"bank: {path} is not a readable safetensors file ({error})") from None
         if metadata.get("format") != FORMAT:
             raise ValueError(f"bank: {path} is not a hetmm template bank (format {metadata.get('format')!r})")
-        extras = {k[len(EXTRA):]: features.pop(k) for k in list(features) if k.startswith(EXTRA)}
-        bank = cls(features, json.loads(metadata["config"]), extras)
+        rows = _shard_rows(total, *shard) if shard is not None else range(total)
+        per_template = [n for n in names if not n.startswith(EXTRA) or n[len(EXTRA):] in PER_TEMPLATE]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                # a shard's rows are read from the file alone: a rank never holds the whole bank
+                tensors = {n: f.get_slice(n)[rows.start:rows.stop] if n in per_template else f.get_tensor(n)
+                           for n in names}
+        except Exception as error:
+            raise ValueError(f"bank: {path} is not a readable safetensors file ({error})") from None
+        extras = {k[len(EXTRA):]: tensors.pop(k) for k in list(tensors) if k.startswith(EXTRA)}
+        bank = cls(tensors, json.loads(metadata["config"]), extras, rows.start, total)
         if expected:
             bank.check(expected)
         return bank
+
+
+def _shard_rows(count: int, rank: int, world: int) -> range:
+    from .distributed import shard_range
+
+    if world > count:
+        raise ValueError(f"a bank of {count} templates cannot be split over {world} ranks (one at least each)")
+    return shard_range(count, rank, world)

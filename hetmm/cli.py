@@ -52,18 +52,31 @@ def _overlay(image_path: Path, anomaly, size: int, out: Path, top: float) -> Non
 
 
 def _predict(args) -> int:
+    from . import distributed
+    from .data import image_files
     from .detector import HETMM
 
-    det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights, device=args.device,
-                     half=args.half, batch_size=args.batch_size, threshold=args.threshold, download=args.download,
-                     progress=True)
-    from .data import image_files
-
+    group = distributed.setup(args.device)
+    if args.shard_bank and group is None:
+        raise SystemExit("hetmm predict: --shard-bank splits the bank across processes: "
+                         "launch with torchrun --nproc-per-node N (N > 1)")
+    det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights,
+                     device=group.device if group else args.device, half=args.half, batch_size=args.batch_size,
+                     threshold=args.threshold, download=args.download, progress=group is None or group.is_main,
+                     shard=group if args.shard_bank else None)
     paths = [q for p in map(Path, args.images) for q in (image_files(p) if p.is_dir() else [p])]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"hetmm predict: no such image file(s): {', '.join(missing)}")
-    result = det.predict(paths)
+    if group is None:
+        result = det.predict(paths)
+    elif args.shard_bank:  # every rank scores every image against its share of the bank
+        result = distributed.run_everywhere(group, lambda: det.predict(paths))
+        result = result if group.is_main else None
+    else:  # every rank scores its share of the images against the whole bank
+        result = distributed.predict_sharded(det, paths, group)
+    if result is None:
+        return 0  # not rank 0: rank 0 writes the merged result
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     top = float(result.anomaly_map.max())
@@ -91,14 +104,21 @@ def _evaluate(args) -> int:
     from .detector import HETMM
     from .evaluation import evaluate_category, format_table
 
+    from . import distributed
+
+    group = distributed.setup(args.device)
+    if group is not None:
+        args.device = str(group.device)
     rows = []
     for category in args.category:
         data = MVTecCategory(args.data, category)
         if args.bank:
             det = HETMM.load(args.bank, device=args.device, half=args.half, batch_size=args.batch_size, progress=True)
-            rows.append(evaluate_category(det, data, fit=False))
+            rows.append(evaluate_category(det, data, fit=False, group=group))
         else:
-            rows.append(evaluate_category(_detector(args, category), data))
+            rows.append(evaluate_category(_detector(args, category), data, group=group))
+    if group is not None and not group.is_main:
+        return 0  # rank 0 holds the metrics over every rank's images
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
@@ -204,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--threshold", type=float, default=None, help="flag images scoring at or above it")
     predict.add_argument("--weights", default=None, help="override the weights the bank was made with")
     predict.add_argument("--download", action="store_true")
+    predict.add_argument("--shard-bank", action="store_true",
+                         help="under torchrun: split the bank across the processes instead of the images")
     _add_run_options(predict)
     predict.set_defaults(run=_predict)
 
@@ -235,12 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     from .backbone import WeightsUnavailable
     from .bank import BankMismatch
     from .data import ImageError
+    from .distributed import RankFailed, teardown
 
     try:
         return args.run(args)
-    except (WeightsUnavailable, BankMismatch, ImageError, FileNotFoundError) as error:
+    except (WeightsUnavailable, BankMismatch, ImageError, FileNotFoundError, RankFailed) as error:
         print(f"hetmm {args.command}: {error}", file=sys.stderr)
         return 2
+    finally:
+        teardown()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import hetmm_kernels as hk
 
+from . import distributed
 from .backbone import LAYERS, Backbone
 from .bank import TemplateBank
 from .clustering import compress
@@ -71,6 +72,7 @@ class HETMM:
         if self.half:
             self.backbone = self.backbone.half().to(memory_format=torch.channels_last)
         self.bank: TemplateBank | None = None
+        self.group = None  # the process group of a sharded bank (see shard)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -153,17 +155,29 @@ class HETMM:
             self.bank.extras["histogram_counts"] = torch.cat([self.bank.extras["histogram_counts"], new])
         return self
 
+    def shard(self, group) -> "HETMM":
+        """Keep only this rank's share of the templates; matches are then merged across ``group``.
+
+        ``group``: a ``hetmm.distributed.Group`` (from ``hetmm.distributed.setup()`` under torchrun).
+        Every rank must then predict the same images; the results are identical to the whole bank's.
+        """
+        self.bank = self._require_bank().shard(group.rank, group.world)
+        self.group = group
+        return self
+
     def save(self, path) -> Path:
         return self._require_bank().save(path)
 
     @classmethod
     def load(cls, path, *, weights=None, device=None, half: bool = False, batch_size: int = 8,
-             threshold: float | None = None, download: bool = False, progress: bool = False) -> "HETMM":
+             threshold: float | None = None, download: bool = False, progress: bool = False,
+             shard=None) -> "HETMM":
         """A detector from a saved bank, with the bank's backbone, image size and parameters.
 
-        ``weights`` defaults to the ones the bank was made with.
+        ``weights`` defaults to the ones the bank was made with. ``shard``: a
+        ``hetmm.distributed.Group``; each rank then reads only its share of the templates (see ``shard``).
         """
-        bank = TemplateBank.load(path)
+        bank = TemplateBank.load(path, shard=None if shard is None else (shard.rank, shard.world))
         cfg = bank.config
         det = cls(cfg["backbone"], cfg["weights"] if weights is None else weights, category=cfg.get("category"),
                   params=cfg["params"], image_size=cfg["image_size"], out_size=cfg.get("out_size", 256),
@@ -171,7 +185,7 @@ class HETMM:
                   progress=progress, templates=cfg.get("templates", "all"), tsize=cfg.get("tsize", 60),
                   retrieval_k=cfg.get("retrieval_k"), retrieval_layer=cfg.get("retrieval_layer", "layer2"))
         bank.check(det.config if weights is None else {k: v for k, v in det.config.items() if k != "weights"})
-        det.bank = bank
+        det.bank, det.group = bank, shard
         return det
 
     def _require_bank(self) -> TemplateBank:
@@ -186,13 +200,22 @@ class HETMM:
         dtype = self.feature_dtype
         templates = {layer: bank.prepared(layer, self.device, dtype) for layer in self.params.active_layers}
         query = {layer: features[layer].to(self.device, dtype) for layer in self.params.active_layers}
-        indices = None
+        if bank.is_shard and self.group is None:
+            raise RuntimeError("the bank is a shard: give the detector its process group (HETMM.shard / load(shard=))")
+        indices = absent = None
         if self.retrieval_k is not None:  # target before shooting: only the K nearest images
             codebook, histogram_bank = self._histogram_bank()
-            k = min(self.retrieval_k, len(histogram_bank))
-            _, indices = hk.retrieve_topk(codebook.histograms(features[self.retrieval_layer].to(self.device)),
-                                          histogram_bank, k)
-        return LayerMatches(query, templates, self.params, indices)
+            k = min(self.retrieval_k, bank.total)
+            query_hist = codebook.histograms(features[self.retrieval_layer].to(self.device))
+            if bank.is_shard:
+                _, nearest = distributed.sharded_topk(query_hist, histogram_bank, k, bank.offset, bank.total, self.group)
+                indices, absent = distributed.local_subsets(nearest, bank.offset, len(bank))
+            else:
+                _, indices = hk.retrieve_topk(query_hist, histogram_bank, k)
+        matches = LayerMatches(query, templates, self.params, indices)
+        if bank.is_shard:
+            distributed.merge_matches(matches, absent, self.group)
+        return matches
 
     def predict(self, images) -> Prediction:
         """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths)."""

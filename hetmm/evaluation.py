@@ -9,15 +9,24 @@ from .detector import HETMM
 from .metrics import aupro, image_auroc, pixel_auroc
 
 
-def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True) -> dict:
-    """Image AUROC, pixel AUROC and PRO (AUPRO to FPR 0.3) on ``data``'s test split, with timings."""
+def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, group=None) -> dict | None:
+    """Image AUROC, pixel AUROC and PRO (AUPRO to FPR 0.3) on ``data``'s test split, with timings.
+
+    ``group`` (``hetmm.distributed.Group``): every rank fits the same bank and scores its share of
+    the test images; the metrics are computed once, on rank 0, over all of them (``None`` elsewhere).
+    """
+    from .distributed import predict_sharded
+
     start = time.perf_counter()
     if fit:
         detector.fit(data.train)
     fitted = time.perf_counter()
     samples = data.test
-    result = detector.predict([s.path for s in samples])
+    paths = [s.path for s in samples]
+    result = detector.predict(paths) if group is None else predict_sharded(detector, paths, group)
     predicted = time.perf_counter()
+    if result is None:
+        return None
     labels = [s.label for s in samples]
     masks = data.load_masks(samples, detector.out_size)
     metrics = dict(
