@@ -74,6 +74,7 @@ class TemplateBank:
             if new.shape[1:] != old.shape[1:]:
                 raise ValueError(f"{name}: new templates are {tuple(new.shape[1:])}, the bank holds {tuple(old.shape[1:])}")
             self.features[name] = torch.cat([old, new.to(old.device, old.dtype)]).contiguous()
+        self.total = len(self)
         self._prepared.clear()
 
     def prepared(self, layer: str, device: torch.device, dtype: torch.dtype) -> hk.PreparedTemplates:
