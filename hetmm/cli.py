@@ -246,6 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_options(demo)
     demo.set_defaults(run=_demo)
 
+    tune = commands.add_parser("tune", help="tune the Triton kernels for a detector configuration on this GPU")
+    tune.add_argument("--backbone", default="wide_resnet101_2")
+    tune.add_argument("--image-size", type=int, default=256)
+    tune.add_argument("--templates", type=int, default=60, help="template count (60: PTS-60; default 60)")
+    tune.add_argument("--category", default=None, help="windows from this category's parameters")
+    tune.add_argument("--params", default=None, help="or from a parameter string")
+    tune.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    tune.add_argument("--half", action="store_true", help="tune the float16 kernels (what predict --half runs)")
+    tune.add_argument("--device", default=None)
+    tune.add_argument("--max-configs", type=int, default=48,
+                      help="configs tried per problem, most promising first (default 48)")
+    tune.add_argument("--dry-run", action="store_true", help="print the problems and search spaces, run nothing")
+    tune.set_defaults(run=lambda args: __import__("hetmm.tuning", fromlist=["run"]).run(args))
+
     ops = commands.add_parser("ops-demo", help="the matching ops on a synthetic defect, backends compared")
     ops.add_argument("--size", type=int, default=32)
     ops.add_argument("--channels", type=int, default=64)

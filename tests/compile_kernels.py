@@ -39,20 +39,20 @@ def _signature(kernel, pointer, constexprs, pointer_types=None):
 def configurations():
     for height, width, reach, batch, channels in PROBLEMS:
         cfg = atm.tile_config(height, width, reach, batch, channels)
-        shared = dict(TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], UNION_H=cfg["UNION_H"], UNION_W=cfg["UNION_W"],
-                      BLOCK_U=cfg["BLOCK_U"], BLOCK_C=cfg["BLOCK_C"])
+        shared = dict(TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_C=cfg["BLOCK_C"],
+                      **atm.union_shape(cfg, height, width, reach))
         for dtype in DTYPES:
             precision = "ieee" if dtype == "fp32" else "tf32"
-            window = dict(shared, RADIUS=reach, BLOCK_A=cfg["block"], DOT_PRECISION=precision)
+            window = dict(shared, RADIUS=reach, BLOCK_A=cfg["BLOCK"], DOT_PRECISION=precision)
             yield "window_max", atm._window_max_kernel, dtype, window, None
-            mutual = dict(shared, FORE_R=reach, BACK_R=max(0, reach - 1), REACH=reach, BLOCK_B=cfg["block"],
+            mutual = dict(shared, FORE_R=reach, BACK_R=max(0, reach - 1), REACH=reach, BLOCK_B=cfg["BLOCK"],
                           DOT_PRECISION=precision, HAS_INDEX=False)
             outputs = {"fore_ptr": "*fp32", "back_ptr": "*fp32", "index_ptr": "*i64"}
             yield "mutual", atm._mutual_kernel, dtype, mutual, outputs
     for dtype in DTYPES:  # per-query template sets (retrieval): one map per program
         cfg = atm.tile_config(64, 64, 2, 8, 256, one_map=True)
-        indexed = dict(TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], UNION_H=cfg["UNION_H"], UNION_W=cfg["UNION_W"],
-                       BLOCK_U=cfg["BLOCK_U"], BLOCK_C=cfg["BLOCK_C"], FORE_R=2, BACK_R=1, REACH=2, BLOCK_B=1,
+        indexed = dict(TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_C=cfg["BLOCK_C"],
+                       **atm.union_shape(cfg, 64, 64, 2), FORE_R=2, BACK_R=1, REACH=2, BLOCK_B=1,
                        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", HAS_INDEX=True)
         yield "mutual-indexed", atm._mutual_kernel, dtype, indexed, {"fore_ptr": "*fp32", "back_ptr": "*fp32",
                                                                       "index_ptr": "*i64"}

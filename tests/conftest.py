@@ -8,3 +8,8 @@ if "TRITON_INTERPRET" not in os.environ:
 
     os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub download in a test
+
+# Tests never read or write the user's tuning cache (tuned configs would change tile shapes).
+import tempfile  # noqa: E402
+
+os.environ["HETMM_TUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="hetmm-tune-"), "triton-tuning.json")

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import autotune
+
 MATCH_FLOOR = -1.0
 _FLOOR = tl.constexpr(MATCH_FLOOR)  # kernels may only read constexpr globals
 
@@ -157,8 +159,12 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return min(cap, triton.next_power_of_2(max(1, n)))
 
 
+# Registers: the [rows, BLOCK_U] accumulator and running maximum must fit one program (fp32).
+MAX_TILE_ELEMENTS = 1 << 15
+
+
 def tile_config(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False) -> dict:
-    """Tile shape and block sizes for one problem (tl.dot needs every dimension >= 16).
+    """The heuristic config of one problem (tl.dot needs every dimension >= 16).
 
     ``one_map``: one query map per program (per-query template sets), so the tile alone
     must supply the 16 rows.
@@ -167,14 +173,71 @@ def tile_config(height: int, width: int, reach: int, count_a: int, channels: int
     tile_w = 4 if one_map else _pow2_at_most(width, 4)
     pixels = tile_h * tile_w
     block_a = 1 if one_map else max(16 // pixels, min(_pow2_at_most(count_a, 4), max(1, 64 // pixels)))
-    union_h = min(tile_h + 2 * reach, height)
-    union_w = min(tile_w + 2 * reach, width)
-    return dict(
-        TILE_H=tile_h, TILE_W=tile_w, UNION_H=union_h, UNION_W=union_w,
-        BLOCK_U=max(16, triton.next_power_of_2(union_h * union_w)),
-        BLOCK_C=max(16, _pow2_at_most(channels, 64)),
-        block=block_a,
-    )
+    return dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block_a, BLOCK_C=max(16, _pow2_at_most(channels, 64)),
+                num_warps=4, num_stages=3)
+
+
+def union_shape(config: dict, height: int, width: int, reach: int) -> dict:
+    """The union of a tile's windows, clamped to the map, and its power-of-two block."""
+    union_h = min(config["TILE_H"] + 2 * reach, height)
+    union_w = min(config["TILE_W"] + 2 * reach, width)
+    return dict(UNION_H=union_h, UNION_W=union_w, BLOCK_U=max(16, triton.next_power_of_2(union_h * union_w)))
+
+
+def valid_config(config: dict, height: int, width: int, reach: int, one_map: bool = False) -> bool:
+    """Whether ``config`` compiles and fits for this problem (also checks cached entries)."""
+    pow2 = all(isinstance(config[k], int) and config[k] >= 1 and config[k] & (config[k] - 1) == 0
+               for k in ("TILE_H", "TILE_W", "BLOCK", "BLOCK_C", "num_warps"))
+    if not pow2 or not 1 <= config["num_stages"] <= 5 or config["num_warps"] > 16 or config["BLOCK_C"] < 16:
+        return False
+    rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
+    block_u = union_shape(config, height, width, reach)["BLOCK_U"]
+    return rows >= 16 and rows * block_u <= MAX_TILE_ELEMENTS and (config["BLOCK"] == 1 or not one_map)
+
+
+def config_space(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False) -> list:
+    """The search space of one problem: tile shape, query block, channel block, warps, stages.
+
+    Ordered most promising first (a static estimate), so a tuning budget of the first few
+    configs spends its time where the winners usually are.
+    """
+    space = []
+    for tile_h in (2, 4, 8):
+        for tile_w in (2, 4, 8, 16):
+            if tile_h > triton.next_power_of_2(height) or tile_w > triton.next_power_of_2(width):
+                continue  # tiles larger than the map only add masked rows
+            for block in ((1,) if one_map else (1, 2, 4, 8, 16)):
+                if block > 1 and block > triton.next_power_of_2(count_a):
+                    continue
+                for block_c in (32, 64):
+                    if block_c > max(16, triton.next_power_of_2(channels)):
+                        continue
+                    for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+                        config = dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block, BLOCK_C=block_c,
+                                      num_warps=warps, num_stages=stages)
+                        if valid_config(config, height, width, reach, one_map):
+                            space.append(config)
+    return sorted(space, key=lambda c: -_estimated_efficiency(c, height, width, reach))
+
+
+def _estimated_efficiency(config: dict, height: int, width: int, reach: int) -> float:
+    """Useful share of the products (window area over the union block) times tensor-core fill (rows/64)."""
+    window = min(2 * reach + 1, height) * min(2 * reach + 1, width)
+    rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
+    return window / union_shape(config, height, width, reach)["BLOCK_U"] * min(1.0, rows / 64)
+
+
+def mutual_problem(q_shape, count_t: int, fore_radius: int, back_radius: int, dtype, one_map: bool) -> str:
+    batch, height, width, channels = q_shape
+    return autotune.problem_key(h=height, w=width, c=autotune.bucket(channels), fore=fore_radius, back=back_radius,
+                                b=autotune.bucket(batch), t=autotune.bucket(count_t), dtype=str(dtype).split(".")[-1],
+                                indexed=int(one_map))
+
+
+def window_problem(x_shape, count_n: int, radius: int, dtype) -> str:
+    count_a, height, width, channels = x_shape
+    return autotune.problem_key(h=height, w=width, c=autotune.bucket(channels), r=radius, a=autotune.bucket(count_a),
+                                n=autotune.bucket(count_n), dtype=str(dtype).split(".")[-1])
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -182,38 +245,56 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def window_max(x: torch.Tensor, y: torch.Tensor, radius: int, out_dtype: torch.dtype) -> torch.Tensor:
+def window_config(x: torch.Tensor, count_n: int, radius: int) -> dict:
+    count_a, height, width, channels = x.shape
+    default = tile_config(height, width, radius, count_a, channels)
+    return autotune.choose("window_max", window_problem(x.shape, count_n, radius, x.dtype), x.device, default,
+                           lambda c: valid_config(c, height, width, radius))
+
+
+def window_max(x: torch.Tensor, y: torch.Tensor, radius: int, out_dtype: torch.dtype, config: dict | None = None):
     """Pixel-major ``x [A, H, W, C]``, ``y [N, H, W, C]`` -> ``[A, N, H, W]`` window maxima."""
     count_a, height, width, channels = x.shape
     count_n = y.shape[0]
     out = torch.empty((count_a, count_n, height, width), device=x.device, dtype=out_dtype)
-    cfg = tile_config(height, width, radius, count_a, channels)
+    cfg = config or window_config(x, count_n, radius)
+    _, options = autotune.launch_options(cfg)
     n_tiles_w = triton.cdiv(width, cfg["TILE_W"])
-    grid = (triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w, triton.cdiv(count_a, cfg["block"]), count_n)
+    grid = (triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w, triton.cdiv(count_a, cfg["BLOCK"]), count_n)
     _window_max_kernel[grid](
         x, y, out, count_a, count_n, height, width, channels, n_tiles_w,
-        RADIUS=radius, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], UNION_H=cfg["UNION_H"], UNION_W=cfg["UNION_W"],
-        BLOCK_A=cfg["block"], BLOCK_U=cfg["BLOCK_U"], BLOCK_C=cfg["BLOCK_C"],
-        DOT_PRECISION=_dot_precision(x.dtype),
+        RADIUS=radius, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_A=cfg["BLOCK"], BLOCK_C=cfg["BLOCK_C"],
+        DOT_PRECISION=_dot_precision(x.dtype), **union_shape(cfg, height, width, radius), **options,
     )
     return out
 
 
+def mutual_config(q: torch.Tensor, count_t: int, fore_radius: int, back_radius: int, one_map: bool) -> dict:
+    batch, height, width, channels = q.shape
+    reach = max(fore_radius, back_radius)
+    default = tile_config(height, width, reach, batch, channels, one_map=one_map)
+    return autotune.choose("mutual", mutual_problem(q.shape, count_t, fore_radius, back_radius, q.dtype, one_map),
+                           q.device, default, lambda c: valid_config(c, height, width, reach, one_map))
+
+
 def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: int,
-               templates_per_program: int | None = None, indices: torch.Tensor | None = None):
+               templates_per_program: int | None = None, indices: torch.Tensor | None = None,
+               config: dict | None = None):
     """Pixel-major ``q [B, H, W, C]``, ``t [T, H, W, C]`` -> float32 ``(fore, back)``, each ``[B, H, W]``.
 
     ``indices [B, K]``: query b is matched only against templates ``indices[b]``.
+    ``config``: tile shape, blocks, warps and stages (default: tuned for this GPU, else heuristic).
     """
     batch, height, width, channels = q.shape
     count_t = t.shape[0] if indices is None else indices.shape[1]
     reach = max(fore_radius, back_radius)
     fore = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=torch.float32)
     back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=torch.float32)
-    cfg = tile_config(height, width, reach, batch, channels, one_map=indices is not None)
+    cfg = config or mutual_config(q, count_t, fore_radius, back_radius, indices is not None)
+    _, options = autotune.launch_options(cfg)
     n_tiles_w = triton.cdiv(width, cfg["TILE_W"])
     n_tiles = triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w
-    n_b = triton.cdiv(batch, cfg["block"])
+    n_b = triton.cdiv(batch, cfg["BLOCK"])
     if templates_per_program is None:
         # split the templates only as far as needed to give every multiprocessor work
         target = 4 * _multiprocessors(q.device)
@@ -223,12 +304,47 @@ def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: 
     index = indices.contiguous() if indices is not None else fore  # any pointer when unused
     _mutual_kernel[grid](
         q, t, fore, back, index, batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
-        FORE_R=fore_radius, BACK_R=back_radius, REACH=reach,
-        TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], UNION_H=cfg["UNION_H"], UNION_W=cfg["UNION_W"],
-        BLOCK_B=cfg["block"], BLOCK_U=cfg["BLOCK_U"], BLOCK_C=cfg["BLOCK_C"],
-        DOT_PRECISION=_dot_precision(q.dtype), HAS_INDEX=indices is not None,
+        FORE_R=fore_radius, BACK_R=back_radius, REACH=reach, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"],
+        BLOCK_B=cfg["BLOCK"], BLOCK_C=cfg["BLOCK_C"], DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_INDEX=indices is not None, **union_shape(cfg, height, width, reach), **options,
     )
     return fore, back
+
+
+def _same_maps(expected, got) -> bool:
+    # other tiles sum the channels in other orders: fp32 rounding, scaled by the dtype's
+    tol = 1e-4 if expected[0].dtype == torch.float32 else 2e-2
+    return all(torch.allclose(e.float(), g.float(), atol=tol, rtol=0) for e, g in zip(expected, got))
+
+
+def tune_mutual(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: int,
+                indices: torch.Tensor | None = None, space: list | None = None, limit: int | None = None,
+                save: bool = True, timer=None) -> autotune.TuneResult:
+    """Tune ``mutual_max`` on pixel-major ``q``/``t`` (see ``hetmm tune``); ``limit``: first N configs of the space."""
+    batch, height, width, channels = q.shape
+    count_t = t.shape[0] if indices is None else indices.shape[1]
+    reach, one_map = max(fore_radius, back_radius), indices is not None
+    if space is None:
+        space = config_space(height, width, reach, batch, channels, one_map)
+    default = tile_config(height, width, reach, batch, channels, one_map=one_map)
+    space = [c for c in space if c != default][:limit]
+    return autotune.tune(
+        "mutual", mutual_problem(q.shape, count_t, fore_radius, back_radius, q.dtype, one_map), q.device, space,
+        default, lambda cfg: mutual_max(q, t, fore_radius, back_radius, indices=indices, config=cfg), _same_maps,
+        timer=timer, save=save)
+
+
+def tune_window(x: torch.Tensor, y: torch.Tensor, radius: int, space: list | None = None, limit: int | None = None,
+                save: bool = True, timer=None) -> autotune.TuneResult:
+    """Tune ``window_max`` (``forward_ATM``/``backward_ATM``) on pixel-major ``x``/``y``."""
+    count_a, height, width, channels = x.shape
+    if space is None:
+        space = config_space(height, width, radius, count_a, channels)
+    default = tile_config(height, width, radius, count_a, channels)
+    space = [c for c in space if c != default][:limit]
+    return autotune.tune(
+        "window_max", window_problem(x.shape, y.shape[0], radius, x.dtype), x.device, space, default,
+        lambda cfg: (window_max(x, y, radius, x.dtype, config=cfg),), _same_maps, timer=timer, save=save)
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -247,5 +363,7 @@ def backward_ATM(query: torch.Tensor, temp_pm: torch.Tensor, patch: int) -> torc
 
 
 def mutual_match(query: torch.Tensor, temp_pm: torch.Tensor, fore_patch: int, back_patch: int,
-                 templates_per_program: int | None = None, indices: torch.Tensor | None = None):
-    return mutual_max(pixel_major(query), temp_pm, fore_patch // 2, back_patch // 2, templates_per_program, indices)
+                 templates_per_program: int | None = None, indices: torch.Tensor | None = None,
+                 config: dict | None = None):
+    return mutual_max(pixel_major(query), temp_pm, fore_patch // 2, back_patch // 2, templates_per_program, indices,
+                      config)

@@ -1,0 +1,94 @@
+"""``hetmm tune``: tune the Triton kernels for one detector configuration on this GPU.
+
+The problems are the ones ``predict`` launches: per active layer, the fused matching kernel
+on the backbone's feature shape for each batch size, against the template count; then the
+aggregation to the output size. Results go to the tuning cache (``hetmm_kernels.autotune``)
+and are used by every later process on this GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Problem:
+    op: str
+    layer: str
+    batch: int
+    shape: tuple  # [B, H, W, C] of the query side, pixel-major
+    templates: int
+    fore: int  # window radii
+    back: int
+
+
+def problems(backbone: str, image_size: int, params, templates: int, batches: list[int]) -> list[Problem]:
+    """The matching problems of a detector configuration (feature shapes from the backbone itself)."""
+    from .backbone import Backbone
+    from .parameters import parse_params
+
+    params = parse_params(params)
+    with torch.no_grad():
+        features = Backbone(backbone, None)(torch.zeros(1, 3, image_size, image_size))
+    found = []
+    for layer, p in params.active_layers.items():
+        _, channels, height, width = features[layer].shape
+        for batch in batches:
+            found.append(Problem("mutual", layer, batch, (batch, height, width, channels), templates,
+                                 p.fore // 2, p.back // 2))
+    return found
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("hetmm tune: tuning times the Triton kernels on a CUDA GPU (or, to exercise it, "
+                         "under TRITON_INTERPRET=1 on the CPU); none is available here. --dry-run shows the space.")
+
+
+def run(args) -> int:
+    from hetmm_kernels import autotune
+    from hetmm_kernels.triton_ops import atm
+
+    from .parameters import params_for
+
+    params = args.params or params_for(args.category)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if args.half else torch.float32
+    found = problems(args.backbone, args.image_size, params, args.templates, args.batch_sizes)
+    print(f"{args.backbone} at {args.image_size}px, {args.templates} templates, params {params}, "
+          f"{str(dtype).split('.')[-1]}; cache {autotune.cache_path()}")
+    if not args.dry_run:
+        _check_device(device)
+        print(f"device: {autotune.device_key(device)}")
+    generator = torch.Generator().manual_seed(0)
+    for problem in found:
+        batch, height, width, channels = problem.shape
+        reach = max(problem.fore, problem.back)
+        space = atm.config_space(height, width, reach, batch, channels)[:args.max_configs]
+        default = atm.tile_config(height, width, reach, batch, channels)
+        key = atm.mutual_problem(problem.shape, problem.templates, problem.fore, problem.back, dtype, False)
+        title = (f"{problem.op} {problem.layer} batch {batch}: [{height}x{width}x{channels}], windows "
+                 f"{2 * problem.fore + 1}x{2 * problem.back + 1}")
+        if args.dry_run:
+            print(f"{title}\n  key {key}\n  default {_show(default)}\n  {len(space)} configs to try:")
+            for config in space:
+                print(f"    {_show(config)}")
+            continue
+        q = F.normalize(torch.randn(problem.shape, generator=generator), dim=-1).to(device, dtype)
+        t = F.normalize(torch.randn((problem.templates, height, width, channels), generator=generator), dim=-1)
+        result = atm.tune_mutual(q, t.to(device, dtype), problem.fore, problem.back, space=space)
+        best, failed = result.best, sum(trial.ms is None for trial in result.trials)
+        flops = 2 * batch * problem.templates * height * width * (2 * reach + 1) ** 2 * channels
+        print(f"{title}: {len(result.trials) + 1} configs ({failed} rejected)\n"
+              f"  default {_show(default)}: {result.default.ms:.3f} ms\n"
+              f"  best    {_show(best.config)}: {best.ms:.3f} ms "
+              f"({result.default.ms / best.ms:.2f}x the default, {flops / best.ms / 1e6:.1f} GFLOP/s useful)")
+    return 0
+
+
+def _show(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items())
