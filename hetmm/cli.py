@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     tune = commands.add_parser("tune", help="tune the Triton kernels for a detector configuration on this GPU")
     tune.add_argument("--backbone", default="wide_resnet101_2")
     tune.add_argument("--image-size", type=int, default=256)
+    tune.add_argument("--out-size", type=int, default=256)
     tune.add_argument("--templates", type=int, default=60, help="template count (60: PTS-60; default 60)")
     tune.add_argument("--category", default=None, help="windows from this category's parameters")
     tune.add_argument("--params", default=None, help="or from a parameter string")

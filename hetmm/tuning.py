@@ -65,12 +65,14 @@ def run(args) -> int:
         _check_device(device)
         print(f"device: {autotune.device_key(device)}")
     generator = torch.Generator().manual_seed(0)
+    fores: dict[int, list] = {}  # batch -> the layers' map sizes, for the aggregation
     for problem in found:
         batch, height, width, channels = problem.shape
         reach = max(problem.fore, problem.back)
         space = atm.config_space(height, width, reach, batch, channels)[:args.max_configs]
         default = atm.tile_config(height, width, reach, batch, channels)
         key = atm.mutual_problem(problem.shape, problem.templates, problem.fore, problem.back, dtype, False)
+        fores.setdefault(batch, []).append((height, width))
         title = (f"{problem.op} {problem.layer} batch {batch}: [{height}x{width}x{channels}], windows "
                  f"{2 * problem.fore + 1}x{2 * problem.back + 1}")
         if args.dry_run:
@@ -87,7 +89,31 @@ def run(args) -> int:
               f"  default {_show(default)}: {result.default.ms:.3f} ms\n"
               f"  best    {_show(best.config)}: {best.ms:.3f} ms "
               f"({result.default.ms / best.ms:.2f}x the default, {flops / best.ms / 1e6:.1f} GFLOP/s useful)")
+    if args.dry_run:
+        from hetmm_kernels.triton_ops import aggregate
+
+        for batch, maps in fores.items():
+            side = max(16, 1 << (max(max(m) for m in maps) - 1).bit_length())
+            space = aggregate.config_space(args.out_size, args.out_size, side, side)[:args.max_configs]
+            print(f"aggregate batch {batch}: {len(maps)} layers -> {args.out_size}x{args.out_size}: "
+                  f"{len(space)} configs to try")
+        return 0
+    _tune_aggregation(fores, args.out_size, device, generator, args.max_configs)
     return 0
+
+
+def _tune_aggregation(sizes: dict, out_size: int, device: torch.device, generator, limit: int) -> None:
+    from hetmm_kernels.triton_ops import aggregate
+
+    for batch, maps in sizes.items():
+        fores = [torch.rand((batch, h, w), generator=generator).to(device) for h, w in maps]
+        backs = [torch.rand((batch, h, w), generator=generator).to(device) for h, w in maps]
+        weights = [0.5] * len(maps)
+        result = aggregate.tune(fores, backs, weights, weights, (out_size, out_size), blur=(4.0, 33), limit=limit)
+        best = result.best
+        print(f"aggregate batch {batch}: {len(maps)} layers -> {out_size}x{out_size}: "
+              f"default {_show(result.default.config)}: {result.default.ms:.3f} ms; "
+              f"best {_show(best.config)}: {best.ms:.3f} ms")
 
 
 def _show(config: dict) -> str:

@@ -189,15 +189,52 @@ def test_cli_dry_run_prints_the_space(capsys):
     assert main(["tune", "--dry-run", "--backbone", "resnet18", "--image-size", "32", "--batch-sizes", "1", "4",
                  "--max-configs", "5", "--params", "L1:5x3_a=0.5_l=1|L2:0x0_a=0.5_l=1|L3:3x3_a=0.5_l=1"]) == 0
     out = capsys.readouterr().out
-    assert out.count("configs to try") == 4  # two layers (layer2 is skipped) x two batch sizes
+    assert out.count("configs to try:") == 4  # two layers (layer2 is skipped) x two batch sizes
+    assert out.count("aggregate batch") == 2
     assert "mutual layer1 batch 4: [8x8x64], windows 5x3" in out and "default TILE_H=" in out
     assert not os.path.exists(os.environ["HETMM_TUNE_CACHE"])  # a dry run writes nothing
 
 
 def test_cli_tune_writes_the_cache(private_cache, capsys):
-    assert main(["tune", "--backbone", "resnet18", "--image-size", "32", "--batch-sizes", "2", "--templates", "2",
-                 "--max-configs", "1", "--params", "L1:5x3_a=0.5_l=1|L2:0x0_a=0.5_l=1|L3:0x0_a=0.5_l=1"]) == 0
+    assert main(["tune", "--backbone", "resnet18", "--image-size", "32", "--out-size", "16", "--batch-sizes", "2",
+                 "--templates", "2", "--max-configs", "1", "--params", "L1:5x3_a=0.5_l=1|L2:0x0_a=0.5_l=1|L3:0x0_a=0.5_l=1"]) == 0
     out = capsys.readouterr().out
     assert "best" in out and "default" in out
-    entries = json.loads(private_cache.read_text())["devices"][autotune.device_key(device_for("triton"))]["mutual"]
-    assert len(entries) == 1
+    stored = json.loads(private_cache.read_text())["devices"][autotune.device_key(device_for("triton"))]
+    assert len(stored["mutual"]) == 1 and len(stored["aggregate"]) == 1
+
+
+def _constant_timer(fn):
+    fn()
+    return 1.0
+
+
+def test_the_other_kernels_tune_and_keep_their_results(private_cache):
+    from hetmm_kernels.triton_ops import aggregate, pts, retrieval
+
+    device = device_for("triton")
+    g = torch.Generator().manual_seed(0)
+    fores = [torch.rand(2, s, s, generator=g).to(device) for s in (8, 4)]
+    backs = [torch.rand(2, s, s, generator=g).to(device) for s in (8, 4)]
+    result = aggregate.tune(fores, backs, [0.5, 0.5], [1.0, 0.5], (16, 16), space=[dict(
+        BLOCK_H=16, BLOCK_W=16, num_warps=2, num_stages=2)], timer=_constant_timer)
+    assert not [t.error for t in result.trials if t.error]
+
+    hist = torch.rand(3, 25, 13, generator=g).softmax(-1).to(device)
+    counts = torch.randint(0, 10, (40, 25, 13), generator=g, dtype=torch.uint8).to(device)
+    result = retrieval.tune_topk(hist, counts, 9, 4, space=[dict(BLOCK_Q=2, BLOCK_R=16, num_warps=2)],
+                                 timer=_constant_timer)
+    assert not [t.error for t in result.trials if t.error]
+
+    feats = features(1, 16, 10, 10, device=device)
+    centers = torch.randn(4, 16, generator=g).to(device)
+    result = retrieval.tune_histograms(feats, centers, space=[dict(BLOCK_C=16, num_warps=2)], timer=_constant_timer)
+    assert not [t.error for t in result.trials if t.error]
+
+    temp = features(5, 8, 2, 2, device=device)
+    clus = torch.tensor([0, 0, 1, 1, -1]).view(5, 1, 1).expand(5, 2, 2).contiguous().to(device)
+    result = pts.tune(temp, clus, 3, timer=_constant_timer)
+    assert len(result.trials) == 3 and not [t.error for t in result.trials if t.error]
+
+    stored = json.loads(private_cache.read_text())["devices"][autotune.device_key(device)]
+    assert set(stored) == {"aggregate", "retrieve_topk", "block_histograms", "pts"}

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import autotune
 from ..torch_ops.aggregate import axis_matrix, image_scores
 
 
@@ -50,7 +51,31 @@ def _aggregate_kernel(
         tl.atomic_max(score_ptr + b, tl.max(tl.max(tl.where(valid, acc, float("-inf")), axis=1), axis=0))
 
 
-def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=None):
+def default_config(height: int, width: int) -> dict:
+    return dict(BLOCK_H=32 if height > 16 else 16, BLOCK_W=32 if width > 16 else 16, num_warps=4, num_stages=3)
+
+
+def valid_config(config: dict, map_h: int, map_w: int) -> bool:
+    blocks = (config["BLOCK_H"], config["BLOCK_W"])
+    if not all(isinstance(b, int) and 16 <= b <= 128 and b & (b - 1) == 0 for b in blocks):
+        return False
+    # registers: the output tile and the [BLOCK_H, MAP_W] partial product
+    return (blocks[0] * blocks[1] <= 4096 and blocks[0] * map_w <= 8192
+            and config["num_warps"] in (1, 2, 4, 8, 16) and 1 <= config["num_stages"] <= 5)
+
+
+def config_space(height: int, width: int, map_h: int, map_w: int) -> list:
+    space = [dict(BLOCK_H=bh, BLOCK_W=bw, num_warps=warps, num_stages=stages)
+             for bh in (16, 32, 64) for bw in (16, 32, 64) for warps in (2, 4, 8) for stages in (2, 3)
+             if bh <= max(16, triton.next_power_of_2(height)) and bw <= max(16, triton.next_power_of_2(width))]
+    return [c for c in space if valid_config(c, map_h, map_w)]
+
+
+def problem(batch: int, height: int, width: int, map_h: int, map_w: int, layers: int) -> str:
+    return autotune.problem_key(h=height, w=width, map_h=map_h, map_w=map_w, layers=layers, b=autotune.bucket(batch))
+
+
+def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=None, config: dict | None = None):
     height, width = out_size
     device = fores[0].device
     batch = fores[0].shape[0]
@@ -70,14 +95,32 @@ def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=
     weights = torch.tensor([[a, l] for a, l in zip(alphas, ldas)], dtype=torch.float32, device=device)
     out = torch.empty(batch, 1, height, width, device=device)
     scores = torch.full((batch,), float("-inf"), device=device)
-    block_h = 32 if height > 16 else 16
-    block_w = 32 if width > 16 else 16
-    n_tiles_w = triton.cdiv(width, block_w)
-    grid = (triton.cdiv(height, block_h) * n_tiles_w, batch)
+    cfg = config or autotune.choose("aggregate", problem(batch, height, width, map_h, map_w, layers), device,
+                                    default_config(height, width), lambda c: valid_config(c, map_h, map_w))
+    n_tiles_w = triton.cdiv(width, cfg["BLOCK_W"])
+    grid = (triton.cdiv(height, cfg["BLOCK_H"]) * n_tiles_w, batch)
     _aggregate_kernel[grid](
         fore_pad, back_pad, weights, rows, cols, out, scores, layers, batch, height, width, n_tiles_w,
-        MAP_H=map_h, MAP_W=map_w, BLOCK_H=block_h, BLOCK_W=block_w, SCORE_MAX=image_score == "max",
+        MAP_H=map_h, MAP_W=map_w, SCORE_MAX=image_score == "max", **cfg,
     )
     if image_score == "max":
         return out, scores
     return out, image_scores(out, image_score)  # the k x k max-pool mean runs after the pass
+
+
+def tune(fores, backs, alphas, ldas, out_size, blur=None, space: list | None = None, limit: int | None = None,
+         save: bool = True, timer=None) -> autotune.TuneResult:
+    """Tune ``aggregate_maps`` for these layer maps and output size."""
+    height, width = out_size
+    map_h = max(16, triton.next_power_of_2(max(f.shape[-2] for f in fores)))
+    map_w = max(16, triton.next_power_of_2(max(f.shape[-1] for f in fores)))
+    default = default_config(height, width)
+    space = [c for c in (space or config_space(height, width, map_h, map_w)) if c != default][:limit]
+    key = problem(fores[0].shape[0], height, width, map_h, map_w, len(fores))
+
+    def same(expected, got):
+        return all(torch.allclose(e, g, atol=1e-5, rtol=1e-5) for e, g in zip(expected, got))
+
+    return autotune.tune("aggregate", key, fores[0].device, space, default,
+                         lambda cfg: aggregate_maps(fores, backs, alphas, ldas, out_size, blur, "max", cfg),
+                         same, timer=timer, save=save)

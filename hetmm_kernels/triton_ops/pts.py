@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import autotune
+
 from ..torch_ops.pts import gather, gram_chunks
 
 
@@ -60,13 +62,28 @@ def _pts_select_kernel(gram_ptr, labels_ptr, picked_ptr, count, tsize, BLOCK_N: 
             accumulated += tl.load(gram + choose * count + k, mask=in_range, other=0.0)
 
 
-def PTS(temp: torch.Tensor, clus: torch.Tensor, tsize: int) -> torch.Tensor:
+SPACE = [dict(num_warps=w) for w in (1, 2, 4, 8)]
+
+
+def problem(count: int, tsize: int) -> str:
+    return autotune.problem_key(n=autotune.bucket(count), tsize=tsize)
+
+
+def PTS(temp: torch.Tensor, clus: torch.Tensor, tsize: int, config: dict | None = None) -> torch.Tensor:
     count = temp.shape[0]
     block_n = max(16, triton.next_power_of_2(count))
+    cfg = config or autotune.choose("pts", problem(count, tsize), temp.device, dict(num_warps=4), lambda c: c in SPACE)
     picked_parts = []
     for _, gram, labels in gram_chunks(temp, clus):
         picked = torch.full((gram.shape[0], tsize), -1, dtype=torch.int64, device=temp.device)
         _pts_select_kernel[(gram.shape[0],)](gram.contiguous(), labels.contiguous(), picked, count, tsize,
-                                             BLOCK_N=block_n)
+                                             BLOCK_N=block_n, **cfg)
         picked_parts.append(picked)
     return gather(temp, torch.cat(picked_parts), tsize)
+
+
+def tune(temp: torch.Tensor, clus: torch.Tensor, tsize: int, save: bool = True, timer=None):
+    """Tune the per-pixel selection's warps (the selection must not change)."""
+    default = dict(num_warps=4)
+    return autotune.tune("pts", problem(temp.shape[0], tsize), temp.device, [c for c in SPACE if c != default],
+                         default, lambda cfg: PTS(temp, clus, tsize, cfg), torch.equal, timer=timer, save=save)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import autotune
+
 from ..reference import KL_EPS, block_layout
 
 _EPS = tl.constexpr(KL_EPS)
@@ -100,27 +102,69 @@ def _trimmed_topk_kernel(
     tl.store(key_ptr + out, keys, mask=q_ok[:, None] & (col[None, :] < CAND))
 
 
-def block_histograms(features, centers, S: int = 5, return_codes: bool = False):
+def _warps_valid(config: dict) -> bool:
+    return config["num_warps"] in (1, 2, 4, 8, 16)
+
+
+def histogram_problem(features, centers) -> str:
+    batch, channels, height, width = features.shape
+    return autotune.problem_key(h=height, w=width, c=autotune.bucket(channels), centers=centers.shape[0],
+                                b=autotune.bucket(batch), dtype=str(features.dtype).split(".")[-1])
+
+
+def histogram_space(channels: int) -> list:
+    return [dict(BLOCK_C=c, num_warps=w) for c in (16, 32, 64, 128) for w in (2, 4, 8)
+            if c <= max(16, triton.next_power_of_2(channels))]
+
+
+def _histogram_valid(config: dict) -> bool:
+    return _warps_valid(config) and config["BLOCK_C"] in (16, 32, 64, 128)
+
+
+def block_histograms(features, centers, S: int = 5, return_codes: bool = False, config: dict | None = None):
     batch, channels, height, width = features.shape
     block_h, block_w, pad_h, pad_w, blocks_h, blocks_w = block_layout(height, width, S)
     count = centers.shape[0]
     hist = torch.empty(batch, blocks_h * blocks_w, count + 1, device=features.device)
     codes = torch.empty(batch, height, width, dtype=torch.int64, device=features.device)
     grid = (batch, blocks_h * blocks_w)
+    default = dict(BLOCK_C=min(64, triton.next_power_of_2(channels)), num_warps=4)
+    cfg = config or autotune.choose("block_histograms", histogram_problem(features, centers), features.device,
+                                    default, _histogram_valid)
     _block_histogram_kernel[grid](
         features.contiguous(), centers.contiguous(), hist, codes,
         channels, height, width, count, blocks_w, blocks_h * blocks_w, block_h, block_w, pad_h, pad_w,
-        BLOCK_PIX=triton.next_power_of_2(block_h * block_w), BLOCK_C=min(64, triton.next_power_of_2(channels)),
-        BLOCK_BINS=triton.next_power_of_2(count + 1), WRITE_CODES=return_codes,
+        BLOCK_PIX=triton.next_power_of_2(block_h * block_w), BLOCK_BINS=triton.next_power_of_2(count + 1),
+        WRITE_CODES=return_codes, **cfg,
     )
     return (hist, codes) if return_codes else hist
 
 
-def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str):
+def topk_problem(queries: int, entries: int, blocks: int, bins: int, k: int, method: str) -> str:
+    return autotune.problem_key(q=autotune.bucket(queries), r=autotune.bucket(entries), blocks=blocks, bins=bins,
+                                k=autotune.bucket(k), method=method)
+
+
+def topk_valid(config: dict, blocks: int) -> bool:
+    bq, br = config["BLOCK_Q"], config["BLOCK_R"]
+    pow2 = all(isinstance(v, int) and v >= 1 and v & (v - 1) == 0 for v in (bq, br))
+    # registers: the [BLOCK_Q, BLOCK_R, BLOCK_L] block distances
+    return pow2 and br >= 16 and bq * br * triton.next_power_of_2(blocks) <= 16384 and _warps_valid(config)
+
+
+def topk_space(queries: int, blocks: int) -> list:
+    space = [dict(BLOCK_Q=bq, BLOCK_R=br, num_warps=w) for bq in (1, 2, 4, 8, 16) for br in (16, 32, 64, 128)
+             for w in (2, 4, 8) if bq <= triton.next_power_of_2(queries)]
+    return [c for c in space if topk_valid(c, blocks)]
+
+
+def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str, config: dict | None = None):
     queries, blocks, bins = query_hist.shape
     entries = bank_counts.shape[0]
-    block_q = min(16, triton.next_power_of_2(queries))
-    block_r = 32
+    default = dict(BLOCK_Q=min(16, triton.next_power_of_2(queries)), BLOCK_R=32, num_warps=4)
+    cfg = config or autotune.choose("retrieve_topk", topk_problem(queries, entries, blocks, bins, k, method),
+                                    query_hist.device, default, lambda c: topk_valid(c, blocks))
+    block_q, block_r = cfg["BLOCK_Q"], cfg["BLOCK_R"]
     cand = min(block_r, triton.next_power_of_2(k))
     n_bank_blocks = triton.cdiv(entries, block_r)
     keys = torch.empty(queries, n_bank_blocks * cand, dtype=torch.int64, device=query_hist.device)
@@ -128,9 +172,34 @@ def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, me
     _trimmed_topk_kernel[grid](
         query_hist.float().contiguous(), bank_counts.contiguous(), keys, queries, entries, blocks, bins,
         int(blocks * l_ratio), float(area), n_bank_blocks,
-        USE_KL=method == "kl", BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_L=triton.next_power_of_2(blocks),
-        BLOCK_BINS=triton.next_power_of_2(bins), CAND=cand,
+        USE_KL=method == "kl", BLOCK_L=triton.next_power_of_2(blocks), BLOCK_BINS=triton.next_power_of_2(bins),
+        CAND=cand, **cfg,
     )
     best = keys.sort(dim=1).values[:, :k]  # (distance, index) order
     distances = (best >> 32).to(torch.int32).view(torch.float32)
     return distances, best & 0xFFFFFFFF
+
+
+def _same_ranking(expected, got) -> bool:
+    return torch.equal(expected[1], got[1]) and torch.allclose(expected[0], got[0], atol=1e-6, rtol=1e-6)
+
+
+def tune_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float = 0.8, method: str = "kl",
+              space: list | None = None, limit: int | None = None, save: bool = True, timer=None):
+    """Tune ``retrieve_topk`` for this query count, bank size and k (the ranking must not change)."""
+    queries, blocks, bins = query_hist.shape
+    default = dict(BLOCK_Q=min(16, triton.next_power_of_2(queries)), BLOCK_R=32, num_warps=4)
+    space = [c for c in (space or topk_space(queries, blocks)) if c != default][:limit]
+    return autotune.tune("retrieve_topk", topk_problem(queries, bank_counts.shape[0], blocks, bins, k, method),
+                         query_hist.device, space, default,
+                         lambda cfg: retrieve_topk(query_hist, bank_counts, area, k, l_ratio, method, cfg),
+                         _same_ranking, timer=timer, save=save)
+
+
+def tune_histograms(features, centers, S: int = 5, space: list | None = None, save: bool = True, timer=None):
+    """Tune ``block_histograms`` for this feature shape (the codes must not change)."""
+    default = dict(BLOCK_C=min(64, triton.next_power_of_2(features.shape[1])), num_warps=4)
+    space = [c for c in (space or histogram_space(features.shape[1])) if c != default]
+    return autotune.tune("block_histograms", histogram_problem(features, centers), features.device, space, default,
+                         lambda cfg: block_histograms(features, centers, S, True, cfg),
+                         lambda e, g: torch.equal(e[1], g[1]) and torch.allclose(e[0], g[0]), timer=timer, save=save)
