@@ -56,6 +56,19 @@ def configurations():
                        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", HAS_INDEX=True)
         yield "mutual-indexed", atm._mutual_kernel, dtype, indexed, {"fore_ptr": "*fp32", "back_ptr": "*fp32",
                                                                       "index_ptr": "*i64"}
+    # the extremes of the tuning space (most promising, largest tile, most warps) must compile too
+    space = atm.config_space(64, 64, 6, 32, 256)
+    extremes = {0: space[0], 1: max(space, key=lambda c: c["TILE_H"] * c["TILE_W"] * c["BLOCK"]),
+                2: max(space, key=lambda c: (c["num_warps"], c["num_stages"], c["BLOCK_C"]))}
+    for config in extremes.values():
+        constexprs, options = dict(config), {}
+        for name in ("num_warps", "num_stages"):
+            options[name] = constexprs.pop(name)
+        tuned = dict(TILE_H=config["TILE_H"], TILE_W=config["TILE_W"], BLOCK_C=config["BLOCK_C"],
+                     **atm.union_shape(config, 64, 64, 6), FORE_R=6, BACK_R=6, REACH=6, BLOCK_B=config["BLOCK"],
+                     DOT_PRECISION="tf32", HAS_INDEX=False)
+        yield "mutual-tuned", atm._mutual_kernel, "fp16", tuned, \
+            {"fore_ptr": "*fp32", "back_ptr": "*fp32", "index_ptr": "*i64"}, options
     for map_side, block in ((16, 16), (64, 32)):
         shape = dict(MAP_H=map_side, MAP_W=map_side, BLOCK_H=block, BLOCK_W=block, SCORE_MAX=True)
         yield "aggregate", aggregate._aggregate_kernel, "fp32", shape, None
@@ -73,13 +86,14 @@ def configurations():
 
 def main(arch: int) -> int:
     target = GPUTarget("cuda", arch, 32)
-    for name, kernel, dtype, constexprs, pointer_types in configurations():
+    for name, kernel, dtype, constexprs, pointer_types, *options in configurations():
         source = ASTSource(kernel, _signature(kernel, dtype, constexprs, pointer_types), constexprs=constexprs)
-        compiled = triton.compile(source, target=target)
+        compiled = triton.compile(source, target=target, options=options[0] if options else None)
         uses_mma = "mma" in compiled.asm["ptx"]
         blocks = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith(("TILE", "BLOCK", "MAP")))
         blocks = blocks or "-"
-        print(f"sm_{arch} {name} {dtype} {blocks} ok tensor-cores={uses_mma}")
+        launch = ",".join(f"{k}={v}" for k, v in (options[0] if options else {}).items())
+        print(f"sm_{arch} {name} {dtype} {blocks}{',' + launch if launch else ''} ok tensor-cores={uses_mma}")
     return 0
 
 
