@@ -47,6 +47,7 @@ class TemplateBank:
         self.extras = dict(extras or {})
         self.offset = int(offset)
         self.total = len(self) if total is None else int(total)
+        self.version = 0  # grows with every change of the templates
         self._prepared: dict = {}
 
     @property
@@ -75,6 +76,7 @@ class TemplateBank:
                 raise ValueError(f"{name}: new templates are {tuple(new.shape[1:])}, the bank holds {tuple(old.shape[1:])}")
             self.features[name] = torch.cat([old, new.to(old.device, old.dtype)]).contiguous()
         self.total = len(self)
+        self.version += 1
         self._prepared.clear()
 
     def prepared(self, layer: str, device: torch.device, dtype: torch.dtype) -> hk.PreparedTemplates:

@@ -17,7 +17,7 @@ def _detector(args, category=None):
     return HETMM(args.backbone, args.weights, category=category,
                  params=args.params, image_size=args.image_size, out_size=args.out_size, device=args.device,
                  half=args.half, batch_size=args.batch_size, download=args.download, progress=True,
-                 templates=args.templates, tsize=args.tsize, retrieval_k=args.retrieval_k)
+                 templates=args.templates, tsize=args.tsize, retrieval_k=args.retrieval_k, cuda_graph=args.cuda_graph)
 
 
 def _fit(args) -> int:
@@ -63,7 +63,7 @@ def _predict(args) -> int:
     det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights,
                      device=group.device if group else args.device, half=args.half, batch_size=args.batch_size,
                      threshold=args.threshold, download=args.download, progress=group is None or group.is_main,
-                     shard=group if args.shard_bank else None)
+                     shard=group if args.shard_bank else None, cuda_graph=args.cuda_graph)
     paths = [q for p in map(Path, args.images) for q in (image_files(p) if p.is_dir() else [p])]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -113,7 +113,8 @@ def _evaluate(args) -> int:
     for category in args.category:
         data = MVTecCategory(args.data, category)
         if args.bank:
-            det = HETMM.load(args.bank, device=args.device, half=args.half, batch_size=args.batch_size, progress=True)
+            det = HETMM.load(args.bank, device=args.device, half=args.half, batch_size=args.batch_size, progress=True,
+                             cuda_graph=args.cuda_graph)
             rows.append(evaluate_category(det, data, fit=False, group=group))
         else:
             rows.append(evaluate_category(_detector(args, category), data, group=group))
@@ -202,6 +203,8 @@ def _add_run_options(parser):
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--half", action="store_true", help="half precision on CUDA")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each batch's GPU work from one captured CUDA graph (CUDA only)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ class HETMM:
                  params: str | None = None, image_size: int = 256, out_size: int = 256, device=None,
                  half: bool = False, batch_size: int = 8, threshold: float | None = None, download: bool = False,
                  progress: bool = False, templates: str = "all", tsize: int = 60,
-                 retrieval_k: int | None = None, retrieval_layer: str = "layer2"):
+                 retrieval_k: int | None = None, retrieval_layer: str = "layer2", cuda_graph: bool = False):
         if int(image_size) < 16:
             raise ValueError(f"image_size must be at least 16; got {image_size}")
         if int(batch_size) < 1:
@@ -73,6 +73,11 @@ class HETMM:
             self.backbone = self.backbone.half().to(memory_format=torch.channels_last)
         self.bank: TemplateBank | None = None
         self.group = None  # the process group of a sharded bank (see shard)
+        self._retrieval_cache = None
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device; this detector runs on {self.device}")
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: dict = {}  # (batch size, bank, bank version) -> CapturedPredict
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -137,12 +142,19 @@ class HETMM:
         return self
 
     def _histogram_bank(self):
-        """The codebook and the compact histogram bank of the templates (retrieval only)."""
+        """The codebook and the compact histogram bank of the templates on the device (retrieval only).
+
+        Kept on the device between calls: no host-to-device copy per batch (a CUDA graph forbids them).
+        """
         extras = self._require_bank().extras
-        codebook = Codebook(extras["codebook_centers"])
-        height, width = self.bank.features[self.retrieval_layer].shape[2:]
-        counts = extras["histogram_counts"].to(self.device)
-        return codebook, hk.HistogramBank(counts, codebook.area(height, width))
+        counts, centers = extras["histogram_counts"], extras["codebook_centers"]
+        cached = self._retrieval_cache
+        if cached is None or cached[0] is not counts or cached[1] is not centers:
+            codebook = Codebook(centers.to(self.device))
+            height, width = self.bank.features[self.retrieval_layer].shape[2:]
+            cached = (counts, centers, codebook, hk.HistogramBank(counts.to(self.device), codebook.area(height, width)))
+            self._retrieval_cache = cached
+        return cached[2], cached[3]
 
     def add_templates(self, images) -> "HETMM":
         """Hot update: insert new normal images into the bank without refitting."""
@@ -171,7 +183,7 @@ class HETMM:
     @classmethod
     def load(cls, path, *, weights=None, device=None, half: bool = False, batch_size: int = 8,
              threshold: float | None = None, download: bool = False, progress: bool = False,
-             shard=None) -> "HETMM":
+             shard=None, cuda_graph: bool = False) -> "HETMM":
         """A detector from a saved bank, with the bank's backbone, image size and parameters.
 
         ``weights`` defaults to the ones the bank was made with. ``shard``: a
@@ -183,7 +195,8 @@ class HETMM:
                   params=cfg["params"], image_size=cfg["image_size"], out_size=cfg.get("out_size", 256),
                   device=device, half=half, batch_size=batch_size, threshold=threshold, download=download,
                   progress=progress, templates=cfg.get("templates", "all"), tsize=cfg.get("tsize", 60),
-                  retrieval_k=cfg.get("retrieval_k"), retrieval_layer=cfg.get("retrieval_layer", "layer2"))
+                  retrieval_k=cfg.get("retrieval_k"), retrieval_layer=cfg.get("retrieval_layer", "layer2"),
+                  cuda_graph=cuda_graph)
         bank.check(det.config if weights is None else {k: v for k, v in det.config.items() if k != "weights"})
         det.bank, det.group = bank, shard
         return det
@@ -217,18 +230,35 @@ class HETMM:
             distributed.merge_matches(matches, absent, self.group)
         return matches
 
+    def _forward(self, images: torch.Tensor):
+        """The GPU part of predict for one batch on the device: ``(scores, anomaly maps, PRO maps)``."""
+        matches = self.match(self.backbone(images))
+        size = (self.out_size, self.out_size)
+        scores = matches.image_scores(size, self.params.image)
+        anomaly = matches.aggregate(size, self.params.pixel).maps[:, 0]
+        pro = anomaly if self.params.pro == self.params.pixel else matches.aggregate(size, self.params.pro).maps[:, 0]
+        return scores, anomaly, pro
+
+    def _run(self, batch: torch.Tensor):
+        if not self.cuda_graph or self.group is not None:
+            return self._forward(batch)
+        from .pipeline import CapturedPredict
+
+        # a graph holds the addresses of the bank's tensors: a new or grown bank needs a new capture
+        key = (self.batch_size, id(self.bank), self.bank.version)
+        if key not in self._graphs:
+            self._graphs = {key: CapturedPredict(self, self.batch_size)}
+        return self._graphs[key](batch)
+
     def predict(self, images) -> Prediction:
         """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths)."""
         self._require_bank()
         items = self._images(images)
         scores, anomaly, pro = [], [], []
-        size = (self.out_size, self.out_size)
         for i in self._chunks(len(items), "predict", True):
-            matches = self.match(self.extract(items[i:i + self.batch_size], progress=False))
-            scores.append(matches.image_scores(size, self.params.image).cpu())
-            anomaly.append(matches.aggregate(size, self.params.pixel).maps[:, 0].cpu())
-            pro.append(anomaly[-1] if self.params.pro == self.params.pixel
-                       else matches.aggregate(size, self.params.pro).maps[:, 0].cpu())
+            outputs = self._run(self._batch(items[i:i + self.batch_size]))
+            for kept, out in zip((scores, anomaly, pro), outputs):
+                kept.append(out.cpu())
         result = Prediction(torch.cat(scores), torch.cat(anomaly), torch.cat(pro))
         if self.threshold is not None:
             result.pred_label = result.pred_score >= self.threshold

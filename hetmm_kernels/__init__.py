@@ -20,6 +20,7 @@ from .ops import (
     retrieve_topk,
 )
 from .templates import PreparedTemplates, prepare_templates
+from .validation import trusted_values
 
 __all__ = [
     "Aggregated",
@@ -37,6 +38,7 @@ __all__ = [
     "reference",
     "retrieve_topk",
     "set_backend",
+    "trusted_values",
     "use_backend",
 ]
 

@@ -19,7 +19,7 @@ from .torch_ops import aggregate as torch_aggregate
 from .torch_ops import atm as torch_atm
 from .torch_ops import pts as torch_pts
 from .torch_ops import retrieval as torch_retrieval
-from .validation import all_finite, check_feature_tensor, check_same_maps, check_window
+from .validation import all_finite, check_feature_tensor, check_same_maps, check_window, checking_values
 
 TemplatesLike = torch.Tensor | PreparedTemplates
 
@@ -143,7 +143,7 @@ def _check_indices(indices, batch: int, count: int, device) -> None:
         raise ValueError(f"indices must be [B={batch}, K >= 1]; got {list(indices.shape)}")
     if indices.device != device:
         raise ValueError(f"indices must be on the query's device {device}; got {indices.device}")
-    if int(indices.min()) < 0 or int(indices.max()) >= count:
+    if checking_values() and (int(indices.min()) < 0 or int(indices.max()) >= count):
         raise ValueError(f"indices must lie in [0, {count}) (the template count)")
 
 
@@ -193,7 +193,7 @@ def aggregate_maps(fores, backs, alphas, ldas, out_size, *, blur=None, image_sco
                                 f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
             if x.shape[0] != fores[0].shape[0] or x.device != fores[0].device:
                 raise ValueError(f"{name} must share the batch size and device of fores[0]")
-            if not bool(torch.isfinite(x).all()):
+            if checking_values() and not all_finite(x):
                 raise ValueError(f"{name} contains NaN or inf values")
         if fore.shape != back.shape:
             raise ValueError(f"fores[{l}] and backs[{l}] must have the same shape; got {tuple(fore.shape)} and {tuple(back.shape)}")
@@ -292,6 +292,8 @@ def _check_histograms(name: str, hist) -> None:
         raise TypeError(f"{name} must be a float tensor [N, L, bins] of normalised block histograms")
     if hist.shape[0] == 0:
         raise ValueError(f"{name} is empty")
+    if not checking_values():
+        return
     sums = hist.float().sum(dim=-1)
     if not all_finite(hist) or bool((hist < 0).any()) or bool(((sums - 1).abs() > 1e-3).any()):
         raise ValueError(f"{name} must hold normalised histograms (non-negative, each block summing to 1)")

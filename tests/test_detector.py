@@ -149,3 +149,28 @@ def test_retrieval_restricted_detector(tmp_path):
     assert det.predict(newcomer).pred_score.item() < 1e-4
     with pytest.raises(ValueError, match="retrieval needs templates='all'"):
         _small_detector(retrieval_k=2, templates="pts")
+
+
+def test_cuda_graph_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        hetmm.HETMM("resnet18", None, image_size=32, device="cpu", cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("half,retrieval_k", [(False, None), (True, None), (True, 3)])
+def test_cuda_graph_predict_equals_eager(half, retrieval_k):
+    normal, test = _images(6, 0), _images(5, 1)  # 5 images in batches of 2: the last batch is padded
+    eager = hetmm.HETMM("resnet18", None, image_size=64, out_size=64, device="cuda", half=half, batch_size=2,
+                  retrieval_k=retrieval_k).fit(normal)
+    graphed = hetmm.HETMM("resnet18", None, image_size=64, out_size=64, device="cuda", half=half, batch_size=2,
+                    retrieval_k=retrieval_k, cuda_graph=True)
+    graphed.bank = eager.bank
+    want, got = eager.predict(test), graphed.predict(test)
+    assert graphed._graphs and next(iter(graphed._graphs.values())).graph is not None, "the capture fell back"
+    torch.testing.assert_close(got.pred_score, want.pred_score, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.anomaly_map, want.anomaly_map, rtol=0, atol=1e-5)
+    graphed.add_templates(_images(1, 7))  # a grown bank is captured again, not replayed stale
+    eager.bank = graphed.bank
+    torch.testing.assert_close(graphed.predict(test).pred_score, eager.predict(test).pred_score, rtol=0, atol=1e-5)

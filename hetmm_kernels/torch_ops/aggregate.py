@@ -44,9 +44,15 @@ def _axis_matrix_cpu(out_len: int, in_len: int, blur: tuple | None) -> torch.Ten
 
 
 def axis_matrix(out_len: int, in_len: int, blur, device) -> torch.Tensor:
-    return _axis_matrix_cpu(out_len, in_len, None if blur is None else (float(blur[0]), int(blur[1]))).to(
-        device=device, dtype=torch.float32
-    )
+    """The ``[out_len, in_len]`` resample-and-blur operator on ``device`` (cached: read-only)."""
+    return _axis_matrix_on(out_len, in_len, None if blur is None else (float(blur[0]), int(blur[1])),
+                           torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_matrix_on(out_len: int, in_len: int, blur, device: torch.device) -> torch.Tensor:
+    # cached per device: no host-to-device copy per call (a CUDA graph capture forbids them)
+    return _axis_matrix_cpu(out_len, in_len, blur).to(device=device, dtype=torch.float32)
 
 
 def combine(fore: torch.Tensor, back: torch.Tensor, alpha: float, lda: float) -> torch.Tensor:

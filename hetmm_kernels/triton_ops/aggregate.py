@@ -11,6 +11,8 @@ built by the launcher.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -49,6 +51,12 @@ def _aggregate_kernel(
     tl.store(out_ptr + out_offs, acc, mask=valid)
     if SCORE_MAX:
         tl.atomic_max(score_ptr + b, tl.max(tl.max(tl.where(valid, acc, float("-inf")), axis=1), axis=0))
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_weights(alphas: tuple, ldas: tuple, device: torch.device) -> torch.Tensor:
+    # cached per device: no host-to-device copy per call (a CUDA graph capture forbids them)
+    return torch.tensor([[a, l] for a, l in zip(alphas, ldas)], dtype=torch.float32, device=device)
 
 
 def default_config(height: int, width: int) -> dict:
@@ -92,7 +100,7 @@ def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=
         back_pad[layer, :, :h, :w] = back
         rows[layer, :, :h] = axis_matrix(height, h, blur, device)
         cols[layer, :, :w] = axis_matrix(width, w, blur, device)
-    weights = torch.tensor([[a, l] for a, l in zip(alphas, ldas)], dtype=torch.float32, device=device)
+    weights = _layer_weights(tuple(map(float, alphas)), tuple(map(float, ldas)), device)
     out = torch.empty(batch, 1, height, width, device=device)
     scores = torch.full((batch,), float("-inf"), device=device)
     cfg = config or autotune.choose("aggregate", problem(batch, height, width, map_h, map_w, layers), device,
