@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hetmm_kernels as hk
-from conftest import backends, device, record, run
+from conftest import backends, device, matmul_shape, record, run
 
 LAYERS = {"layer1": (256, 64), "layer2": (512, 32), "layer3": (1024, 16)}  # channels, side
 TEMPLATES = 60
@@ -93,11 +93,38 @@ def test_drop_in_ops(benchmark, matmul_rate, backend, op, window):
            templates=TEMPLATES, backend=backend, mode="steady")
 
 
-def test_matmul_roofline(benchmark, matmul_rate):
-    """The plain float32 matmul every fraction is measured against."""
-    a = torch.randn(2048, 512, device=device())
-    b = torch.randn(512, 2048, device=device())
+GOAL = dict(layer="layer1", window=13, batch=32)  # the issue's target shape: 40% of fp16 matmul, 20x naive
 
-    run(benchmark, lambda: a @ b, 20)
-    record(benchmark, 2 * 2048 * 512 * 2048, matmul_rate, torch.float32, op="torch.matmul", layer="-",
-           windows="-", batch="-", templates="-", backend="torch", mode="-")
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the goal shape is a GPU benchmark (seconds per call here)")
+@pytest.mark.parametrize("backend", ["triton", "naive"])
+def test_goal_shape(benchmark, matmul_rate, backend):
+    """Layer 1, 13x13 windows both ways, batch 32, 60 templates, fp16: fused kernel vs one thread per output."""
+    from naive_atm import naive_mutual_match
+
+    channels, side = LAYERS[GOAL["layer"]]
+    query = _features(GOAL["batch"], channels, side, torch.float16, 0)
+    temp = _features(TEMPLATES, channels, side, torch.float16, 1)
+    window = GOAL["window"]
+    if backend == "naive":
+        fn = lambda: naive_mutual_match(query, temp, window, window)  # noqa: E731
+    else:
+        bank = hk.prepare_templates(temp)
+        fn = lambda: hk.mutual_match(query, bank, window, window, backend="triton")  # noqa: E731
+    run(benchmark, fn, 3)
+    flops = 2 * GOAL["batch"] * TEMPLATES * side * side * window**2 * channels
+    record(benchmark, flops, matmul_rate, torch.float16, op="mutual_match", layer=GOAL["layer"],
+           windows=f"{window}x{window}", batch=GOAL["batch"], templates=TEMPLATES, backend=backend, mode="steady")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matmul_roofline(benchmark, matmul_rate, dtype):
+    """The plain matmul every fraction is measured against (float16 on a GPU only)."""
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        pytest.skip("the CPU paths compute float16 in float32")
+    m, k, n = matmul_shape()
+    a = torch.randn(m, k, device=device()).to(dtype)
+    b = torch.randn(k, n, device=device()).to(dtype)
+    run(benchmark, lambda: a @ b, 10)
+    record(benchmark, 2 * m * k * n, matmul_rate, dtype, op="torch.matmul", layer="-",
+           windows=f"{m}x{k}x{n}", batch="-", templates="-", backend="torch", mode="-")

@@ -14,6 +14,7 @@ is ignored with a warning, never an error. ``HETMM_AUTOTUNE=0`` turns lookups of
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -43,6 +44,11 @@ def enabled() -> bool:
 
 def device_key(device: torch.device) -> str:
     """What a tuned config is only valid for: the GPU model, its compute capability, Triton's version."""
+    return _device_key(torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _device_key(device: torch.device) -> str:
     import triton
 
     if device.type == "cuda":

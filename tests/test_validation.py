@@ -84,3 +84,16 @@ def test_prepared_templates_are_checked_once():
     bank = hk.prepare_templates(features(2, 4, 3, 3))
     with pytest.raises(ValueError, match="same channels C"):
         hk.mutual_match(features(1, 5, 3, 3), bank, 3, 3)
+
+
+def test_trusted_values_skips_only_the_value_checks():
+    bad = torch.ones(1, 4, 3, 3)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        hk.mutual_match(bad, torch.ones(2, 4, 3, 3), 3, 3, backend="torch")
+    with hk.trusted_values():  # what a CUDA graph capture needs: no host read of a value
+        hk.mutual_match(bad, torch.ones(2, 4, 3, 3), 3, 3, backend="torch")
+        with pytest.raises(ValueError, match="same channels"):  # shapes are still checked
+            hk.mutual_match(bad, torch.ones(2, 5, 3, 3), 3, 3, backend="torch")
+    with pytest.raises(ValueError, match="NaN"):  # and the checks are back after the block
+        hk.mutual_match(bad, torch.ones(2, 4, 3, 3), 3, 3, backend="torch")
