@@ -201,7 +201,8 @@ def _add_model_options(parser, backbone="wide_resnet101_2", weights="imagenet"):
 
 def _add_run_options(parser):
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--half", action="store_true", help="half precision on CUDA")
+    parser.add_argument("--half", nargs="?", const="fp16", default=False, choices=("fp16", "bf16"),
+                        help="half precision on CUDA: float16 (--half), or bfloat16 (--half bf16)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each batch's GPU work from one captured CUDA graph (CUDA only)")

@@ -42,7 +42,7 @@ class HETMM:
 
     def __init__(self, backbone: str = "wide_resnet101_2", weights="imagenet", *, category: str | None = None,
                  params: str | None = None, image_size: int = 256, out_size: int = 256, device=None,
-                 half: bool = False, batch_size: int = 8, threshold: float | None = None, download: bool = False,
+                 half=False, batch_size: int = 8, threshold: float | None = None, download: bool = False,
                  progress: bool = False, templates: str = "all", tsize: int = 60,
                  retrieval_k: int | None = None, retrieval_layer: str = "layer2", cuda_graph: bool = False):
         if int(image_size) < 16:
@@ -62,7 +62,10 @@ class HETMM:
         self.retrieval_k = None if retrieval_k is None else int(retrieval_k)
         self.retrieval_layer = retrieval_layer
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.half = bool(half) and self.device.type == "cuda"  # half precision only pays on a GPU
+        if half not in (False, True, "fp16", "bf16"):
+            raise ValueError(f"half must be False, True (float16), 'fp16' or 'bf16'; got {half!r}")
+        # half precision only pays on a GPU (tensor cores); the CPU path computes in float32
+        self.half = half if self.device.type == "cuda" else False
         self.params_string = params or params_for(category)
         self.params = parse_params(self.params_string)
         self.category = category
@@ -70,7 +73,7 @@ class HETMM:
         self.batch_size, self.threshold, self.progress = int(batch_size), threshold, progress
         self.backbone = Backbone(backbone, weights, download=download).to(self.device)
         if self.half:
-            self.backbone = self.backbone.half().to(memory_format=torch.channels_last)
+            self.backbone = self.backbone.to(self.feature_dtype).to(memory_format=torch.channels_last)
         self.bank: TemplateBank | None = None
         self.group = None  # the process group of a sharded bank (see shard)
         self._retrieval_cache = None
@@ -89,7 +92,9 @@ class HETMM:
 
     @property
     def feature_dtype(self) -> torch.dtype:
-        return torch.float16 if self.half else torch.float32
+        if not self.half:
+            return torch.float32
+        return torch.bfloat16 if self.half == "bf16" else torch.float16
 
     # ------------------------------------------------------------------ features
     def _images(self, images) -> list:
@@ -181,7 +186,7 @@ class HETMM:
         return self._require_bank().save(path)
 
     @classmethod
-    def load(cls, path, *, weights=None, device=None, half: bool = False, batch_size: int = 8,
+    def load(cls, path, *, weights=None, device=None, half=False, batch_size: int = 8,
              threshold: float | None = None, download: bool = False, progress: bool = False,
              shard=None, cuda_graph: bool = False) -> "HETMM":
         """A detector from a saved bank, with the bank's backbone, image size and parameters.
