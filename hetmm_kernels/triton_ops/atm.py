@@ -159,8 +159,14 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return min(cap, triton.next_power_of_2(max(1, n)))
 
 
-# Registers: the [rows, BLOCK_U] accumulator and running maximum must fit one program (fp32).
-MAX_TILE_ELEMENTS = 1 << 15
+# Registers: the fp32 [rows, BLOCK_U] product tile and running maximum live in the program's
+# registers; past ~192 of them per thread they spill. 2 arrays / (32 * warps) threads <= 192.
+TILE_ELEMENTS_PER_WARP = 3072
+
+
+def _warps_for(elements: int) -> int:
+    """The fewest warps (4, 8 or 16) that hold a ``[rows, BLOCK_U]`` tile without spilling."""
+    return next((w for w in (4, 8) if elements <= TILE_ELEMENTS_PER_WARP * w), 16)
 
 
 def tile_config(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False) -> dict:
@@ -173,8 +179,11 @@ def tile_config(height: int, width: int, reach: int, count_a: int, channels: int
     tile_w = 4 if one_map else _pow2_at_most(width, 4)
     pixels = tile_h * tile_w
     block_a = 1 if one_map else max(16 // pixels, min(_pow2_at_most(count_a, 4), max(1, 64 // pixels)))
-    return dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block_a, BLOCK_C=max(16, _pow2_at_most(channels, 64)),
-                num_warps=4, num_stages=3)
+    config = dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block_a, BLOCK_C=max(16, _pow2_at_most(channels, 64)))
+    block_u = union_shape(config, height, width, reach)["BLOCK_U"]
+    while config["BLOCK"] * pixels >= 32 and config["BLOCK"] * pixels * block_u > TILE_ELEMENTS_PER_WARP * 16:
+        config["BLOCK"] //= 2  # wide windows: fewer maps per program rather than spilled registers
+    return dict(config, num_warps=_warps_for(config["BLOCK"] * pixels * block_u), num_stages=3)
 
 
 def union_shape(config: dict, height: int, width: int, reach: int) -> dict:
@@ -192,7 +201,8 @@ def valid_config(config: dict, height: int, width: int, reach: int, one_map: boo
         return False
     rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
     block_u = union_shape(config, height, width, reach)["BLOCK_U"]
-    return rows >= 16 and rows * block_u <= MAX_TILE_ELEMENTS and (config["BLOCK"] == 1 or not one_map)
+    fits = rows * block_u <= TILE_ELEMENTS_PER_WARP * config["num_warps"]
+    return rows >= 16 and fits and (config["BLOCK"] == 1 or not one_map)
 
 
 def config_space(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False) -> list:
@@ -212,7 +222,7 @@ def config_space(height: int, width: int, reach: int, count_a: int, channels: in
                 for block_c in (32, 64):
                     if block_c > max(16, triton.next_power_of_2(channels)):
                         continue
-                    for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3)):
+                    for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (16, 2)):
                         config = dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block, BLOCK_C=block_c,
                                       num_warps=warps, num_stages=stages)
                         if valid_config(config, height, width, reach, one_map):
