@@ -31,8 +31,9 @@ MODEL = ["--backbone", "tf_efficientnet_lite0", "--weights", "imagenet", "--imag
 
 def torchrun(*args, nproc=2, timeout=120):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # --standalone: a free port for the rendezvous, so runs never collide on the default one
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @contextmanager
