@@ -19,6 +19,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from hetmm_kernels.triton_ops import aggregate, atm, pts, retrieval  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+import naive_atm  # noqa: E402
+
 # (height, width, reach, batch, channels): a 1x1 map, the paper's layers, a window larger than the map
 PROBLEMS = [(1, 1, 1, 1, 3), (64, 64, 2, 8, 256), (32, 32, 3, 32, 512), (16, 16, 6, 1, 1024), (5, 7, 6, 2, 24)]
 DTYPES = ["fp16", "bf16", "fp32"]
@@ -69,6 +72,18 @@ def configurations():
                      DOT_PRECISION="tf32", HAS_INDEX=False)
         yield "mutual-tuned", atm._mutual_kernel, "fp16", tuned, \
             {"fore_ptr": "*fp32", "back_ptr": "*fp32", "index_ptr": "*i64"}, options
+    # the largest aggregation and retrieval tiles of their spaces, with their warps
+    big_tile = max(aggregate.config_space(256, 256, 64, 64), key=lambda c: (c["BLOCK_H"] * c["BLOCK_W"], c["num_warps"]))
+    yield "aggregate-tuned", aggregate._aggregate_kernel, "fp32", dict(
+        MAP_H=64, MAP_W=64, BLOCK_H=big_tile["BLOCK_H"], BLOCK_W=big_tile["BLOCK_W"], SCORE_MAX=True), None, \
+        {k: big_tile[k] for k in ("num_warps", "num_stages")}
+    big_block = max(retrieval.topk_space(32, 25), key=lambda c: (c["BLOCK_Q"] * c["BLOCK_R"], c["num_warps"]))
+    yield "trimmed_topk-tuned", retrieval._trimmed_topk_kernel, "fp32", dict(
+        USE_KL=True, BLOCK_Q=big_block["BLOCK_Q"], BLOCK_R=big_block["BLOCK_R"], BLOCK_L=32, BLOCK_BINS=16, CAND=16), \
+        {"bank_ptr": "*u8", "key_ptr": "*i64"}, {"num_warps": big_block["num_warps"]}
+    # the benchmarks' one-thread-per-output baseline, on the goal shape's window
+    yield "naive-baseline", naive_atm._naive_window_max_kernel, "fp16", dict(RADIUS=6, BLOCK=256), \
+        {"out_ptr": "*fp32"}
     for map_side, block in ((16, 16), (64, 32)):
         shape = dict(MAP_H=map_side, MAP_W=map_side, BLOCK_H=block, BLOCK_W=block, SCORE_MAX=True)
         yield "aggregate", aggregate._aggregate_kernel, "fp32", shape, None
