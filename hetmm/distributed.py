@@ -106,6 +106,8 @@ def predict_sharded(detector, items: list, group: Group):
     """Data-parallel ``detector.predict(items)``: the merged ``Prediction`` on rank 0, ``None`` elsewhere."""
     from .detector import Prediction
 
+    if not len(items):
+        raise ValueError("images is empty")  # on every rank alike: they all hold the same list
     share = shard_range(len(items), group.rank, group.world, detector.batch_size)
     part = run_everywhere(group, lambda: detector.predict(items[share.start:share.stop]) if len(share) else None)
     parts = gather_to_main(group, part)
