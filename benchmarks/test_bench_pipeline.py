@@ -24,9 +24,15 @@ BATCHES = [1, 32] if GPU else [1, 8]
 TEMPLATES = {"PTS-60": 60, "all N=200": 200}
 
 
+_DETECTORS: list[HETMM] = []  # one backbone for every case: building Wide-ResNet-101-2 takes seconds
+
+
 def _detector(batch: int, templates: int) -> HETMM:
-    det = HETMM(BACKBONE, None, image_size=256, out_size=256, device=device(), half=GPU, batch_size=batch,
-                cuda_graph=GPU)
+    if not _DETECTORS:
+        _DETECTORS.append(HETMM(BACKBONE, None, image_size=256, out_size=256, device=device(), half=GPU,
+                                cuda_graph=GPU))
+    det = _DETECTORS[0]
+    det.batch_size = batch  # a new batch size or bank is captured anew
     shapes = {k: v.shape[1:] for k, v in det.extract(torch.zeros(1, 3, 256, 256, device=device())).items()}
     g = torch.Generator().manual_seed(0)
     det.bank = TemplateBank({k: F.normalize(torch.randn(templates, *s, generator=g), dim=1) for k, s in shapes.items()},
