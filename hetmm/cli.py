@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--category", default=None, help="windows from this category's parameters")
     tune.add_argument("--params", default=None, help="or from a parameter string")
     tune.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    tune.add_argument("--retrieval-k", type=int, default=None,
+                      help="tune for retrieval: each image matched against its K nearest templates")
     tune.add_argument("--half", action="store_true", help="tune the float16 kernels (what predict --half runs)")
     tune.add_argument("--device", default=None)
     tune.add_argument("--max-configs", type=int, default=48,

@@ -66,12 +66,14 @@ def run(args) -> int:
         print(f"device: {autotune.device_key(device)}")
     generator = torch.Generator().manual_seed(0)
     fores: dict[int, list] = {}  # batch -> the layers' map sizes, for the aggregation
+    indexed = args.retrieval_k is not None  # each query against its K retrieved templates
     for problem in found:
         batch, height, width, channels = problem.shape
         reach = max(problem.fore, problem.back)
-        space = atm.config_space(height, width, reach, batch, channels)[:args.max_configs]
-        default = atm.tile_config(height, width, reach, batch, channels)
-        key = atm.mutual_problem(problem.shape, problem.templates, problem.fore, problem.back, dtype, False)
+        space = atm.config_space(height, width, reach, batch, channels, indexed)[:args.max_configs]
+        default = atm.tile_config(height, width, reach, batch, channels, one_map=indexed)
+        per_query = args.retrieval_k if indexed else problem.templates
+        key = atm.mutual_problem(problem.shape, per_query, problem.fore, problem.back, dtype, indexed)
         fores.setdefault(batch, []).append((height, width))
         title = (f"{problem.op} {problem.layer} batch {batch}: [{height}x{width}x{channels}], windows "
                  f"{2 * problem.fore + 1}x{2 * problem.back + 1}")
@@ -82,9 +84,11 @@ def run(args) -> int:
             continue
         q = F.normalize(torch.randn(problem.shape, generator=generator), dim=-1).to(device, dtype)
         t = F.normalize(torch.randn((problem.templates, height, width, channels), generator=generator), dim=-1)
-        result = atm.tune_mutual(q, t.to(device, dtype), problem.fore, problem.back, space=space)
+        indices = (torch.randint(0, problem.templates, (batch, per_query), generator=generator).to(device)
+                   if indexed else None)
+        result = atm.tune_mutual(q, t.to(device, dtype), problem.fore, problem.back, indices=indices, space=space)
         best, failed = result.best, sum(trial.ms is None for trial in result.trials)
-        flops = 2 * batch * problem.templates * height * width * (2 * reach + 1) ** 2 * channels
+        flops = 2 * batch * per_query * height * width * (2 * reach + 1) ** 2 * channels
         print(f"{title}: {len(result.trials) + 1} configs ({failed} rejected)\n"
               f"  default {_show(default)}: {result.default.ms:.3f} ms\n"
               f"  best    {_show(best.config)}: {best.ms:.3f} ms "
@@ -99,7 +103,22 @@ def run(args) -> int:
                   f"{len(space)} configs to try")
         return 0
     _tune_aggregation(fores, args.out_size, device, generator, args.max_configs)
+    if indexed:
+        _tune_retrieval(args.batch_sizes, args.templates, args.retrieval_k, device, generator, args.max_configs)
     return 0
+
+
+def _tune_retrieval(batches: list, templates: int, k: int, device: torch.device, generator, limit: int) -> None:
+    from hetmm_kernels.triton_ops import retrieval
+
+    area = 49  # 7x7-pixel blocks: a 32x32 layer-2 map in 5x5 blocks
+    counts = torch.randint(0, 8, (templates, 25, 13), generator=generator, dtype=torch.uint8)
+    for batch in batches:
+        hist = torch.rand((batch, 25, 13), generator=generator).softmax(-1)
+        result = retrieval.tune_topk(hist.to(device), counts.to(device), area, min(k, templates), limit=limit)
+        best = result.best
+        print(f"retrieve_topk batch {batch}: top {k} of {templates}: default {_show(result.default.config)}: "
+              f"{result.default.ms:.3f} ms; best {_show(best.config)}: {best.ms:.3f} ms")
 
 
 def _tune_aggregation(sizes: dict, out_size: int, device: torch.device, generator, limit: int) -> None:

@@ -238,3 +238,12 @@ def test_the_other_kernels_tune_and_keep_their_results(private_cache):
 
     stored = json.loads(private_cache.read_text())["devices"][autotune.device_key(device)]
     assert set(stored) == {"aggregate", "retrieve_topk", "block_histograms", "pts"}
+
+
+def test_cli_tune_with_retrieval(private_cache, capsys):
+    assert main(["tune", "--backbone", "resnet18", "--image-size", "32", "--out-size", "16", "--batch-sizes", "2",
+                 "--templates", "5", "--retrieval-k", "2", "--max-configs", "1",
+                 "--params", "L1:5x3_a=0.5_l=1|L2:0x0_a=0.5_l=1|L3:0x0_a=0.5_l=1"]) == 0
+    assert "retrieve_topk batch 2: top 2 of 5" in capsys.readouterr().out
+    stored = json.loads(private_cache.read_text())["devices"][autotune.device_key(device_for("triton"))]
+    assert next(iter(stored["mutual"])).endswith("indexed=1") and len(stored["retrieve_topk"]) == 1
