@@ -184,6 +184,12 @@ def _ops_demo(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from .tuning import run
+
+    return run(args)
+
+
 def _add_model_options(parser, backbone="wide_resnet101_2", weights="imagenet"):
     parser.add_argument("--backbone", default=backbone, help=f"timm ResNet or tf_efficientnet_lite0 (default {backbone})")
     parser.add_argument("--weights", default=weights,
@@ -265,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--max-configs", type=int, default=48,
                       help="configs tried per problem, most promising first (default 48)")
     tune.add_argument("--dry-run", action="store_true", help="print the problems and search spaces, run nothing")
-    tune.set_defaults(run=lambda args: __import__("hetmm.tuning", fromlist=["run"]).run(args))
+    tune.set_defaults(run=_tune)
 
     ops = commands.add_parser("ops-demo", help="the matching ops on a synthetic defect, backends compared")
     ops.add_argument("--size", type=int, default=32)
