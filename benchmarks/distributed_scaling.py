@@ -64,7 +64,7 @@ def main() -> None:
     images = torch.rand(args.images, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(1))
 
     if group:
-        seconds = timed(group, lambda: distributed.predict_sharded(det, list(images), group))
+        seconds = timed(group, lambda: distributed.predict_data_parallel(det, list(images), group))
     else:
         seconds = timed(group, lambda: det.predict(images))
     report = [("data-parallel", seconds)]

@@ -74,7 +74,7 @@ def _predict(args) -> int:
         result = distributed.run_everywhere(group, lambda: det.predict(paths))
         result = result if group.is_main else None
     else:  # every rank scores its share of the images against the whole bank
-        result = distributed.predict_sharded(det, paths, group)
+        result = distributed.predict_data_parallel(det, paths, group)
     if result is None:
         return 0  # not rank 0: rank 0 writes the merged result
     out = Path(args.out)

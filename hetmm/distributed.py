@@ -102,7 +102,7 @@ def gather_to_main(group: Group, obj) -> list | None:
     return gathered
 
 
-def predict_sharded(detector, items: list, group: Group):
+def predict_data_parallel(detector, items: list, group: Group):
     """Data-parallel ``detector.predict(items)``: the merged ``Prediction`` on rank 0, ``None`` elsewhere."""
     from .detector import Prediction
 

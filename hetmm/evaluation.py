@@ -15,7 +15,7 @@ def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, gr
     ``group`` (``hetmm.distributed.Group``): every rank fits the same bank and scores its share of
     the test images; the metrics are computed once, on rank 0, over all of them (``None`` elsewhere).
     """
-    from .distributed import predict_sharded
+    from .distributed import predict_data_parallel
 
     start = time.perf_counter()
     if fit:
@@ -23,7 +23,7 @@ def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, gr
     fitted = time.perf_counter()
     samples = data.test
     paths = [s.path for s in samples]
-    result = detector.predict(paths) if group is None else predict_sharded(detector, paths, group)
+    result = detector.predict(paths) if group is None else predict_data_parallel(detector, paths, group)
     predicted = time.perf_counter()
     if result is None:
         return None
