@@ -56,6 +56,14 @@ def _predict(args) -> int:
     from .data import image_files
     from .detector import HETMM
 
+    # the images first: a typo should not wait for the bank and the model to load
+    paths = [q for p in map(Path, args.images) for q in (image_files(p) if p.is_dir() else [p])]
+    empty = [str(p) for p in map(Path, args.images) if p.is_dir() and not image_files(p)]
+    if empty:
+        raise SystemExit(f"hetmm predict: no images directly inside {', '.join(empty)} (subfolders are not searched)")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"hetmm predict: no such image file(s): {', '.join(missing)}")
     group = distributed.setup(args.device)
     if args.shard_bank and group is None:
         raise SystemExit("hetmm predict: --shard-bank splits the bank across processes: "
@@ -64,10 +72,6 @@ def _predict(args) -> int:
                      device=group.device if group else args.device, half=args.half, batch_size=args.batch_size,
                      threshold=args.threshold, download=args.download, progress=group is None or group.is_main,
                      shard=group if args.shard_bank else None, cuda_graph=args.cuda_graph)
-    paths = [q for p in map(Path, args.images) for q in (image_files(p) if p.is_dir() else [p])]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise SystemExit(f"hetmm predict: no such image file(s): {', '.join(missing)}")
     if group is None:
         result = det.predict(paths)
     elif args.shard_bank:  # every rank scores every image against its share of the bank
@@ -286,13 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     from .data import ImageError
     from .distributed import RankFailed, teardown
 
+    everyone_here = False  # whether every rank of a distributed run reaches the end together
     try:
-        return args.run(args)
-    except (WeightsUnavailable, BankMismatch, ImageError, FileNotFoundError, RankFailed) as error:
+        result = args.run(args)
+        everyone_here = True
+        return result
+    except RankFailed as error:  # raised on every rank alike
+        everyone_here = True
+        print(f"hetmm {args.command}: {error}", file=sys.stderr)
+        return 2
+    except (WeightsUnavailable, BankMismatch, ImageError, FileNotFoundError) as error:
         print(f"hetmm {args.command}: {error}", file=sys.stderr)
         return 2
     finally:
-        teardown()
+        teardown(synchronise=everyone_here)
 
 
 if __name__ == "__main__":

@@ -63,8 +63,15 @@ def setup(device=None) -> Group | None:
     return Group(dist.get_rank(), dist.get_world_size(), device)
 
 
-def teardown() -> None:
+def teardown(synchronise: bool = True) -> None:
+    """Leave the process group. ``synchronise``: wait for every rank first (they must all be here).
+
+    A rank that destroys the group while a peer still talks to it can abort at exit (gloo's
+    threads), turning a finished run into a failed one; a rank that fails alone must not wait.
+    """
     if dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()
 
 

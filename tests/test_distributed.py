@@ -109,9 +109,10 @@ def test_a_shard_without_its_group_is_refused():
         det.predict(torch.rand(1, 3, 32, 32))
 
 
-def test_shard_bank_needs_torchrun(tmp_path, capsys):
+def test_shard_bank_needs_torchrun(tmp_path, demo):
+    image = next((demo / "gravel" / "test" / "good").glob("*.png"))
     with pytest.raises(SystemExit, match="torchrun"):
-        main(["predict", "--bank", str(tmp_path / "b.safetensors"), "x.png", "--out", str(tmp_path), "--shard-bank"])
+        main(["predict", "--bank", str(tmp_path / "b.safetensors"), str(image), "--out", str(tmp_path), "--shard-bank"])
 
 
 # ----------------------------------------------------------------------------- two ranks
