@@ -99,8 +99,11 @@ class TuningCache:
         return self._entries
 
     def get(self, device: str, op: str, problem: str) -> dict | None:
-        entry = self.entries.get(device, {}).get(op, {}).get(problem) if isinstance(self.entries.get(device), dict) else None
-        return entry if isinstance(entry, dict) else None
+        """The entry ``{"config": ..., "ms": ...}``, or None (absent, or not shaped like one)."""
+        node = self.entries
+        for key in (device, op, problem):
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else None
 
     def put(self, device: str, op: str, problem: str, config: dict, ms: float) -> None:
         merged = self._read()  # another process may have tuned other problems meanwhile

@@ -247,3 +247,15 @@ def test_cli_tune_with_retrieval(private_cache, capsys):
     assert "retrieve_topk batch 2: top 2 of 5" in capsys.readouterr().out
     stored = json.loads(private_cache.read_text())["devices"][autotune.device_key(device_for("triton"))]
     assert next(iter(stored["mutual"])).endswith("indexed=1") and len(stored["retrieve_topk"]) == 1
+
+
+def test_misshapen_entries_are_ignored(private_cache):
+    q, _ = _problem()
+    problem = atm.mutual_problem(q.shape, 3, 2, 1, q.dtype, False)
+    device = autotune.device_key(q.device)
+    default = atm.tile_config(8, 8, 2, 2, 16)
+    for devices in ({device: "oops"}, {device: {"mutual": ["x"]}}, {device: {"mutual": {problem: 3}}}):
+        private_cache.parent.mkdir(parents=True, exist_ok=True)
+        private_cache.write_text(json.dumps({"format": autotune.FORMAT, "devices": devices}))
+        autotune.forget()
+        assert atm.mutual_config(q, 3, 2, 1, False) == default
