@@ -13,10 +13,8 @@ import torch.nn.functional as F
 
 from ..reference import KL_EPS, block_layout
 
-# Bank entries per step: [Q, chunk] planes of up to 2^17 pairs, chunks of at most 2^14 entries
-# (measured on 2 cores: 1 query prefers 2^14-pair planes, which stay in cache; 32 queries prefer 2^17).
-PAIR_PLANE_ELEMENTS = 1 << 17
-MAX_CHUNK = 1 << 14
+# Bank entries per step: [L, Q, chunk] block distances of about this many elements (cache-sized).
+PAIR_BLOCK_ELEMENTS = 1 << 19
 
 
 def nearest_codes(features: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -62,43 +60,37 @@ def block_histograms(features, centers, S: int = 5, return_codes: bool = False):
     return (hist, codes) if return_codes else hist
 
 
-def trimmed_distances(query: torch.Tensor, bank: torch.Tensor, keep: int, method: str) -> torch.Tensor:
-    """``[Q, R]`` for float histograms ``query [Q, L, n+1]`` and ``bank [R, L, n+1]``.
+def _bin_sum(terms) -> torch.Tensor:
+    """Sum of the per-bin terms in bin order, one elementwise add at a time."""
+    total = None
+    for term in terms:
+        total = term.clone() if total is None else total.add_(term)
+    return total
 
-    Every pair's value comes from the same fixed sequence of elementwise operations on
-    ``[Q, R]`` planes, one bin and one block at a time: no matrix product, whose summation
-    order would depend on the matrix shapes. So a pair's distance does not depend on the
+
+def trimmed_distances(query: torch.Tensor, bank: torch.Tensor, keep: int, method: str) -> torch.Tensor:
+    """``[Q, R]`` for float histograms ``query [Q, L, n+1]`` and ``bank [L, n+1, R]`` (bank-minor:
+    each bin's row over the bank is contiguous).
+
+    Every pair's value comes from the same fixed sequence of elementwise operations (bin by
+    bin on ``[L, Q, R]`` planes, then block by block): no matrix product or library reduction,
+    whose summation order depends on the shapes. So a pair's distance does not depend on the
     batch, on the bank chunk or on how a bank is sharded across processes, and rankings
     merged across shards equal the unsharded one exactly. KL(q || r) = sum q log q - sum q log r,
     so the logarithms cost R*L*bins, not Q*R*L*bins. The ``L - keep`` largest block distances
     are then subtracted from the total.
     """
-    n_query, blocks, bins = query.shape
-    per_block = torch.empty(blocks, n_query, bank.shape[0], device=query.device)
-    term = torch.empty(n_query, bank.shape[0], device=query.device)
+    blocks, bins = query.shape[1:]
+    q = query.permute(1, 2, 0)  # [L, bins, Q]
     if method == "kl":
-        q = query + KL_EPS
-        own = (q * torch.log(q)).sum(dim=-1).t().contiguous()  # [L, Q]: per query, shape-independent
-        r = torch.log(bank + KL_EPS)
+        q = q + KL_EPS
+        own = _bin_sum(q[:, b] * torch.log(q[:, b]) for b in range(bins))  # [L, Q]
+        r = torch.log(bank + KL_EPS)  # [L, bins, R]
+        cross = _bin_sum(q[:, b, :, None] * r[:, b, None, :] for b in range(bins))  # [L, Q, R]
+        per_block = torch.sub(own[:, :, None], cross, out=cross)
     else:
-        q, r = query, bank
-    r = r.permute(1, 2, 0).contiguous()  # [L, bins, R]: each bin's row over the bank is contiguous
-    for l in range(blocks):
-        acc = per_block[l]
-        for b in range(bins):
-            q_col, r_row = q[:, l, b, None], r[l, b][None]
-            if method == "kl":
-                torch.mul(q_col, r_row, out=term)
-            else:
-                torch.sub(q_col, r_row, out=term).mul_(term)
-            if b == 0:
-                acc.copy_(term)
-            else:
-                acc.add_(term)
-        if method == "kl":
-            torch.sub(own[l, :, None], acc, out=acc)
-        else:
-            acc.sqrt_()
+        r = bank
+        per_block = _bin_sum((q[:, b, :, None] - r[:, b, None, :]).square_() for b in range(bins)).sqrt_()
     total = per_block[0].clone()
     for l in range(1, blocks):
         total.add_(per_block[l])
@@ -137,9 +129,10 @@ def merge_topk(best_d, best_i, dist, offset: int, k: int):
 def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str):
     keep = int(query_hist.shape[1] * l_ratio)
     query = query_hist.float()
-    step = max(256, min(MAX_CHUNK, PAIR_PLANE_ELEMENTS // query.shape[0]))
+    step = max(256, PAIR_BLOCK_ELEMENTS // (query.shape[0] * query.shape[1]))
     best_d = best_i = None
     for start in range(0, bank_counts.shape[0], step):
-        chunk = bank_counts[start:start + step].float() / area
+        # transposed while still integer counts (a quarter of the bytes of floats)
+        chunk = bank_counts[start:start + step].permute(1, 2, 0).contiguous().float() / area
         best_d, best_i = merge_topk(best_d, best_i, trimmed_distances(query, chunk, keep, method), start, k)
     return best_d, best_i
