@@ -1,8 +1,9 @@
 """``hetmm tune``: tune the Triton kernels for one detector configuration on this GPU.
 
 The problems are the ones ``predict`` launches: per active layer, the fused matching kernel
-on the backbone's feature shape for each batch size, against the template count; then the
-aggregation to the output size. Results go to the tuning cache (``hetmm_kernels.autotune``)
+on the backbone's feature shape for each batch size, against the template count (or, with
+retrieval, each query against its K templates); then the aggregation to the output size and,
+with retrieval, the top-K search. Results go to the tuning cache (``hetmm_kernels.autotune``)
 and are used by every later process on this GPU.
 """
 
