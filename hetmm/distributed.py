@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
-MATCH_FLOOR = -1.0  # the value a match map starts from (the published kernel's)
+from hetmm_kernels.reference import MATCH_FLOOR  # the value every match map starts from
 
 
 class RankFailed(RuntimeError):
@@ -128,10 +127,9 @@ def predict_data_parallel(detector, items: list, group: Group):
 
 def merge_topk(distances: torch.Tensor, indices: torch.Tensor, k: int):
     """The ``k`` smallest of ``distances [Q, M]`` with ties to the lower ``indices [Q, M]``."""
-    by_index = indices.argsort(dim=1, stable=True)
-    distances, indices = distances.gather(1, by_index), indices.gather(1, by_index)
-    order = distances.argsort(dim=1, stable=True)[:, :k]
-    return distances.gather(1, order), indices.gather(1, order)
+    from hetmm_kernels.torch_ops.retrieval import smallest_k
+
+    return smallest_k(distances, indices, k)
 
 
 def sharded_topk(query_hist: torch.Tensor, local_bank, k: int, offset: int, total: int, group: Group | None = None,

@@ -120,10 +120,15 @@ def merge_topk(best_d, best_i, dist, offset: int, k: int):
     index = index + offset
     if best_d is not None:
         dist, index = torch.cat([best_d, dist], dim=1), torch.cat([best_i, index], dim=1)
-    by_index = index.argsort(dim=1)
-    dist, index = dist.gather(1, by_index), index.gather(1, by_index)
-    order = dist.argsort(dim=1, stable=True)[:, :k]
-    return dist.gather(1, order), index.gather(1, order)
+    return smallest_k(dist, index, k)
+
+
+def smallest_k(distances: torch.Tensor, indices: torch.Tensor, k: int):
+    """The ``k`` smallest of ``distances [Q, M]``, ascending, ties to the lower ``indices [Q, M]``."""
+    by_index = indices.argsort(dim=1, stable=True)
+    distances, indices = distances.gather(1, by_index), indices.gather(1, by_index)
+    order = distances.argsort(dim=1, stable=True)[:, :k]
+    return distances.gather(1, order), indices.gather(1, order)
 
 
 def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str):

@@ -117,6 +117,10 @@ def histogram_space(channels: int) -> list:
             if c <= max(16, triton.next_power_of_2(channels))]
 
 
+def histogram_default(channels: int) -> dict:
+    return dict(BLOCK_C=min(64, triton.next_power_of_2(channels)), num_warps=4)
+
+
 def _histogram_valid(config: dict) -> bool:
     return _warps_valid(config) and config["BLOCK_C"] in (16, 32, 64, 128)
 
@@ -128,9 +132,8 @@ def block_histograms(features, centers, S: int = 5, return_codes: bool = False, 
     hist = torch.empty(batch, blocks_h * blocks_w, count + 1, device=features.device)
     codes = torch.empty(batch, height, width, dtype=torch.int64, device=features.device)
     grid = (batch, blocks_h * blocks_w)
-    default = dict(BLOCK_C=min(64, triton.next_power_of_2(channels)), num_warps=4)
     cfg = config or autotune.choose("block_histograms", histogram_problem(features, centers), features.device,
-                                    default, _histogram_valid)
+                                    histogram_default(channels), _histogram_valid)
     _block_histogram_kernel[grid](
         features.contiguous(), centers.contiguous(), hist, codes,
         channels, height, width, count, blocks_w, blocks_h * blocks_w, block_h, block_w, pad_h, pad_w,
@@ -152,6 +155,10 @@ def topk_valid(config: dict, blocks: int) -> bool:
     return pow2 and br >= 16 and bq * br * triton.next_power_of_2(blocks) <= 16384 and _warps_valid(config)
 
 
+def topk_default(queries: int) -> dict:
+    return dict(BLOCK_Q=min(16, triton.next_power_of_2(queries)), BLOCK_R=32, num_warps=4)
+
+
 def topk_space(queries: int, blocks: int) -> list:
     space = [dict(BLOCK_Q=bq, BLOCK_R=br, num_warps=w) for bq in (1, 2, 4, 8, 16) for br in (16, 32, 64, 128)
              for w in (2, 4, 8) if bq <= triton.next_power_of_2(queries)]
@@ -161,9 +168,8 @@ def topk_space(queries: int, blocks: int) -> list:
 def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str, config: dict | None = None):
     queries, blocks, bins = query_hist.shape
     entries = bank_counts.shape[0]
-    default = dict(BLOCK_Q=min(16, triton.next_power_of_2(queries)), BLOCK_R=32, num_warps=4)
     cfg = config or autotune.choose("retrieve_topk", topk_problem(queries, entries, blocks, bins, k, method),
-                                    query_hist.device, default, lambda c: topk_valid(c, blocks))
+                                    query_hist.device, topk_default(queries), lambda c: topk_valid(c, blocks))
     block_q, block_r = cfg["BLOCK_Q"], cfg["BLOCK_R"]
     cand = min(block_r, triton.next_power_of_2(k))
     n_bank_blocks = triton.cdiv(entries, block_r)
@@ -188,7 +194,7 @@ def tune_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float = 0.8, 
               space: list | None = None, limit: int | None = None, save: bool = True, timer=None):
     """Tune ``retrieve_topk`` for this query count, bank size and k (the ranking must not change)."""
     queries, blocks, bins = query_hist.shape
-    default = dict(BLOCK_Q=min(16, triton.next_power_of_2(queries)), BLOCK_R=32, num_warps=4)
+    default = topk_default(queries)
     space = [c for c in (space or topk_space(queries, blocks)) if c != default][:limit]
     return autotune.tune("retrieve_topk", topk_problem(queries, bank_counts.shape[0], blocks, bins, k, method),
                          query_hist.device, space, default,
@@ -198,7 +204,7 @@ def tune_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float = 0.8, 
 
 def tune_histograms(features, centers, S: int = 5, space: list | None = None, save: bool = True, timer=None):
     """Tune ``block_histograms`` for this feature shape (the codes must not change)."""
-    default = dict(BLOCK_C=min(64, triton.next_power_of_2(features.shape[1])), num_warps=4)
+    default = histogram_default(features.shape[1])
     space = [c for c in (space or histogram_space(features.shape[1])) if c != default]
     return autotune.tune("block_histograms", histogram_problem(features, centers), features.device, space, default,
                          lambda cfg: block_histograms(features, centers, S, True, cfg),
