@@ -29,6 +29,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        # benchmarks/compare_anomalib.py: PatchCore and PaDiM at the same backbone
+        "compare": ["anomalib>=2.7,<2.8"],
     },
     entry_points={"console_scripts": ["hetmm=hetmm.cli:main"]},
 )

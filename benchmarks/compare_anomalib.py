@@ -1,0 +1,290 @@
+"""hetmm against anomalib's PatchCore and PaDiM at the same backbone, on the same images.
+
+    pip install -e ".[compare]"          # anomalib 2.7 and lightning, only for this harness
+    python benchmarks/compare_anomalib.py --data ROOT --category brick grass gravel --json out.json
+
+Every system gets the same ``tf_efficientnet_lite0`` ImageNet weights (anomalib's torch models
+are built with ``pre_trained=False`` and the weights are loaded into their timm feature
+extractor; the harness checks that the features equal hetmm's), the same images read once
+at the same size and normalised the same way, the same training set. Reported per system and
+category: fit seconds, predict images/s at batch 1 and 8 (the systems interleaved in one
+process, median per call over several rounds, and the ratio to PatchCore), peak RSS (each
+system fitted and run in a fresh process), bank/model size on disk, and image AUROC, pixel
+AUROC and PRO computed by one metric code (``hetmm.metrics``) for all.
+
+``--data`` defaults to a freshly built demo set (40 normal training images per texture, 20 normal
+and 20 defective test images, as the speed issue measured); ``benchmarks/eval_sets.py`` builds
+the two evaluation sets of the accuracy protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may wait on a hub
+os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's coreset progress bar would drown the table
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hetmm import HETMM, aupro, image_auroc, pixel_auroc  # noqa: E402
+from hetmm.backbone import LITE0, create_network  # noqa: E402
+from hetmm.data import MVTecCategory, read_image  # noqa: E402
+
+INSTALL_HINT = ('this comparison needs anomalib 2.7 (and lightning): pip install -e ".[compare]" '
+                '(or pip install "anomalib==2.7.*")')
+# The lite0 stages at strides 8 and 16 (PatchCore's layer2 / layer3), and 4, 8, 16 for PaDiM: the same
+# tensors hetmm taps as layer1..layer3.
+PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]
+PADIM_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
+PADIM_FEATURES = 100  # of 24 + 40 + 112 = 176 channels, as anomalib keeps 100 of resnet18's 448
+LITE0_MEAN = LITE0_STD = 0.5  # the lite weights' own input normalisation, for every system
+
+
+def _require_anomalib():
+    try:
+        import anomalib  # noqa: F401
+    except ImportError:
+        raise SystemExit(INSTALL_HINT) from None
+
+
+def lite0_state() -> dict:
+    """The ImageNet weights hetmm's lite0 backbone uses, as a timm state dict."""
+    return create_network(LITE0, "imagenet").state_dict()
+
+
+def _load_lite0(feature_extractor) -> None:
+    """Load the lite0 weights into anomalib's ``TimmFeatureExtractor`` (a timm ``features_only`` net)."""
+    net = feature_extractor.feature_extractor
+    missing, _ = net.load_state_dict(lite0_state(), strict=False)
+    if missing:
+        raise RuntimeError(f"anomalib's feature extractor did not take the lite0 weights: missing {missing[:5]}")
+
+
+def _normalised(images: torch.Tensor) -> torch.Tensor:
+    return (images - LITE0_MEAN) / LITE0_STD
+
+
+class HetmmSystem:
+    """hetmm through its public API; ``options`` are ``HETMM`` keyword arguments."""
+
+    def __init__(self, name="hetmm", **options):
+        self.name, self.options = name, options
+
+    def fit(self, images: torch.Tensor) -> None:
+        self.detector = HETMM(LITE0, "imagenet", device="cpu", **self.options).fit(images)
+
+    def predict(self, images: torch.Tensor):
+        self.detector.batch_size = max(self.detector.batch_size, images.shape[0])
+        result = self.detector.predict(images)
+        return result.pred_score, result.anomaly_map, result.pro_map
+
+    def save(self, folder: Path) -> Path:
+        return self.detector.save(folder / "hetmm.safetensors")
+
+
+class AnomalibSystem:
+    """An anomalib torch model (PatchCore or PaDiM) fitted as its Lightning module fits it."""
+
+    def __init__(self, name: str, kind: str, **options):
+        self.name, self.kind, self.options = name, kind, options
+
+    def build(self):
+        _require_anomalib()
+        if self.kind == "patchcore":
+            from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+            model = PatchcoreModel(layers=PATCHCORE_LAYERS, backbone=LITE0, pre_trained=False, num_neighbors=9)
+        else:
+            from anomalib.models.image.padim.torch_model import PadimModel
+
+            model = PadimModel(backbone=LITE0, layers=PADIM_LAYERS, pre_trained=False, n_features=PADIM_FEATURES)
+        _load_lite0(model.feature_extractor)
+        return model
+
+    def fit(self, images: torch.Tensor, batch: int = 8) -> None:
+        torch.manual_seed(0)  # PaDiM's random channel choice, PatchCore's coreset start
+        self.model = self.build().train()
+        with torch.no_grad():
+            for i in range(0, images.shape[0], batch):
+                self.model(_normalised(images[i:i + batch]))
+        if self.kind == "patchcore" and self.options.get("coreset", 0.1) >= 1.0:
+            # the whole bank: what k-center greedy returns at ratio 1, without its 40,000 serial steps
+            self.model.memory_bank = torch.vstack(self.model.embedding_store)
+            self.model.embedding_store.clear()
+        elif self.kind == "patchcore":
+            self.model.subsample_embedding(self.options.get("coreset", 0.1))
+        else:
+            self.model.fit()
+        self.model.eval()
+
+    def predict(self, images: torch.Tensor):
+        with torch.no_grad():
+            out = self.model(_normalised(images))
+        anomaly = out.anomaly_map[:, 0]
+        return out.pred_score.reshape(-1), anomaly, anomaly
+
+    def save(self, folder: Path) -> Path:
+        """What a user persists: the model's own buffers (memory bank / Gaussian), not the backbone."""
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("feature_extractor.")}
+        path = folder / f"{self.name}.pt"
+        torch.save(state, path)
+        return path
+
+
+def default_systems(hetmm_options: dict | None = None) -> list:
+    return [HetmmSystem("hetmm", **(hetmm_options or {})),
+            AnomalibSystem("patchcore-0.1", "patchcore", coreset=0.1),
+            AnomalibSystem("patchcore-1.0", "patchcore", coreset=1.0),
+            AnomalibSystem("padim", "padim")]
+
+
+def check_features(image: torch.Tensor) -> float:
+    """Largest difference between anomalib's and hetmm's raw lite0 features on ``image`` (0: identical)."""
+    from hetmm.backbone import Backbone
+
+    hetmm_net = Backbone(LITE0, "imagenet")
+    ours = hetmm_net(image, normalize=False)
+    theirs = AnomalibSystem("padim", "padim").build().feature_extractor(_normalised(image))
+    worst = 0.0
+    for layer, name in zip(("layer1", "layer2", "layer3"), PADIM_LAYERS):
+        if theirs[name].shape != ours[layer].shape:
+            raise RuntimeError(f"anomalib's {name} is {tuple(theirs[name].shape)}, hetmm's {layer} "
+                               f"{tuple(ours[layer].shape)}")
+        worst = max(worst, (theirs[name] - ours[layer]).abs().max().item())
+    return worst
+
+
+def load_category(root, category: str, size: int = 256):
+    data = MVTecCategory(root, category)
+    samples = data.test
+    train = torch.stack([read_image(p, size) for p in data.train])
+    test = torch.stack([read_image(s.path, size) for s in samples])
+    labels = torch.tensor([s.label for s in samples])
+    masks = data.load_masks(samples, size)
+    return train, test, labels, masks
+
+
+def accuracy(system, train, test, labels, masks, batch: int = 8) -> dict:
+    start = time.perf_counter()
+    system.fit(train)
+    fit_seconds = time.perf_counter() - start
+    parts = [system.predict(test[i:i + batch]) for i in range(0, test.shape[0], batch)]
+    scores, anomaly, pro = (torch.cat([p[j].float().cpu() for p in parts]) for j in range(3))
+    return dict(fit_seconds=fit_seconds, image_auroc=image_auroc(labels, scores),
+                pixel_auroc=pixel_auroc(masks, anomaly), pro=aupro(masks, pro))
+
+
+def rates(systems, test, batches=(1, 8), rounds: int = 3, calls: int = 4) -> dict:
+    """Images/s per system and batch: median seconds per call, the systems interleaved in every round."""
+    times = {(s.name, b): [] for s in systems for b in batches}
+    for s in systems:  # warm-up: first-call allocations, layouts, thread pools
+        for b in batches:
+            s.predict(test[:b])
+    for _ in range(rounds):
+        for b in batches:
+            for s in systems:
+                for c in range(calls):
+                    chunk = test[(c * b) % max(1, test.shape[0] - b + 1):][:b]
+                    start = time.perf_counter()
+                    s.predict(chunk)
+                    times[(s.name, b)].append(time.perf_counter() - start)
+    return {f"{name}@{b}": b / statistics.median(t) for (name, b), t in times.items()}
+
+
+def _peak_rss_worker(system, train, test, queue) -> None:
+    torch.set_num_threads(int(os.environ.get("HETMM_COMPARE_THREADS", torch.get_num_threads())))
+    system.fit(train)
+    for i in range(0, test.shape[0], 8):
+        system.predict(test[i:i + 8])
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB
+
+
+def peak_rss(system, train, test) -> float:
+    """Peak resident memory (MiB) of a fresh process that fits ``system`` and predicts ``test``."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_peak_rss_worker, args=(system, train, test, queue))
+    process.start()
+    value = queue.get(timeout=600)
+    process.join()
+    return value
+
+
+def compare(root, categories, systems=None, rounds: int = 3, measure_memory: bool = True) -> dict:
+    systems = systems or default_systems()
+    report = {"threads": torch.get_num_threads(), "categories": {}}
+    for category in categories:
+        train, test, labels, masks = load_category(root, category)
+        if "feature_check_max_abs_diff" not in report:
+            report["feature_check_max_abs_diff"] = check_features(train[:2])
+        rows = {}
+        for s in systems:
+            rows[s.name] = accuracy(s, train, test, labels, masks)
+            with tempfile.TemporaryDirectory() as folder:
+                rows[s.name]["size_mb"] = s.save(Path(folder)).stat().st_size / 2**20
+        speed = rates(systems, test, rounds=rounds)
+        for s in systems:
+            for b in (1, 8):
+                rows[s.name][f"images_per_s_b{b}"] = speed[f"{s.name}@{b}"]
+            if measure_memory:
+                rows[s.name]["peak_rss_mb"] = peak_rss(s, train, test)
+        report["categories"][category] = rows
+        print(format_rows(category, rows), flush=True)
+    return report
+
+
+def format_rows(category: str, rows: dict, baseline: str = "patchcore-0.1") -> str:
+    head = (f"{category:<10}{'system':<16}{'img AUROC':>10}{'pix AUROC':>10}{'PRO':>7}{'fit s':>7}"
+            f"{'img/s b1':>10}{'img/s b8':>10}{'x PC b1':>9}{'x PC b8':>9}{'RSS MB':>8}{'disk MB':>9}")
+    lines = [head]
+    base = rows.get(baseline)
+    for name, r in rows.items():
+        ratio = [f"{r[f'images_per_s_b{b}'] / base[f'images_per_s_b{b}']:>9.2f}" if base else f"{'-':>9}"
+                 for b in (1, 8)]
+        lines.append(f"{'':<10}{name:<16}{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}{r['pro']:>7.3f}"
+                     f"{r['fit_seconds']:>7.1f}{r['images_per_s_b1']:>10.1f}{r['images_per_s_b8']:>10.1f}"
+                     f"{ratio[0]}{ratio[1]}{r.get('peak_rss_mb', float('nan')):>8.0f}{r['size_mb']:>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=None, help="an MVTec-layout root (default: build the 40-image demo set)")
+    parser.add_argument("--category", nargs="+", default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-system peak-RSS processes")
+    parser.add_argument("--systems", nargs="+", default=None,
+                        help="a subset of: hetmm patchcore-0.1 patchcore-1.0 padim")
+    parser.add_argument("--hetmm", default="{}", help="HETMM keyword arguments as JSON, e.g. '{\"precision\": \"fp32\"}'")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    _require_anomalib()
+    root = args.data
+    if root is None:
+        from hetmm.demo import TEXTURES, build_dataset
+
+        root = build_dataset(Path(tempfile.mkdtemp(prefix="hetmm-compare-")), n_train=40, n_good=20, n_defective=20)
+        args.category = args.category or list(TEXTURES)
+    if not args.category:
+        parser.error("--category is required with --data")
+    systems = [s for s in default_systems(json.loads(args.hetmm)) if args.systems is None or s.name in args.systems]
+    report = compare(root, args.category, systems, rounds=args.rounds, measure_memory=not args.no_memory)
+    print(f"features: anomalib vs hetmm, max |difference| {report['feature_check_max_abs_diff']:.2e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
