@@ -1,0 +1,186 @@
+"""Two disjoint MVTec-layout evaluation sets built offline: one to choose on, one only to report.
+
+    pip install --no-deps metaworld==3.1.1 robosuite==1.5.2     # texture photographs only (never imported)
+    python benchmarks/eval_sets.py --out /tmp/sets               # writes /tmp/sets/choose and /tmp/sets/report
+
+* ``choose``: scikit-image's brick / grass / gravel (grey) and four metaworld material photographs
+  (granite, metal, wood, plaster), with hetmm's demo defects (``hetmm.demo.paint_defect``: scratches,
+  blobs, patches of another texture, bright/dark spots).
+* ``report``: six robosuite photographs (brushed steel, felt, wood tiles, ceramic, white bricks,
+  plaster), in colour, with defects painted by a *different* generator (below): cracks, stains,
+  holes, foreign matter, local warps. No photograph, generator or parameter is shared with ``choose``;
+  options and defaults are chosen on ``choose`` and only reported on ``report``.
+
+Per category: 40 normal training crops from the upper part of the photograph, 20 normal and 20
+defective test crops from the lower part (``choose`` at the demo's 176 px, ``report`` at 256 px;
+hetmm and the harness read both at 256), masks in ``ground_truth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZE = 256
+CHOOSE = {  # category -> (package, file inside it)
+    "brick": ("skimage", "brick"), "grass": ("skimage", "grass"), "gravel": ("skimage", "gravel"),
+    "granite": ("metaworld", "assets/textures/granite.png"),
+    "metal": ("metaworld", "assets/textures/metal2.png"),
+    "wood": ("metaworld", "assets/textures/wood3.png"),
+    "plaster": ("metaworld", "assets/textures/plaster1.png"),
+}
+REPORT = {
+    "steel": ("robosuite", "models/assets/textures/steel-brushed.png"),
+    "felt": ("robosuite", "models/assets/textures/gray-felt.png"),
+    "wood_tiles": ("robosuite", "models/assets/textures/wood-tiles.png"),
+    "ceramic": ("robosuite", "models/assets/textures/ceramic.png"),
+    "bricks": ("robosuite", "models/assets/textures/white-bricks.png"),
+    "plaster": ("robosuite", "models/assets/textures/light-gray-plaster.png"),
+}
+REPORT_DEFECTS = ("crack", "stain", "hole", "foreign", "warp")
+
+
+def photograph(package: str, name: str) -> np.ndarray:
+    """float32 ``[H, W, 3]`` in [0, 1] (``[H, W]`` for scikit-image's grey textures)."""
+    if package == "skimage":
+        import skimage.data
+
+        return getattr(skimage.data, name)().astype(np.float32) / 255
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{package} is not installed: pip install --no-deps metaworld==3.1.1 robosuite==1.5.2")
+    with Image.open(Path(spec.submodule_search_locations[0]) / name) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255
+
+
+def _crop(image, rng, rows, size):
+    y = rng.integers(rows[0], rows[1] - size + 1)
+    x = rng.integers(0, image.shape[1] - size + 1)
+    return image[y:y + size, x:x + size].copy()
+
+
+def _resized(array: np.ndarray, size: int = SIZE) -> np.ndarray:
+    img = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    return np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255
+
+
+def _soft_region(rng, shape, r_min, r_max, wobble=0.35):
+    """An irregular blob: a radius that varies with angle (a few random harmonics)."""
+    h, w = shape
+    cy, cx = rng.uniform(r_max, h - r_max), rng.uniform(r_max, w - r_max)
+    yy, xx = np.mgrid[:h, :w]
+    angle = np.arctan2(yy - cy, xx - cx)
+    radius = rng.uniform(r_min, r_max) * (1 + sum(wobble / k * np.sin(k * angle + rng.uniform(0, 6.3))
+                                                   for k in (2, 3, 5)))
+    return np.hypot(yy - cy, xx - cx) <= radius
+
+
+def paint_report_defect(image: np.ndarray, kind: str, rng: np.random.Generator, other: np.ndarray):
+    """(defective image, mask) for the report set's generator; ``image`` is ``[H, W, 3]``."""
+    from scipy import ndimage
+
+    out, (h, w) = image.copy(), image.shape[:2]
+    if kind == "crack":  # a jagged random walk, thin and dark
+        mask = np.zeros((h, w), bool)
+        y, x = rng.uniform(0.25, 0.75, size=2) * (h, w)
+        heading = rng.uniform(0, 2 * np.pi)
+        for _ in range(int(rng.uniform(0.35, 0.6) * h)):
+            heading += rng.normal(0, 0.35)
+            y, x = y + np.sin(heading), x + np.cos(heading)
+            if not (1 <= y < h - 1 and 1 <= x < w - 1):
+                break
+            mask[int(y) - 1:int(y) + 1, int(x) - 1:int(x) + 1] = True
+        out[mask] *= rng.uniform(0.15, 0.4)
+    elif kind == "stain":  # a soft-edged colour cast
+        mask = _soft_region(rng, (h, w), 14, 26)
+        weight = ndimage.gaussian_filter(mask.astype(np.float32), 3)[..., None]
+        tint = rng.uniform(0.2, 0.8, size=3)
+        out = (1 - 0.6 * weight) * out + 0.6 * weight * tint
+        mask = weight[..., 0] > 0.25
+    elif kind == "hole":  # dark, irregular, with a lighter rim
+        mask = _soft_region(rng, (h, w), 6, 14)
+        rim = ndimage.binary_dilation(mask, iterations=2) & ~mask
+        out[mask] = 0.05 + 0.05 * rng.random((mask.sum(), 1))
+        out[rim] = np.clip(out[rim] + 0.25, 0, 1)
+        mask = mask | rim
+    elif kind == "foreign":  # a rotated piece of another photograph, feathered in
+        mask = _soft_region(rng, (h, w), 12, 22)
+        piece = np.rot90(_crop(other, rng, (0, other.shape[0]), h), k=int(rng.integers(1, 4)))
+        weight = ndimage.gaussian_filter(mask.astype(np.float32), 1.5)[..., None]
+        out = (1 - weight) * out + weight * piece
+        mask = weight[..., 0] > 0.25
+    elif kind == "warp":  # the texture itself pushed out of place inside a region
+        mask = _soft_region(rng, (h, w), 16, 28, wobble=0.2)
+        weight = ndimage.gaussian_filter(mask.astype(np.float32), 4)
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        shift = rng.uniform(6, 10) * weight
+        angle = rng.uniform(0, 2 * np.pi)
+        coords = [yy + shift * np.sin(angle + xx / 7), xx + shift * np.cos(angle + yy / 7)]
+        out = np.stack([ndimage.map_coordinates(out[..., c], coords, order=1, mode="reflect") for c in range(3)], -1)
+        mask = weight > 0.3
+    else:
+        raise ValueError(f"unknown defect kind {kind!r}; expected one of {REPORT_DEFECTS}")
+    return np.clip(out, 0, 1), mask
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    img.convert("RGB").save(path)
+
+
+def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective: int = 20, seed: int = 0) -> Path:
+    """Write the ``choose`` or ``report`` set under ``root``; returns ``root``."""
+    from hetmm.demo import CROP, DEFECTS, paint_defect
+
+    sources = {"choose": CHOOSE, "report": REPORT}[which]
+    root = Path(root)
+    rng = np.random.default_rng(seed if which == "choose" else seed + 1000)
+    names = list(sources)
+    for index, category in enumerate(names):
+        image = photograph(*sources[category])
+        other = photograph(*sources[names[(index + 1) % len(names)]])
+        if which == "choose":  # the demo's painter works on grey images
+            image = image if image.ndim == 2 else image.mean(axis=2)
+            other = other if other.ndim == 2 else other.mean(axis=2)
+        crop = min(image.shape[0] // 3, image.shape[1] // 2)
+        size = CROP if which == "choose" else SIZE  # the demo's painter draws on its own crop size
+        split = image.shape[0] // 2  # train crops above, test crops below
+        base = root / category
+        for i in range(n_train):
+            _save(_resized(_crop(image, rng, (0, split), crop), size), base / "train" / "good" / f"{i:03d}.png")
+        for i in range(n_good):
+            _save(_resized(_crop(image, rng, (split, image.shape[0]), crop), size), base / "test" / "good" / f"{i:03d}.png")
+        for i in range(n_defective):
+            clean = _resized(_crop(image, rng, (split, image.shape[0]), crop), size)
+            if which == "choose":
+                kind = DEFECTS[i % len(DEFECTS)]
+                piece = _resized(_crop(other, rng, (0, other.shape[0]), min(other.shape[:2]) // 2), size)
+                defective, mask = paint_defect(clean, kind, rng, piece)
+            else:
+                kind = REPORT_DEFECTS[i % len(REPORT_DEFECTS)]
+                defective, mask = paint_report_defect(clean, kind, rng, other)
+            _save(defective, base / "test" / kind / f"{i:03d}.png")
+            mask_path = base / "ground_truth" / kind / f"{i:03d}_mask.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    return root
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for which in ("choose", "report"):
+        path = build_set(Path(args.out) / which, which, seed=args.seed)
+        print(f"{which}: {path} ({', '.join((CHOOSE if which == 'choose' else REPORT))})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
