@@ -18,7 +18,9 @@ import hetmm_kernels as hk
 
 FORMAT = "hetmm-bank/1"
 # configuration entries that must agree for a bank to serve a detector
-IDENTITY = ("backbone", "weights", "image_size", "layers")
+IDENTITY = ("backbone", "weights", "image_size", "layers", "neighbourhood")
+# what a bank saved before a key existed meant by it
+IDENTITY_DEFAULTS = {"neighbourhood": 1}
 
 
 class BankMismatch(ValueError):
@@ -89,9 +91,9 @@ class TemplateBank:
     def check(self, expected: dict) -> None:
         """Raise ``BankMismatch`` unless the bank's identity matches ``expected``."""
         for key in IDENTITY:
-            if key in expected and json.dumps(self.config.get(key)) != json.dumps(expected[key]):
+            if key in expected and json.dumps(self.config.get(key, IDENTITY_DEFAULTS.get(key))) != json.dumps(expected[key]):
                 raise BankMismatch(
-                    f"the bank was made with {key}={self.config.get(key)!r}, but this detector uses "
+                    f"the bank was made with {key}={self.config.get(key, IDENTITY_DEFAULTS.get(key))!r}, but this detector uses "
                     f"{key}={expected[key]!r}; refit the bank with the detector's configuration"
                 )
 

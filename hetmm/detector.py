@@ -20,6 +20,41 @@ from .parameters import parse_params, params_for
 from .scoring import LayerMatches
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def native_bf16_cpu() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere it is emulated, slowly."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str = "auto", half=False, device=torch.device("cpu")) -> str:
+    """``fp32``, ``fp16`` or ``bf16`` for a detector on ``device``.
+
+    ``auto``: bfloat16 on a CPU that computes it natively (measured: 2.3x the float32 matmul rate, the
+    lite0 backbone 4-5x faster, every metric of the comparison harness within 0.005 of float32), float32
+    elsewhere, including GPUs (``fp16``/``bf16`` there are explicit). ``half`` is the older spelling
+    (True = ``fp16``) and wins over ``auto``. float16 on a CPU is refused: no CPU has fast kernels for it.
+    """
+    if half not in (False, None, True, "fp16", "bf16"):
+        raise ValueError(f"half must be False, True (float16), 'fp16' or 'bf16'; got {half!r}")
+    if precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be 'auto', 'fp32', 'fp16' or 'bf16'; got {precision!r}")
+    legacy = {True: "fp16", "fp16": "fp16", "bf16": "bf16"}.get(half)
+    if legacy and precision not in ("auto", legacy):
+        raise ValueError(f"half={half!r} and precision={precision!r} disagree; give one of them")
+    device = torch.device(device)
+    chosen = legacy or precision
+    if chosen == "auto":
+        return "bf16" if device.type == "cpu" and native_bf16_cpu() else "fp32"
+    if device.type == "cpu" and chosen == "fp16":
+        raise ValueError("precision='fp16' (half=True) has no fast CPU kernels; on a CPU use precision='bf16' "
+                         "(native on AVX512-BF16/AMX cores) or 'fp32'")
+    return chosen
+
+
 @dataclass
 class Prediction:
     """Per-image results, named as anomalib names them."""
@@ -44,7 +79,8 @@ class HETMM:
                  params: str | None = None, image_size: int = 256, out_size: int = 256, device=None,
                  half=False, batch_size: int = 8, threshold: float | None = None, download: bool = False,
                  progress: bool = False, templates: str = "all", tsize: int = 60,
-                 retrieval_k: int | None = None, retrieval_layer: str = "layer2", cuda_graph: bool = False):
+                 retrieval_k: int | None = None, retrieval_layer: str = "layer2", cuda_graph: bool = False,
+                 precision: str = "auto", neighbourhood: int = 1):
         if int(image_size) < 16:
             raise ValueError(f"image_size must be at least 16; got {image_size}")
         if int(batch_size) < 1:
@@ -62,18 +98,14 @@ class HETMM:
         self.retrieval_k = None if retrieval_k is None else int(retrieval_k)
         self.retrieval_layer = retrieval_layer
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if half not in (False, True, "fp16", "bf16"):
-            raise ValueError(f"half must be False, True (float16), 'fp16' or 'bf16'; got {half!r}")
-        # half precision only pays on a GPU (tensor cores); the CPU path computes in float32
-        self.half = half if self.device.type == "cuda" else False
+        self.precision = resolve_precision(precision, half, self.device)
         self.params_string = params or params_for(category)
         self.params = parse_params(self.params_string)
         self.category = category
         self.image_size, self.out_size = int(image_size), int(out_size)
         self.batch_size, self.threshold, self.progress = int(batch_size), threshold, progress
-        self.backbone = Backbone(backbone, weights, download=download).to(self.device)
-        if self.half:
-            self.backbone = self.backbone.to(self.feature_dtype).to(memory_format=torch.channels_last)
+        self.backbone = Backbone(backbone, weights, download=download, neighbourhood=neighbourhood).to(self.device)
+        self.backbone.set_precision(self.feature_dtype)
         self.bank: TemplateBank | None = None
         self.group = None  # the process group of a sharded bank (see shard)
         self._retrieval_cache = None
@@ -88,13 +120,17 @@ class HETMM:
         return dict(backbone=self.backbone.name, weights=self.backbone.weights, image_size=self.image_size,
                     layers=list(LAYERS), params=self.params_string, category=self.category, out_size=self.out_size,
                     templates=self.templates, tsize=self.tsize, retrieval_k=self.retrieval_k,
-                    retrieval_layer=self.retrieval_layer)
+                    retrieval_layer=self.retrieval_layer, neighbourhood=self.backbone.neighbourhood)
 
     @property
     def feature_dtype(self) -> torch.dtype:
-        if not self.half:
-            return torch.float32
-        return torch.bfloat16 if self.half == "bf16" else torch.float16
+        """The dtype of the backbone's features and of the matching's products (accumulation is float32)."""
+        return PRECISIONS[self.precision]
+
+    @property
+    def half(self):
+        """The precision in the older ``half=`` spelling: False, ``"fp16"`` or ``"bf16"``."""
+        return False if self.precision == "fp32" else self.precision
 
     # ------------------------------------------------------------------ features
     def _images(self, images) -> list:
@@ -188,7 +224,7 @@ class HETMM:
     @classmethod
     def load(cls, path, *, weights=None, device=None, half=False, batch_size: int = 8,
              threshold: float | None = None, download: bool = False, progress: bool = False,
-             shard=None, cuda_graph: bool = False) -> "HETMM":
+             shard=None, cuda_graph: bool = False, precision: str = "auto") -> "HETMM":
         """A detector from a saved bank, with the bank's backbone, image size and parameters.
 
         ``weights`` defaults to the ones the bank was made with. ``shard``: a
@@ -201,7 +237,7 @@ class HETMM:
                   device=device, half=half, batch_size=batch_size, threshold=threshold, download=download,
                   progress=progress, templates=cfg.get("templates", "all"), tsize=cfg.get("tsize", 60),
                   retrieval_k=cfg.get("retrieval_k"), retrieval_layer=cfg.get("retrieval_layer", "layer2"),
-                  cuda_graph=cuda_graph)
+                  cuda_graph=cuda_graph, precision=precision, neighbourhood=cfg.get("neighbourhood", 1))
         bank.check(det.config if weights is None else {k: v for k, v in det.config.items() if k != "weights"})
         det.bank, det.group = bank, shard
         return det

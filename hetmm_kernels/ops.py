@@ -129,7 +129,7 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     if impl == "reference":
         return reference.mutual_match(query, bank.temp, fore_patch, back_patch)
     if impl == "torch":
-        fore, back = torch_atm.mutual_match(query, _torch_layout(bank), fore_patch, back_patch)
+        fore, back = torch_atm.mutual_match(query, bank, fore_patch, back_patch)
     else:
         fore, back = _triton_atm().mutual_match(query, _triton_layout(bank), fore_patch, back_patch)
     return fore.to(query.dtype), back.to(query.dtype)

@@ -1,0 +1,94 @@
+"""The accuracy protocol: options are chosen on one evaluation set and only reported on another.
+
+    python benchmarks/eval_sets.py --out SETS                        # builds SETS/choose and SETS/report
+    python benchmarks/accuracy_protocol.py --data SETS/choose --json choose.json            # every candidate
+    python benchmarks/accuracy_protocol.py --data SETS/report --only default --json report.json
+
+Each candidate is a set of ``HETMM`` keyword arguments (parameter string, neighbourhood, precision);
+every one is fitted and scored on every category of the set with the lite0 ImageNet weights, and the
+table gives per-category and mean image AUROC, pixel AUROC and PRO (``hetmm.metrics``) and the predict
+rate. ``hetmm.DEFAULT`` was set from the ``choose`` set's table alone; the ``report`` set is run with
+the chosen default only, next to PatchCore and PaDiM (``compare_anomalib.py --data SETS/report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_anomalib import HetmmSystem, accuracy, load_category  # noqa: E402
+
+from hetmm.parameters import DEFAULT  # noqa: E402
+
+PREVIOUS_DEFAULT = "L1:13x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;img_AUC:clean|pix_AUC:blur_s=4.0_k=33|PRO:clean"
+BLURRED_IMAGE = "img_AUC:blur_s=4.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:clean"
+
+CANDIDATES = {
+    "previous": dict(params=PREVIOUS_DEFAULT, precision="fp32"),
+    "previous-bf16": dict(params=PREVIOUS_DEFAULT, precision="bf16"),
+    "blur-image": dict(params=PREVIOUS_DEFAULT.split(";")[0] + ";" + BLURRED_IMAGE),
+    "blur-image-nb3": dict(params=PREVIOUS_DEFAULT.split(";")[0] + ";" + BLURRED_IMAGE, neighbourhood=3),
+    "L1-7x3-nb3": dict(params="L1:7x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;" + BLURRED_IMAGE,
+                       neighbourhood=3),
+    "L1-5x3-nb3": dict(params="L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;" + BLURRED_IMAGE,
+                       neighbourhood=3),
+    "L23-nb3": dict(params="L1:0x0_a=0.5_l=1|L2:9x3_a=0.5_l=1|L3:7x3_a=0.3_l=0.8;" + BLURRED_IMAGE,
+                    neighbourhood=3),
+    "L1-5x3-L2-13x5-nb3": dict(params="L1:5x3_a=0.5_l=1|L2:13x5_a=0.5_l=1|L3:9x5_a=0.5_l=0.8;" + BLURRED_IMAGE,
+                               neighbourhood=3),
+    "default": dict(params=DEFAULT),
+}
+METRICS = ("image_auroc", "pixel_auroc", "pro")
+
+
+def categories(root) -> list[str]:
+    return sorted(p.name for p in Path(root).iterdir() if (p / "train" / "good").is_dir())
+
+
+def run(root, names, batch: int = 8) -> dict:
+    data = {c: load_category(root, c) for c in categories(root)}
+    table = {}
+    for name in names:
+        options = dict(CANDIDATES[name], batch_size=batch)
+        rows = {}
+        for category, (train, test, labels, masks) in data.items():
+            system = HetmmSystem(name, **options)
+            start = time.perf_counter()
+            rows[category] = accuracy(system, train, test, labels, masks, batch=batch)
+            rows[category]["images_per_s"] = test.shape[0] / (time.perf_counter() - start - rows[category]["fit_seconds"])
+        rows["mean"] = {m: statistics.fmean(r[m] for r in rows.values()) for m in (*METRICS, "images_per_s")}
+        table[name] = rows
+        print(format_table(name, rows), flush=True)
+    return table
+
+
+def format_table(name: str, rows: dict) -> str:
+    lines = [f"{name}: {json.dumps(CANDIDATES[name])}"]
+    lines += [f"  {c:<12}" + "".join(f"{r[m]:>8.3f}" for m in METRICS) + f"{r['images_per_s']:>8.1f} img/s"
+              for c, r in rows.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="an evaluation set from eval_sets.py")
+    parser.add_argument("--only", nargs="+", default=None, help=f"candidates to run (default all: {', '.join(CANDIDATES)})")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    unknown = set(args.only or ()) - set(CANDIDATES)
+    if unknown:
+        parser.error(f"unknown candidates {sorted(unknown)}; choose from {list(CANDIDATES)}")
+    table = run(args.data, args.only or list(CANDIDATES))
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
