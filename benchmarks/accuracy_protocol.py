@@ -29,20 +29,30 @@ from hetmm.parameters import DEFAULT  # noqa: E402
 PREVIOUS_DEFAULT = "L1:13x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;img_AUC:clean|pix_AUC:blur_s=4.0_k=33|PRO:clean"
 BLURRED_IMAGE = "img_AUC:blur_s=4.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:clean"
 
+CHOSEN_LAYERS = "L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5"
 CANDIDATES = {
+    # the first round (choose set): what the image score, the neighbourhood and the windows contribute
     "previous": dict(params=PREVIOUS_DEFAULT, precision="fp32"),
     "previous-bf16": dict(params=PREVIOUS_DEFAULT, precision="bf16"),
-    "blur-image": dict(params=PREVIOUS_DEFAULT.split(";")[0] + ";" + BLURRED_IMAGE),
-    "blur-image-nb3": dict(params=PREVIOUS_DEFAULT.split(";")[0] + ";" + BLURRED_IMAGE, neighbourhood=3),
+    "blur-image": dict(params=PREVIOUS_DEFAULT.split(";")[0] + ";" + BLURRED_IMAGE, precision="fp32"),
+    "blur-image-nb3": dict(params=PREVIOUS_DEFAULT.split(";")[0] + ";" + BLURRED_IMAGE, neighbourhood=3,
+                           precision="fp32"),
     "L1-7x3-nb3": dict(params="L1:7x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;" + BLURRED_IMAGE,
-                       neighbourhood=3),
-    "L1-5x3-nb3": dict(params="L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;" + BLURRED_IMAGE,
-                       neighbourhood=3),
+                       neighbourhood=3, precision="fp32"),
+    "L1-5x3-nb3": dict(params=CHOSEN_LAYERS + ";" + BLURRED_IMAGE, neighbourhood=3, precision="fp32"),
     "L23-nb3": dict(params="L1:0x0_a=0.5_l=1|L2:9x3_a=0.5_l=1|L3:7x3_a=0.3_l=0.8;" + BLURRED_IMAGE,
-                    neighbourhood=3),
+                    neighbourhood=3, precision="fp32"),
     "L1-5x3-L2-13x5-nb3": dict(params="L1:5x3_a=0.5_l=1|L2:13x5_a=0.5_l=1|L3:9x5_a=0.5_l=0.8;" + BLURRED_IMAGE,
-                               neighbourhood=3),
-    "default": dict(params=DEFAULT),
+                               neighbourhood=3, precision="fp32"),
+    # the second round: precision, and the image score's blur
+    "L1-5x3-nb3-bf16": dict(params=CHOSEN_LAYERS + ";" + BLURRED_IMAGE, neighbourhood=3, precision="bf16"),
+    "L1-5x3-nb3-bf16-backbone": dict(params=CHOSEN_LAYERS + ";" + BLURRED_IMAGE, neighbourhood=3,
+                                     precision="bf16-backbone"),
+    "L1-5x3-nb3-img-blur8": dict(params=CHOSEN_LAYERS + ";img_AUC:blur_s=8.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:clean",
+                                 neighbourhood=3, precision="fp32"),
+    "L1-5x3-nb3-pro-blur": dict(params=CHOSEN_LAYERS + ";img_AUC:blur_s=4.0_k=33|pix_AUC:blur_s=4.0_k=33|"
+                                "PRO:blur_s=4.0_k=33", neighbourhood=3, precision="fp32"),
+    "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 

@@ -170,8 +170,9 @@ class Backbone(nn.Module):
         self.autocast_dtype = None  # set_precision: bfloat16 autocast on CPUs
         self.to(memory_format=torch.channels_last)
 
-    def set_precision(self, dtype: torch.dtype) -> "Backbone":
+    def set_precision(self, dtype: torch.dtype, feature_dtype: torch.dtype | None = None) -> "Backbone":
         """Compute in ``dtype``: float16/bfloat16 weights on a GPU; bfloat16 autocast on a CPU.
+        Features come out in ``feature_dtype`` (default ``dtype``).
 
         On CPUs, autocast (bfloat16 convolutions, float32 batch-norm statistics) ran the lite0
         backbone faster than bfloat16 weights (oneDNN fuses it better) and closer to float32.
@@ -184,7 +185,7 @@ class Backbone(nn.Module):
         else:
             self.float()
             self.autocast_dtype = dtype
-        self.feature_dtype = dtype
+        self.feature_dtype = dtype if feature_dtype is None else feature_dtype
         return self
 
     @torch.no_grad()

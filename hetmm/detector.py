@@ -20,7 +20,13 @@ from .parameters import parse_params, params_for
 from .scoring import LayerMatches
 
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# precision -> (backbone dtype, matching dtype); products always accumulate in float32
+PRECISIONS = {"fp32": (torch.float32, torch.float32), "fp16": (torch.float16, torch.float16),
+              "bf16": (torch.bfloat16, torch.bfloat16), "bf16-backbone": (torch.bfloat16, torch.float32)}
+
+
+# What ``auto`` picks on a CPU with native bfloat16 (see resolve_precision for the measurement).
+AUTO_CPU_PRECISION = "bf16"
 
 
 def native_bf16_cpu() -> bool:
@@ -41,15 +47,15 @@ def resolve_precision(precision: str = "auto", half=False, device=torch.device("
     if half not in (False, None, True, "fp16", "bf16"):
         raise ValueError(f"half must be False, True (float16), 'fp16' or 'bf16'; got {half!r}")
     if precision not in ("auto", *PRECISIONS):
-        raise ValueError(f"precision must be 'auto', 'fp32', 'fp16' or 'bf16'; got {precision!r}")
+        raise ValueError(f"precision must be 'auto', 'fp32', 'fp16', 'bf16' or 'bf16-backbone'; got {precision!r}")
     legacy = {True: "fp16", "fp16": "fp16", "bf16": "bf16"}.get(half)
     if legacy and precision not in ("auto", legacy):
         raise ValueError(f"half={half!r} and precision={precision!r} disagree; give one of them")
     device = torch.device(device)
     chosen = legacy or precision
     if chosen == "auto":
-        return "bf16" if device.type == "cpu" and native_bf16_cpu() else "fp32"
-    if device.type == "cpu" and chosen == "fp16":
+        return AUTO_CPU_PRECISION if device.type == "cpu" and native_bf16_cpu() else "fp32"
+    if device.type == "cpu" and chosen == "fp16":  # (bf16-backbone is for CPUs; on a GPU it is what it says)
         raise ValueError("precision='fp16' (half=True) has no fast CPU kernels; on a CPU use precision='bf16' "
                          "(native on AVX512-BF16/AMX cores) or 'fp32'")
     return chosen
@@ -105,7 +111,7 @@ class HETMM:
         self.image_size, self.out_size = int(image_size), int(out_size)
         self.batch_size, self.threshold, self.progress = int(batch_size), threshold, progress
         self.backbone = Backbone(backbone, weights, download=download, neighbourhood=neighbourhood).to(self.device)
-        self.backbone.set_precision(self.feature_dtype)
+        self.backbone.set_precision(PRECISIONS[self.precision][0], self.feature_dtype)
         self.bank: TemplateBank | None = None
         self.group = None  # the process group of a sharded bank (see shard)
         self._retrieval_cache = None
@@ -125,12 +131,12 @@ class HETMM:
     @property
     def feature_dtype(self) -> torch.dtype:
         """The dtype of the backbone's features and of the matching's products (accumulation is float32)."""
-        return PRECISIONS[self.precision]
+        return PRECISIONS[self.precision][1]
 
     @property
     def half(self):
         """The precision in the older ``half=`` spelling: False, ``"fp16"`` or ``"bf16"``."""
-        return False if self.precision == "fp32" else self.precision
+        return {"fp16": "fp16", "bf16": "bf16"}.get(self.precision, False)
 
     # ------------------------------------------------------------------ features
     def _images(self, images) -> list:

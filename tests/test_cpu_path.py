@@ -1,0 +1,147 @@
+"""The CPU fast path: unfolded-tile matching, precision choice, channels-last/bf16 backbone, neighbourhood."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hetmm
+import hetmm_kernels as hk
+from hetmm import detector as detector_module
+from hetmm.backbone import Backbone
+from hetmm.bank import TemplateBank
+from hetmm_kernels import reference
+from hetmm_kernels.torch_ops import atm
+
+
+def _unit(*shape, seed=0, dtype=torch.float32):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=1).to(dtype)
+
+
+@pytest.mark.parametrize("tile", [(1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (8, 8)])
+@pytest.mark.parametrize("shape,fore,back", [
+    ((3, 8, 9, 7), 5, 3),    # map not a multiple of the tile
+    ((2, 5, 3, 3), 13, 3),   # window larger than the map
+    ((1, 16, 6, 10), 4, 7),  # even window (acts as 5), backward wider than forward
+    ((4, 24, 12, 12), 1, 1),  # windows of one pixel
+])
+def test_unfolded_tiles_equal_the_reference(tile, shape, fore, back):
+    batch, channels, height, width = shape
+    query, temp = _unit(batch, channels, height, width, seed=1), _unit(5, channels, height, width, seed=2)
+    reach = max(fore, back) // 2
+    bank = atm.UnfoldedTemplates(temp, tile, reach)
+    got_fore, got_back = atm.mutual_max_unfolded(query, bank, fore // 2, back // 2)
+    ref_fore, ref_back = reference.mutual_match(query, temp, fore, back)
+    # float32 products over C channels: rounding grows with C
+    assert torch.allclose(got_fore, ref_fore, atol=1e-6 * channels)
+    assert torch.allclose(got_back, ref_back, atol=1e-6 * channels)
+
+
+def test_unfolded_block_size_does_not_change_the_result(monkeypatch):
+    query, temp = _unit(2, 8, 10, 10, seed=3), _unit(3, 8, 10, 10, seed=4)
+    bank = atm.UnfoldedTemplates(temp, (2, 2), 2)
+    expected = atm.mutual_max_unfolded(query, bank, 2, 1)
+    monkeypatch.setattr(atm, "TILE_BLOCK", 1)  # one tile per product
+    got = atm.mutual_max_unfolded(query, bank, 2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_bank_too_large_to_unfold_runs_in_place(monkeypatch):
+    query, temp = _unit(2, 8, 10, 10, seed=5), _unit(3, 8, 10, 10, seed=6)
+    monkeypatch.setattr(atm, "MAX_UNFOLDED", 1)
+    assert atm.pick_unfold_tile(10, 10, 2, 3, 8, 2) is None
+    fore, back = hk.mutual_match(query, temp, 5, 3, backend="torch")
+    ref_fore, ref_back = reference.mutual_match(query, temp, 5, 3)
+    assert torch.allclose(fore, ref_fore, atol=1e-5) and torch.allclose(back, ref_back, atol=1e-5)
+
+
+def test_bf16_matching_on_the_cpu_is_the_rounded_reference():
+    # bfloat16 products accumulate in float32; each similarity is rounded to bfloat16 once (8 bits)
+    query, temp = _unit(3, 40, 12, 12, seed=7, dtype=torch.bfloat16), _unit(6, 40, 12, 12, seed=8, dtype=torch.bfloat16)
+    fore, back = hk.mutual_match(query, temp, 5, 3, backend="torch")
+    assert fore.dtype == back.dtype == torch.bfloat16
+    ref_fore, ref_back = reference.mutual_match(query.float(), temp.float(), 5, 3)
+    assert torch.allclose(fore.float(), ref_fore, atol=2 ** -8)
+    assert torch.allclose(back.float(), ref_back, atol=2 ** -8)
+
+
+# ---------------------------------------------------------------- precision
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(detector_module, "native_bf16_cpu", lambda: True)
+    assert detector_module.resolve_precision("auto", device="cpu") == detector_module.AUTO_CPU_PRECISION
+    monkeypatch.setattr(detector_module, "native_bf16_cpu", lambda: False)
+    assert detector_module.resolve_precision("auto", device="cpu") == "fp32"  # never emulated bf16
+    assert detector_module.resolve_precision("auto", device="cuda") == "fp32"
+    assert detector_module.resolve_precision("auto", half=True, device="cuda") == "fp16"
+    assert detector_module.resolve_precision("bf16", device="cpu") == "bf16"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(precision="fp16"), "no fast CPU kernels"),
+    (dict(half=True), "no fast CPU kernels"),
+    (dict(precision="int8"), "precision must be"),
+    (dict(half="bf16", precision="fp32"), "disagree"),
+    (dict(half="yes"), "half must be"),
+])
+def test_bad_precision_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        detector_module.resolve_precision(device="cpu", **kwargs)
+
+
+def test_precision_sets_backbone_and_matching_dtypes():
+    det = hetmm.HETMM("resnet18", None, image_size=64, out_size=64, precision="bf16-backbone")
+    assert det.backbone.autocast_dtype == torch.bfloat16 and det.feature_dtype == torch.float32
+    features = det.extract(torch.rand(1, 3, 64, 64))
+    assert all(f.dtype == torch.float32 for f in features.values())
+    det = hetmm.HETMM("resnet18", None, image_size=64, out_size=64, precision="bf16")
+    assert all(f.dtype == torch.bfloat16 for f in det.extract(torch.rand(1, 3, 64, 64)).values())
+
+
+def test_bf16_backbone_is_close_to_float32():
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    exact = Backbone("resnet18", weights=None)(images)
+    fast = Backbone("resnet18", weights=None).set_precision(torch.bfloat16)(images)
+    for layer, f in exact.items():
+        # unit features: the cosine between the two computations, per pixel
+        cosine = (fast[layer].float() * f).sum(1)
+        assert cosine.min() > 0.98, layer
+
+
+def test_channels_last_backbone_equals_a_contiguous_run():
+    net = Backbone("resnet18", weights=None)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    got = net(images, normalize=False)
+    contiguous = net.to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        x = contiguous.stem((images - net._mean) / net._std)
+        for layer, stage in zip(got, contiguous.stages):
+            x = stage(F.relu(x))
+            assert torch.allclose(got[layer], x, rtol=1e-4, atol=1e-4), layer
+
+
+# ---------------------------------------------------------------- neighbourhood
+def test_neighbourhood_averages_before_normalising():
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    raw = Backbone("resnet18", weights=None)(images, normalize=False)
+    smooth = Backbone("resnet18", weights=None, neighbourhood=3)(images)
+    for layer, f in raw.items():
+        expected = F.normalize(F.avg_pool2d(f, 3, 1, 1, count_include_pad=False), dim=1)
+        assert torch.allclose(smooth[layer], expected, atol=1e-5), layer
+
+
+@pytest.mark.parametrize("bad", [0, 2, -3, 1.5, "3"])
+def test_bad_neighbourhood_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="neighbourhood"):
+        Backbone("resnet18", weights=None, neighbourhood=bad)
+
+
+def test_bank_remembers_its_neighbourhood(tmp_path):
+    det = hetmm.HETMM("resnet18", None, image_size=64, out_size=64, neighbourhood=3).fit(torch.rand(2, 3, 64, 64))
+    path = det.save(tmp_path / "bank.safetensors")
+    assert hetmm.HETMM.load(path).backbone.neighbourhood == 3
+    with pytest.raises(hetmm.BankMismatch, match="neighbourhood"):
+        TemplateBank.load(path).check(dict(det.config, neighbourhood=1))
+    older = dict(det.config)
+    del older["neighbourhood"]  # a bank saved before the option existed meant 1
+    TemplateBank(det.bank.features, older).check(dict(det.config, neighbourhood=1))
