@@ -16,7 +16,7 @@ from .bank import TemplateBank
 from .clustering import compress
 from .retrieval import Codebook
 from .data import read_image
-from .parameters import parse_params, params_for
+from .parameters import neighbourhood_for, params_for, parse_params
 from .scoring import LayerMatches
 
 
@@ -86,7 +86,7 @@ class HETMM:
                  half=False, batch_size: int = 8, threshold: float | None = None, download: bool = False,
                  progress: bool = False, templates: str = "all", tsize: int = 60,
                  retrieval_k: int | None = None, retrieval_layer: str = "layer2", cuda_graph: bool = False,
-                 precision: str = "auto", neighbourhood: int = 1):
+                 precision: str = "auto", neighbourhood: int | None = None):
         if int(image_size) < 16:
             raise ValueError(f"image_size must be at least 16; got {image_size}")
         if int(batch_size) < 1:
@@ -110,6 +110,8 @@ class HETMM:
         self.category = category
         self.image_size, self.out_size = int(image_size), int(out_size)
         self.batch_size, self.threshold, self.progress = int(batch_size), threshold, progress
+        if neighbourhood is None:
+            neighbourhood = neighbourhood_for(category, params)
         self.backbone = Backbone(backbone, weights, download=download, neighbourhood=neighbourhood).to(self.device)
         self.backbone.set_precision(PRECISIONS[self.precision][0], self.feature_dtype)
         self.bank: TemplateBank | None = None
