@@ -55,3 +55,53 @@ def test_predict_end_to_end(benchmark, matmul_rate, bank, batch, graph):
     record(benchmark, None, matmul_rate, det.feature_dtype, op="predict", layer=f"{BACKBONE} 256px",
            windows=det.params_string.split(";")[0], batch=batch, templates=bank, backend="triton" if GPU else "torch",
            mode=f"{per_second:.1f} images/s" + (", CUDA graph" if graph else ""))
+
+
+@pytest.mark.skipif(GPU, reason="the CPU split; on a GPU the CUDA-graph rows above are the figure")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_predict_split_on_the_cpu(benchmark, matmul_rate, batch, tmp_path):
+    """Where one predict batch's time goes: decode, backbone, matching, aggregation, rest.
+
+    The demo textures (256 px PNGs), 40 normal templates, ``hetmm.DEFAULT`` and the default
+    precision (bfloat16 on CPUs that have it). Each part is timed on its own (median of 5);
+    "rest" is the whole predict from files less the four parts.
+    """
+    import statistics
+    import time
+
+    from hetmm.data import read_image
+    from hetmm.demo import build_dataset
+    from hetmm.detector import HETMM as Detector
+
+    root = build_dataset(tmp_path, n_train=40, n_good=4, n_defective=4)
+    train = sorted((root / "brick" / "train" / "good").glob("*.png"))
+    paths = sorted((root / "brick" / "test").rglob("*.png"))[:batch]
+    det = Detector("tf_efficientnet_lite0", batch_size=batch).fit(train)
+
+    def median(fn, repeats=5):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    images = torch.stack([read_image(p, det.image_size) for p in paths])
+    features = det.backbone(images)
+    matches = det.match(features)
+    size = (det.out_size, det.out_size)
+    parts = {
+        "decode": median(lambda: [read_image(p, det.image_size) for p in paths]),
+        "backbone": median(lambda: det.backbone(images)),
+        "matching": median(lambda: det.match(features)),
+        "aggregation": median(lambda: (matches.image_scores(size, det.params.image),
+                                       matches.aggregate(size, det.params.pixel))),
+    }
+    run(benchmark, lambda: det.predict(paths), 5)
+    total = benchmark.stats.stats.median
+    parts["rest"] = max(0.0, total - sum(parts.values()))
+    split = ", ".join(f"{name} {seconds * 1e3:.1f}" for name, seconds in parts.items())
+    record(benchmark, None, matmul_rate, det.feature_dtype, op="predict split", layer="tf_efficientnet_lite0 256px",
+           windows=det.params_string.split(";")[0], batch=batch, templates="N=40", backend="torch",
+           mode=f"{batch / total:.1f} images/s from files; ms: {split}")

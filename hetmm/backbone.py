@@ -128,6 +128,54 @@ def cached_weights(name: str) -> Path | None:
     return None
 
 
+def fold_batch_norms(model: nn.Module, example: torch.Tensor) -> int:
+    """Fold every inference batch norm that directly follows a convolution into that convolution.
+
+    The pairs are found by running ``example`` once: a batch norm whose input is exactly a
+    convolution's output (and nothing else reads that output) is folded (``w * g / s``,
+    ``b' = beta + (b - mean) * g / s``) and replaced by what it applies after normalising (timm's
+    ``BatchNormAct2d`` keeps its activation). Under CPU bfloat16 autocast an unfolded batch norm
+    runs in float32 with a conversion each way, ~40% of the lite0 backbone's time at batch 1.
+    Returns the number of folded layers.
+    """
+    producers, readers, pairs = {}, {}, []
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: producers.__setitem__(id(out), (name, out))))
+        elif type(module) is not nn.Module and not isinstance(module, (nn.Sequential, nn.ModuleList)):
+            def count(m, args, name=name):
+                for a in args:
+                    if isinstance(a, torch.Tensor) and id(a) in producers:
+                        readers.setdefault(id(a), []).append((name, m))
+            hooks.append(module.register_forward_pre_hook(count))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for key, users in readers.items():  # the convolution's output goes to one batch norm and nowhere else
+        if len(users) == 1 and isinstance(users[0][1], nn.BatchNorm2d):
+            pairs.append((producers[key][0], users[0][0]))
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if not bn.track_running_stats or bn.running_var is None:
+            continue
+        scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+        shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
+        with torch.no_grad():
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module)]
+        parent_name, _, attr = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr,
+                nn.Sequential(*after) if after else nn.Identity())
+    return len(pairs)
+
+
 class Backbone(nn.Module):
     """Frozen feature extractor: ``images [B, 3, H, W]`` in [0, 1] -> ``{layer: [B, C, h, w]}`` unit features.
 
@@ -165,10 +213,29 @@ class Backbone(nn.Module):
             raise ValueError(f"backbone {name!r} is neither a timm ResNet nor an EfficientNet")
         self.weights = "random" if weights is None else str(weights)
         self.eval().requires_grad_(False)
+        self._fold_batch_norms()
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
         self.autocast_dtype = None  # set_precision: bfloat16 autocast on CPUs
         self.to(memory_format=torch.channels_last)
+
+    def _fold_batch_norms(self) -> None:
+        """Inference only: batch norms folded into their convolutions, kept if the features agree to rounding.
+
+        (A network that reads a convolution's output in a way forward hooks cannot see keeps its batch norms.)
+        """
+        import copy
+
+        chain = nn.Sequential(self.stem, *self.stages)
+        folded = copy.deepcopy(chain)
+        example = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        self.folded = fold_batch_norms(folded, example)
+        with torch.no_grad():
+            before, after = chain(example), folded(example)
+        if self.folded and torch.allclose(before, after, rtol=1e-3, atol=1e-4 * before.abs().max().item()):
+            self.stem, self.stages = folded[0], nn.ModuleList(list(folded)[1:])
+        else:
+            self.folded = 0
 
     def set_precision(self, dtype: torch.dtype, feature_dtype: torch.dtype | None = None) -> "Backbone":
         """Compute in ``dtype``: float16/bfloat16 weights on a GPU; bfloat16 autocast on a CPU.

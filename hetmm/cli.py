@@ -17,7 +17,8 @@ def _detector(args, category=None):
     return HETMM(args.backbone, args.weights, category=category,
                  params=args.params, image_size=args.image_size, out_size=args.out_size, device=args.device,
                  half=args.half, batch_size=args.batch_size, download=args.download, progress=True,
-                 templates=args.templates, tsize=args.tsize, retrieval_k=args.retrieval_k, cuda_graph=args.cuda_graph)
+                 templates=args.templates, tsize=args.tsize, retrieval_k=args.retrieval_k, cuda_graph=args.cuda_graph,
+                 precision=args.precision, neighbourhood=args.neighbourhood)
 
 
 def _fit(args) -> int:
@@ -71,7 +72,7 @@ def _predict(args) -> int:
     det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights,
                      device=group.device if group else args.device, half=args.half, batch_size=args.batch_size,
                      threshold=args.threshold, download=args.download, progress=group is None or group.is_main,
-                     shard=group if args.shard_bank else None, cuda_graph=args.cuda_graph)
+                     shard=group if args.shard_bank else None, cuda_graph=args.cuda_graph, precision=args.precision)
     if group is None:
         result = det.predict(paths)
     elif args.shard_bank:  # every rank scores every image against its share of the bank
@@ -118,7 +119,7 @@ def _evaluate(args) -> int:
         data = MVTecCategory(args.data, category)
         if args.bank:
             det = HETMM.load(args.bank, device=args.device, half=args.half, batch_size=args.batch_size, progress=True,
-                             cuda_graph=args.cuda_graph)
+                             cuda_graph=args.cuda_graph, precision=args.precision)
             rows.append(evaluate_category(det, data, fit=False, group=group))
         else:
             rows.append(evaluate_category(_detector(args, category), data, group=group))
@@ -207,12 +208,17 @@ def _add_model_options(parser, backbone="wide_resnet101_2", weights="imagenet"):
     parser.add_argument("--tsize", type=int, default=60, help="PTS tiny-set size (default 60, as in the paper)")
     parser.add_argument("--retrieval-k", type=int, default=None,
                         help="match each image only against its K nearest training images (CPR retrieval; off by default)")
+    parser.add_argument("--neighbourhood", type=int, default=None,
+                        help="average each feature with its k x k neighbours before matching (1: off; default 3, "
+                             "1 with the paper's published MVTec AD strings)")
 
 
 def _add_run_options(parser):
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--half", nargs="?", const="fp16", default=False, choices=("fp16", "bf16"),
                         help="half precision on CUDA: float16 (--half), or bfloat16 (--half bf16)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "bf16-backbone"),
+                        help="auto (default): bf16 on CPUs with native bfloat16 (AVX512-BF16/AMX), else fp32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each batch's GPU work from one captured CUDA graph (CUDA only)")
