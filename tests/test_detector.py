@@ -15,7 +15,9 @@ from hetmm.evaluation import evaluate_category
 
 
 def _small_detector(**kw):
-    return hetmm.HETMM(backbone="resnet18", weights=None, image_size=64, out_size=64, **kw)
+    # float32: these tests check exact self-matches; precision="auto" is bfloat16 on CPUs that have it
+    # (tests/test_cpu_path.py covers it, with bfloat16's tolerance)
+    return hetmm.HETMM(backbone="resnet18", weights=None, image_size=64, out_size=64, **{"precision": "fp32", **kw})
 
 
 def _images(n, seed):
@@ -25,7 +27,7 @@ def _images(n, seed):
 def test_save_load_round_trip_is_bit_exact(tmp_path):
     det = _small_detector().fit(_images(3, 0))
     path = det.save(tmp_path / "bank.safetensors")
-    loaded = hetmm.HETMM.load(path)
+    loaded = hetmm.HETMM.load(path, precision="fp32")
     for layer, t in det.bank.features.items():
         assert torch.equal(loaded.bank.features[layer], t)
     assert loaded.bank.config == det.bank.config
@@ -73,6 +75,15 @@ def test_hot_update_adds_templates_and_lowers_their_scores():
     assert len(det.bank) == 4
     after = det.predict(newcomer).pred_score.item()
     assert after < 1e-4 < before  # an image in the bank matches itself perfectly
+
+
+def test_hot_update_in_bf16_matches_itself_to_bf16_rounding():
+    det = _small_detector(precision="bf16").fit(_images(3, 0))
+    newcomer = _images(1, 42)
+    before = det.predict(newcomer).pred_score.item()
+    det.add_templates(newcomer)
+    after = det.predict(newcomer).pred_score.item()
+    assert after < 2 ** -7 < before  # each similarity is rounded to bfloat16 (8 significant bits) once
 
 
 def test_predict_needs_templates_and_good_images():
@@ -138,7 +149,7 @@ def test_retrieval_restricted_detector(tmp_path):
     assert det.bank.extras["histogram_counts"].shape[0] == 6
     # a training image retrieves itself, so it still matches perfectly
     assert det.predict(images[4:5]).pred_score.item() < 1e-4
-    loaded = hetmm.HETMM.load(det.save(tmp_path / "r.safetensors"))
+    loaded = hetmm.HETMM.load(det.save(tmp_path / "r.safetensors"), precision="fp32")
     assert loaded.retrieval_k == 2
     assert torch.equal(loaded.bank.extras["codebook_centers"], det.bank.extras["codebook_centers"])
     query = _images(2, 3)
