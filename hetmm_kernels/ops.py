@@ -120,8 +120,7 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
         if impl == "reference":
             return reference.mutual_match_subset(query, bank.temp, fore_patch, back_patch, indices)
         if impl == "torch":
-            all_templates = bank.layout("torch-all", torch_atm.pixel_major)
-            fore, back = torch_atm.mutual_match_subset(query, all_templates, fore_patch, back_patch, indices)
+            fore, back = torch_atm.mutual_match_subset(query, bank, fore_patch, back_patch, indices)
         else:
             fore, back = _triton_atm().mutual_match(query, _triton_layout(bank), fore_patch, back_patch,
                                                     indices=indices.long())

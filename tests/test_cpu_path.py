@@ -19,40 +19,64 @@ def _unit(*shape, seed=0, dtype=torch.float32):
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=1).to(dtype)
 
 
-@pytest.mark.parametrize("tile", [(1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (8, 8)])
+@pytest.mark.parametrize("tile", [(1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (8, 8), (3, 5)])
 @pytest.mark.parametrize("shape,fore,back", [
     ((3, 8, 9, 7), 5, 3),    # map not a multiple of the tile
     ((2, 5, 3, 3), 13, 3),   # window larger than the map
     ((1, 16, 6, 10), 4, 7),  # even window (acts as 5), backward wider than forward
     ((4, 24, 12, 12), 1, 1),  # windows of one pixel
 ])
-def test_unfolded_tiles_equal_the_reference(tile, shape, fore, back):
+def test_tiled_templates_equal_the_reference(tile, shape, fore, back):
     batch, channels, height, width = shape
     query, temp = _unit(batch, channels, height, width, seed=1), _unit(5, channels, height, width, seed=2)
-    reach = max(fore, back) // 2
-    bank = atm.UnfoldedTemplates(temp, tile, reach)
-    got_fore, got_back = atm.mutual_max_unfolded(query, bank, fore // 2, back // 2)
+    bank = atm.TiledTemplates(temp, tile)
+    got_fore, got_back = atm.mutual_max_tiled(query, bank, fore // 2, back // 2)
     ref_fore, ref_back = reference.mutual_match(query, temp, fore, back)
     # float32 products over C channels: rounding grows with C
     assert torch.allclose(got_fore, ref_fore, atol=1e-6 * channels)
     assert torch.allclose(got_back, ref_back, atol=1e-6 * channels)
 
 
-def test_unfolded_block_size_does_not_change_the_result(monkeypatch):
+def test_tiled_matching_ignores_the_padding_when_every_real_match_is_negative():
+    # the padded template and query pixels are zero vectors (product 0): where every real product
+    # is -1, a window reaching over the border must still give -1
+    vector = _unit(1, 8, 1, 1, seed=3)
+    query = vector.expand(2, 8, 5, 7).contiguous()
+    temp = -vector.expand(3, 8, 5, 7).contiguous()
+    for tile in [(2, 2), (4, 4), (3, 5)]:
+        fore, back = atm.mutual_max_tiled(query, atm.TiledTemplates(temp, tile), 1, 2)
+        assert torch.allclose(fore, torch.full_like(fore, -1.0), atol=1e-6)
+        assert torch.allclose(back, torch.full_like(back, -1.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 700, 1 << 22])
+def test_tiled_block_size_does_not_change_the_result(monkeypatch, block):
     query, temp = _unit(2, 8, 10, 10, seed=3), _unit(3, 8, 10, 10, seed=4)
-    bank = atm.UnfoldedTemplates(temp, (2, 2), 2)
-    expected = atm.mutual_max_unfolded(query, bank, 2, 1)
-    monkeypatch.setattr(atm, "TILE_BLOCK", 1)  # one tile per product
-    got = atm.mutual_max_unfolded(query, bank, 2, 1)
+    bank = atm.TiledTemplates(temp, (2, 2))
+    expected = atm.mutual_max_tiled(query, bank, 2, 1)
+    monkeypatch.setattr(atm, "TILE_BLOCK", block)  # 1: one tile per product
+    got = atm.mutual_max_tiled(query, bank, 2, 1)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
-def test_a_bank_too_large_to_unfold_runs_in_place(monkeypatch):
-    query, temp = _unit(2, 8, 10, 10, seed=5), _unit(3, 8, 10, 10, seed=6)
-    monkeypatch.setattr(atm, "MAX_UNFOLDED", 1)
-    assert atm.pick_unfold_tile(10, 10, 2, 3, 8, 2) is None
-    fore, back = hk.mutual_match(query, temp, 5, 3, backend="torch")
-    ref_fore, ref_back = reference.mutual_match(query, temp, 5, 3)
+@pytest.mark.parametrize("batch,reach", [(1, 2), (1, 3), (1, 4), (2, 2), (3, 3), (4, 2), (16, 6)])
+def test_the_tile_shape_is_chosen_and_used(batch, reach):
+    th, tw = atm.pick_tile_shape(64, 64, reach, batch)
+    assert 1 <= th <= 8 and 1 <= tw <= 8
+    assert atm.pick_tile_shape(3, 1, reach, batch) <= (3, 1)  # never larger than the map
+    temp = _unit(3, 8, 9, 9, seed=5)
+    bank = hk.prepare_templates(temp)
+    query = _unit(batch, 8, 9, 9, seed=6)
+    fore, back = hk.mutual_match(query, bank, 2 * reach + 1, 3, backend="torch")
+    ref_fore, ref_back = reference.mutual_match(query, temp, 2 * reach + 1, 3)
+    assert torch.allclose(fore, ref_fore, atol=1e-5) and torch.allclose(back, ref_back, atol=1e-5)
+
+
+def test_retrieved_subsets_use_the_tiled_layout():
+    query, temp = _unit(3, 8, 9, 7, seed=7), _unit(5, 8, 9, 7, seed=8)
+    indices = torch.tensor([[0, 2], [4, 1], [3, 3]])
+    fore, back = hk.mutual_match(query, temp, 5, 3, indices=indices, backend="torch")
+    ref_fore, ref_back = reference.mutual_match_subset(query, temp, 5, 3, indices)
     assert torch.allclose(fore, ref_fore, atol=1e-5) and torch.allclose(back, ref_back, atol=1e-5)
 
 

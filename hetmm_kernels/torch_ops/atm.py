@@ -1,15 +1,17 @@
 """Windowed pixel-to-patch matching on the CPU: tiled matrix products in PyTorch.
 
-A tile of P query pixels (times a chunk of the query batch) is multiplied with the
-*union* of their windows in the templates: ``[U*T, C] x [C, P*B]``, one batched BLAS
-call per tile. With pixel-major templates (``[H, W, T, C]``) every row of that union
-is a contiguous ``[U_w * T, C]`` block, so the call reads the templates in place.
-Each pixel then keeps the maximum inside its own ``k x k`` window of the union
-(an additive 0/-inf mask, separable in y and x). ``mutual_match`` reduces over
-templates *before* masking (the window mask does not depend on the template), so
-both directions cost one small reduction per tile. Useful products are a fraction
-``k^2 / U`` of those computed; the tile shape trades that against the BLAS
-efficiency of the ``P * B`` rows.
+``forward_ATM`` / ``backward_ATM`` (the per-template published ops): a tile of P query pixels is
+multiplied with the *union* of their windows in pixel-major templates (``[H, W, T, C]``, every
+union row one contiguous ``[U_w * T, C]`` block), ``[U*T, C] x [C, P*B]``, and each pixel keeps the
+maximum inside its own ``k x k`` window of the union (an additive 0/-inf mask).
+
+``mutual_match`` (both directions, reduced over templates) turns this around: a tile of P
+*template* pixels, all T templates (``P*T`` rows of a ``TiledTemplates`` layout, no pixel copied
+twice), is multiplied with the query's union around the tile, every tile of a batch in a few
+``bmm`` calls. The maximum over templates comes first (the window masks do not depend on the
+template); the backward map then falls on the tile's own pixels and the forward map on the
+union's, merged across tiles. Useful products are a fraction ``k^2 / U`` of those computed; the
+tile shape trades that against the BLAS efficiency of the ``P * T`` rows.
 """
 
 from __future__ import annotations
@@ -157,148 +159,151 @@ def window_max(x: torch.Tensor, y_groups: list[torch.Tensor], radius: int, rever
     return out.clamp_min_(MATCH_FLOOR).transpose(0, 1).contiguous()
 
 
-def mutual_max(q: torch.Tensor, t_groups: list[torch.Tensor], fore_radius: int, back_radius: int):
-    """``(max_t forward map, max_t backward map)`` for map-major ``q [B, H, W, C]``; float32 ``[B, H, W]`` each."""
-    batch, height, width, channels = q.shape
-    reach = max(fore_radius, back_radius)
-    th, tw = pick_tile(height, width, reach, batch, q.dtype)
-    b_chunk = max(1, MAX_ROWS // (th * tw))
-    fore = torch.empty(batch, height, width, device=q.device, dtype=_result(q))
-    back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=_result(q))
-    spans_y = _window_masks(height, th, fore_radius, reach, q)
-    spans_x = _window_masks(width, tw, fore_radius, reach, q)
-    back_y = _window_masks(height, th, back_radius, reach, q)
-    back_x = _window_masks(width, tw, back_radius, reach, q)
+class TiledTemplates:
+    """Templates cut into ``th x tw`` tiles, once per bank: ``[tiles, th*tw*T, C]``, no copy of any pixel twice.
 
-    # additive masks per (tile row, tile column), shaped [U_h, U_w, 1, th, tw]
-    def combine(rows, cols):
-        return [[my.t()[:, None, None, :, None] + mx.t()[None, :, None, None, :] for *_, mx in cols] for *_, my in rows]
-
-    fore_masks, back_masks = combine(spans_y, spans_x), combine(back_y, back_x)
-    for b0 in range(0, batch, b_chunk):
-        b1 = min(batch, b0 + b_chunk)
-        for iy, (y0, y1, uy0, uy1, _) in enumerate(spans_y):
-            for ix, (x0, x1, ux0, ux1, _) in enumerate(spans_x):
-                x_tile = q[b0:b1, y0:y1, x0:x1].reshape(-1, channels)  # rows (b, y, x)
-                best = None
-                for group in t_groups:
-                    sims = _tile_products(x_tile, group, uy0, uy1, ux0, ux1)
-                    # max over templates first: the window masks do not depend on the template
-                    sims = sims.view(uy1 - uy0, ux1 - ux0, group.shape[2], -1)
-                    group_best = sims.amax(dim=2)
-                    best = group_best if best is None else torch.maximum(best, group_best, out=best)
-                best = best.view(uy1 - uy0, ux1 - ux0, b1 - b0, y1 - y0, x1 - x0)
-                fore[b0:b1, y0:y1, x0:x1] = (best + fore_masks[iy][ix]).amax(dim=(0, 1))
-                back_tile = (best + back_masks[iy][ix]).amax(dim=(3, 4))  # [U_h, U_w, b]
-                target = back[b0:b1, uy0:uy1, ux0:ux1]
-                torch.maximum(target, back_tile.permute(2, 0, 1), out=target)
-    return fore.clamp_min_(MATCH_FLOOR), back
-
-
-class UnfoldedTemplates:
-    """Templates cut into the window unions of ``th x tw`` query tiles, once per bank: ``[tiles, U*T, C]``.
-
-    The map is padded to whole tiles plus ``reach`` on every side, and tile ``i``'s union
-    (``U = (th + 2*reach) * (tw + 2*reach)`` positions, each with its T templates) is one contiguous
-    ``[U*T, C]`` block, so every tile of a batch is multiplied in one ``bmm`` call instead of one
-    Python step per tile. ``invalid [tiles, U]`` is 0 inside the map and -inf on the padding;
-    ``position [tiles * U]`` is each union position's index in the padded map (for the backward
-    maxima, which fall on union positions). Costs ``U / (th*tw)`` times the bank's memory.
+    The matching runs *template tile by template tile*: the ``P = th*tw`` template pixels of a tile
+    (with all T templates: ``P*T`` rows) are multiplied with the window union of the *query* around
+    the tile (``U = (th + 2*reach) * (tw + 2*reach)`` query pixels per image, cut from the query on the
+    fly). Only the query is duplicated (``U / P`` times, one small map per call), never the bank.
+    ``invalid [tiles, P]`` is 0 inside the map and -inf on the padding that completes the last tiles.
     """
 
-    def __init__(self, temp: torch.Tensor, tile: tuple[int, int], reach: int):
+    def __init__(self, temp: torch.Tensor, tile: tuple[int, int]):
         count, channels, height, width = temp.shape
         th, tw = tile
-        self.tile, self.reach, self.count, self.channels = tile, reach, count, channels
-        self.height, self.width = height, width
+        self.tile, self.count, self.channels, self.height, self.width = tile, count, channels, height, width
         self.tiles_y, self.tiles_x = -(-height // th), -(-width // tw)
-        pad_h, pad_w = self.tiles_y * th - height + reach, self.tiles_x * tw - width + reach
-        self.union = (th + 2 * reach, tw + 2 * reach)
         padded = torch.nn.functional.pad(temp.to(compute_dtype(temp.dtype, temp.device)),
-                                         (reach, pad_w, reach, pad_h))
-        # [T, C, ty, tx, uh, uw] -> [ty, tx, uh, uw, T, C]
-        windows = padded.unfold(2, self.union[0], th).unfold(3, self.union[1], tw)
-        self.data = windows.permute(2, 3, 4, 5, 0, 1).reshape(self.tiles_y * self.tiles_x, -1, channels).contiguous()
-        inside = torch.zeros(padded.shape[2], padded.shape[3], device=temp.device)
-        inside[reach:reach + height, reach:reach + width] = 1
-        index = torch.arange(inside.numel(), device=temp.device).view(inside.shape).float()
-        cut = lambda m: m.unfold(0, self.union[0], th).unfold(1, self.union[1], tw).reshape(self.tiles_y * self.tiles_x, -1)
-        self.invalid = torch.zeros_like(cut(inside)).masked_fill_(cut(inside) == 0, float("-inf"))
-        self.position = cut(index).long().reshape(-1)
-        self.padded_shape = (padded.shape[2], padded.shape[3])
-        self._masks: dict = {}
+                                         (0, self.tiles_x * tw - width, 0, self.tiles_y * th - height))
+        # [T, C, ty, th, tx, tw] -> [ty, tx, th, tw, T, C]
+        padded = padded.view(count, channels, self.tiles_y, th, self.tiles_x, tw)
+        self.data = padded.permute(2, 4, 3, 5, 0, 1).reshape(self.tiles_y * self.tiles_x, th * tw * count, channels)
+        self.data = self.data.contiguous()
+        inside = torch.zeros(self.tiles_y * th, self.tiles_x * tw, device=temp.device)
+        inside[:height, :width] = 1
+        self.invalid = torch.zeros_like(inside).masked_fill_(inside == 0, float("-inf"))
+        self.invalid = self._tiles(self.invalid)  # [tiles, P]
+        self._geometry: dict = {}
 
-    def window_mask(self, radius: int) -> torch.Tensor:
-        """Additive ``[U, th*tw]`` mask: 0 where a union position lies in a tile pixel's window."""
-        if radius not in self._masks:
+    def _tiles(self, plane: torch.Tensor) -> torch.Tensor:
+        """``[ty*th, tx*tw]`` -> ``[tiles, th*tw]``, pixels in the data's order."""
+        th, tw = self.tile
+        return plane.view(self.tiles_y, th, self.tiles_x, tw).permute(0, 2, 1, 3).reshape(-1, th * tw)
+
+    def geometry(self, fore_radius: int, back_radius: int):
+        """Per window pair, built once: the query padding, the masks and where each union pixel lies.
+
+        Returns ``(reach, union, fore_mask, back_mask, position)``: additive ``[tiles, P, U]`` masks,
+        0 where a union pixel is in a template pixel's window (and both are inside the map), -inf
+        elsewhere; ``position [tiles * U]`` is each union pixel's index in the padded query map.
+        """
+        key = (fore_radius, back_radius)
+        if key not in self._geometry:
             th, tw = self.tile
-            uy = torch.arange(self.union[0], device=self.data.device) - self.reach
-            ux = torch.arange(self.union[1], device=self.data.device) - self.reach
-            near_y = (uy[:, None] - torch.arange(th, device=uy.device)[None]).abs() <= radius  # [uh, th]
-            near_x = (ux[:, None] - torch.arange(tw, device=ux.device)[None]).abs() <= radius  # [uw, tw]
-            near = near_y[:, None, :, None] & near_x[None, :, None, :]  # [uh, uw, th, tw]
-            mask = torch.zeros(near.shape, device=uy.device).masked_fill_(~near, float("-inf"))
-            self._masks[radius] = mask.reshape(self.union[0] * self.union[1], th * tw).to(self.data.dtype)
-        return self._masks[radius]
+            reach = max(fore_radius, back_radius)
+            union = (th + 2 * reach, tw + 2 * reach)
+            device = self.data.device
+            height, width = self.tiles_y * th + 2 * reach, self.tiles_x * tw + 2 * reach
+            inside = torch.zeros(height, width, device=device)
+            inside[reach:reach + self.height, reach:reach + self.width] = 1
+            cut = lambda m: m.unfold(0, union[0], th).unfold(1, union[1], tw).reshape(self.tiles_y * self.tiles_x, -1)
+            query_invalid = cut(torch.zeros_like(inside).masked_fill_(inside == 0, float("-inf")))  # [tiles, U]
+            uy = torch.arange(union[0], device=device) - reach
+            ux = torch.arange(union[1], device=device) - reach
+
+            def window(radius):  # [P, U]
+                near_y = (torch.arange(th, device=device)[:, None] - uy[None]).abs() <= radius  # [th, uh]
+                near_x = (torch.arange(tw, device=device)[:, None] - ux[None]).abs() <= radius  # [tw, uw]
+                near = (near_y[:, None, :, None] & near_x[None, :, None, :]).reshape(th * tw, -1)
+                return torch.zeros(near.shape, device=device).masked_fill_(~near, float("-inf"))
+
+            both = self.invalid[:, :, None] + query_invalid[:, None, :]
+            masks = [(window(r)[None] + both).to(self.data.dtype) for r in (fore_radius, back_radius)]
+            index = torch.arange(height * width, device=device).view(height, width).float()
+            self._geometry[key] = (reach, union, *masks, cut(index).long().reshape(-1))
+        return self._geometry[key]
 
 
-# Similarity block per bmm call (elements); larger blocks measured faster up to ~1M on 2 AVX-512 cores.
-TILE_BLOCK = 1 << 20
-# Largest unfolded bank (elements) that pick_unfold_tile may ask for; larger banks use the tile loop.
-MAX_UNFOLDED = 1 << 28
-# Tile shapes by query batch, fastest first, measured on a 2-core AVX-512 machine over the lite0 layer
-# shapes (C = 24/40/112, 64/32/16 px maps, windows 5-13, 40 templates, float32 and bfloat16): with several
-# queries a tile's union is already reused by every query, and small tiles keep each product block in cache;
-# a single query needs the larger tile to fill its rows.
-TILES_BY_BATCH = {True: ((2, 4), (2, 2), (1, 2), (1, 1)), False: ((8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (1, 1))}
+# Similarity block per bmm call (elements, 8 MB in bfloat16). Allocated once per call and reused by
+# every chunk; larger chunks cut the Python steps per call (measured best at 2-4M elements on 2 AVX-512
+# cores). A fresh block of 32 MB or more would pay its page faults on every call (5x the product).
+TILE_BLOCK = 1 << 22
+# bfloat16 reductions over the template axis vectorise only when the rows they run along are a
+# whole number of vector lengths: the query columns are padded to a multiple of this (10x on AVX-512).
+COLUMN_ALIGN = 32
 
 
-def pick_unfold_tile(height: int, width: int, reach: int, count: int, channels: int, batch: int):
-    """Tile for ``UnfoldedTemplates``: the measured preference for this batch size whose unfolded bank
-    stays within MAX_UNFOLDED; ``None`` when none does (the caller then loops over tiles in place)."""
-    for th, tw in TILES_BY_BATCH[batch >= 4]:
-        th, tw = min(th, max(1, height)), min(tw, max(1, width))
-        union = (th + 2 * reach) * (tw + 2 * reach)
-        tiles = -(-height // th) * -(-width // tw)
-        if tiles * union * count * channels <= MAX_UNFOLDED:
-            return th, tw
-    return None
+def pick_tile_shape(height: int, width: int, reach: int, batch: int) -> tuple[int, int]:
+    """Template tile for ``mutual_max_tiled``, measured fastest on a 2-core AVX-512 machine over the
+    lite0 layer shapes (C = 24/40/112, 64/32/16 px maps, 40 templates, windows 5-13, batch 1-16).
 
-
-def mutual_max_unfolded(query: torch.Tensor, bank: UnfoldedTemplates, fore_radius: int, back_radius: int):
-    """``mutual_max`` over an ``UnfoldedTemplates`` bank: every tile in a few batched products.
-
-    ``query [B, C, H, W]``; returns float32 ``(fore, back)``, each ``[B, H, W]``.
+    Larger tiles give each product more rows; smaller ones a smaller query union per template pixel
+    (fewer products wasted outside the windows). The union ``(th + 2*reach) * (tw + 2*reach)`` that is a
+    whole multiple of COLUMN_ALIGN wins at batch 1 (no padded columns).
     """
+    if batch >= 4:
+        tile = (2, 4)
+    elif reach == 3:
+        tile = (2, 2)  # an 8x8 union
+    elif reach == 4 and batch == 1:
+        tile = (2, 4)  # 10x12: 120 of 128 columns
+    else:
+        tile = (4, 4)
+    return min(tile[0], max(1, height)), min(tile[1], max(1, width))
+
+
+def _query_windows(query: torch.Tensor, bank: TiledTemplates, reach: int, union) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[tiles, C, columns]``: each tile's query union, columns (b, u) padded to COLUMN_ALIGN."""
+    batch, channels = query.shape[:2]
+    th, tw = bank.tile
+    q = map_major(query)  # [B, H, W, C]
+    q = torch.nn.functional.pad(q, (0, 0, reach, bank.tiles_x * tw - bank.width + reach,
+                                    reach, bank.tiles_y * th - bank.height + reach))
+    windows = q.unfold(1, union[0], th).unfold(2, union[1], tw)  # [B, ty, tx, C, uh, uw]
+    tiles, columns = bank.tiles_y * bank.tiles_x, batch * union[0] * union[1]
+    out = q.new_zeros(tiles, channels, -(-columns // COLUMN_ALIGN) * COLUMN_ALIGN)
+    out[:, :, :columns].view(bank.tiles_y, bank.tiles_x, channels, batch, union[0], union[1]).copy_(
+        windows.permute(1, 2, 3, 0, 4, 5))
+    return out
+
+
+def mutual_max_tiled(query: torch.Tensor, bank: TiledTemplates, fore_radius: int, back_radius: int,
+                     data: torch.Tensor | None = None, count: int | None = None):
+    """``(max_t forward map, max_t backward map)`` of ``query [B, C, H, W]`` over a tiled bank.
+
+    ``data``/``count`` (optional) replace the bank's rows, e.g. by a subset of its templates in the
+    same tile layout. Returns float32 (float64 for float64) ``(fore, back)``, each ``[B, H, W]``.
+    """
+    data = bank.data if data is None else data
+    count = bank.count if count is None else count
     batch = query.shape[0]
     th, tw = bank.tile
-    ty, tx, channels = bank.tiles_y, bank.tiles_x, bank.channels
-    q = map_major(query)  # [B, H, W, C]
-    q = torch.nn.functional.pad(q, (0, 0, 0, tx * tw - bank.width, 0, ty * th - bank.height))
-    # rows of tile i: (b, y, x) -> [tiles, B * th * tw, C]
-    q = q.view(batch, ty, th, tx, tw, channels).permute(1, 3, 0, 2, 4, 5).reshape(ty * tx, -1, channels)
-    tiles, union = q.shape[0], bank.union[0] * bank.union[1]
-    rows = q.shape[1]
-    fore_mask = bank.window_mask(fore_radius)[:, None, :]  # [U, 1, th*tw]
-    back_mask = bank.window_mask(back_radius)[:, None, :]
-    result = _result(q)
-    fore = torch.empty(tiles, batch, th * tw, device=q.device, dtype=result)
-    back_parts = torch.empty(tiles, union, batch, device=q.device, dtype=result)
-    step = max(1, TILE_BLOCK // (union * bank.count * rows))
+    reach, union, fore_mask, back_mask, position = bank.geometry(fore_radius, back_radius)
+    windows = _query_windows(query, bank, reach, union)  # [tiles, C, columns]
+    tiles, pixels, positions = data.shape[0], th * tw, union[0] * union[1]
+    columns = batch * positions
+    back = torch.empty(tiles, pixels, batch, device=query.device, dtype=data.dtype)
+    fore_parts = torch.empty(tiles, batch, positions, device=query.device, dtype=data.dtype)
+    step = max(1, TILE_BLOCK // (data.shape[1] * windows.shape[2]))
+    block = torch.empty(min(step, tiles), data.shape[1], windows.shape[2], device=query.device, dtype=data.dtype)
     for t0 in range(0, tiles, step):
         t1 = min(tiles, t0 + step)
-        sims = torch.bmm(bank.data[t0:t1], q[t0:t1].transpose(1, 2))  # [n, U*T, rows]
+        sims = torch.bmm(data[t0:t1], windows[t0:t1], out=block[:t1 - t0])  # [n, P*T, columns]
         # the maximum over templates first: the window masks do not depend on the template
-        best = sims.view(t1 - t0, union, bank.count, rows).amax(dim=2)
-        best = (best + bank.invalid[t0:t1, :, None]).view(t1 - t0, union, batch, th * tw)
-        fore[t0:t1] = (best + fore_mask).amax(dim=1)
-        back_parts[t0:t1] = (best + back_mask).amax(dim=3)
-    fore = fore.view(ty, tx, batch, th, tw).permute(2, 0, 3, 1, 4).reshape(batch, ty * th, tx * tw)
-    fore = fore[:, :bank.height, :bank.width].clamp_min(MATCH_FLOOR)
-    back = torch.full((batch, bank.padded_shape[0] * bank.padded_shape[1]), MATCH_FLOOR, device=q.device, dtype=result)
-    back.scatter_reduce_(1, bank.position.expand(batch, -1), back_parts.view(-1, batch).t(), "amax")
-    reach = bank.reach
-    back = back.view(batch, *bank.padded_shape)[:, reach:reach + bank.height, reach:reach + bank.width]
+        best = sims.view(t1 - t0, pixels, count, -1).amax(dim=2)[..., :columns]
+        best = best.reshape(t1 - t0, pixels, batch, positions)
+        back[t0:t1] = (best + back_mask[t0:t1, :, None]).amax(dim=3)
+        fore_parts[t0:t1] = (best + fore_mask[t0:t1, :, None]).amax(dim=1)
+    result = _result(data)
+    ty, tx = bank.tiles_y, bank.tiles_x
+    back = back.view(ty, tx, th, tw, batch).permute(4, 0, 2, 1, 3).reshape(batch, ty * th, tx * tw)
+    back = back[:, :bank.height, :bank.width].to(result).clamp_min_(MATCH_FLOOR)
+    height, width = ty * th + 2 * reach, tx * tw + 2 * reach
+    fore = torch.full((batch, height * width), MATCH_FLOOR, device=query.device, dtype=result)
+    fore.scatter_reduce_(1, position.expand(batch, -1), fore_parts.permute(1, 0, 2).reshape(batch, -1).to(result),
+                         "amax")
+    fore = fore.view(batch, height, width)[:, reach:reach + bank.height, reach:reach + bank.width]
     return fore.contiguous(), back.contiguous()
 
 
@@ -310,25 +315,30 @@ def backward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) 
     return window_max(map_major(query), t_groups, patch // 2, reverse=True)
 
 
+def tiled_layout(bank, reach: int, batch: int) -> TiledTemplates:
+    """``bank``'s (a ``PreparedTemplates``) tiled layout for this window and batch, built on first use."""
+    tile = pick_tile_shape(bank.shape[2], bank.shape[3], reach, batch)
+    return bank.layout(f"torch-tiled-{tile[0]}x{tile[1]}", lambda t: TiledTemplates(t, tile))
+
+
 def mutual_match(query: torch.Tensor, bank, fore_patch: int, back_patch: int):
-    """``bank``: a ``PreparedTemplates``; its unfolded layout for this window is built on first use."""
+    """``bank``: a ``PreparedTemplates``."""
     fore_radius, back_radius = fore_patch // 2, back_patch // 2
-    count, channels, height, width = bank.shape
-    reach = max(fore_radius, back_radius)
-    tile = pick_unfold_tile(height, width, reach, count, channels, query.shape[0])
-    if tile is None:  # the unfolded bank would be too large: one step per tile over the bank in place
-        return mutual_max(map_major(query), bank.layout("torch", template_groups), fore_radius, back_radius)
-    unfolded = bank.layout(f"torch-unfolded-{tile[0]}x{tile[1]}-{reach}", lambda t: UnfoldedTemplates(t, tile, reach))
-    return mutual_max_unfolded(query, unfolded, fore_radius, back_radius)
+    tiled = tiled_layout(bank, max(fore_radius, back_radius), query.shape[0])
+    return mutual_max_tiled(query, tiled, fore_radius, back_radius)
 
 
-def mutual_match_subset(query: torch.Tensor, temp_pm: torch.Tensor, fore_patch: int, back_patch: int,
-                        indices: torch.Tensor):
-    """Query b against its own templates ``indices[b]`` of pixel-major ``temp_pm [H, W, T, C]``.
+def mutual_match_subset(query: torch.Tensor, bank, fore_patch: int, back_patch: int, indices: torch.Tensor):
+    """Query b against its own templates ``indices[b]`` of ``bank`` (a ``PreparedTemplates``).
 
-    Only the K selected templates of each query are gathered (``[H, W, K, C]``), never the bank.
+    Only the K selected templates of each query are gathered from the tiled layout, never the bank.
     """
-    q = map_major(query)
-    fores, backs = zip(*(mutual_max(q[b:b + 1], [temp_pm.index_select(2, indices[b])], fore_patch // 2,
-                                    back_patch // 2) for b in range(q.shape[0])))
+    fore_radius, back_radius = fore_patch // 2, back_patch // 2
+    tiled = tiled_layout(bank, max(fore_radius, back_radius), 1)
+    rows = tiled.data.view(tiled.data.shape[0], -1, tiled.count, tiled.channels)  # [tiles, P, T, C]
+    k = indices.shape[1]
+    fores, backs = zip(*(mutual_max_tiled(query[b:b + 1], tiled, fore_radius, back_radius,
+                                          data=rows.index_select(2, indices[b]).view(rows.shape[0], -1, tiled.channels),
+                                          count=k)
+                         for b in range(query.shape[0])))
     return torch.cat(fores), torch.cat(backs)
