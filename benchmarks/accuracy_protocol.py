@@ -30,11 +30,14 @@ PREVIOUS_DEFAULT = "L1:13x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;img_
 BLURRED_IMAGE = "img_AUC:blur_s=4.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:clean"
 
 CHOSEN_LAYERS = "L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5"
+SCORES = "img_AUC:blur_s=8.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"
 CANDIDATES = {
     # the first round (choose set): what the image score, the neighbourhood and the windows contribute
-    "previous": dict(params=PREVIOUS_DEFAULT, precision="fp32"),
-    "previous-bf16": dict(params=PREVIOUS_DEFAULT, precision="bf16"),
-    "blur-image": dict(params=PREVIOUS_DEFAULT.split(";")[0] + ";" + BLURRED_IMAGE, precision="fp32"),
+    # (neighbourhood=1 spelled out: the default for strings that are not the paper's is now 3)
+    "previous": dict(params=PREVIOUS_DEFAULT, neighbourhood=1, precision="fp32"),
+    "previous-bf16": dict(params=PREVIOUS_DEFAULT, neighbourhood=1, precision="bf16"),
+    "blur-image": dict(params=PREVIOUS_DEFAULT.split(";")[0] + ";" + BLURRED_IMAGE, neighbourhood=1,
+                       precision="fp32"),
     "blur-image-nb3": dict(params=PREVIOUS_DEFAULT.split(";")[0] + ";" + BLURRED_IMAGE, neighbourhood=3,
                            precision="fp32"),
     "L1-7x3-nb3": dict(params="L1:7x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;" + BLURRED_IMAGE,
@@ -52,6 +55,16 @@ CANDIDATES = {
                                  neighbourhood=3, precision="fp32"),
     "L1-5x3-nb3-pro-blur": dict(params=CHOSEN_LAYERS + ";img_AUC:blur_s=4.0_k=33|pix_AUC:blur_s=4.0_k=33|"
                                 "PRO:blur_s=4.0_k=33", neighbourhood=3, precision="fp32"),
+    # the third round (choose set with the five large-structure colour categories): wider windows on the
+    # deeper layers, where a part's structure may lie anywhere in the image
+    "L3-15x15": dict(params="L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:15x15_a=0.3_l=0.5;" + SCORES),
+    "L3-31x31": dict(params="L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:31x31_a=0.3_l=0.5;" + SCORES),
+    "L2-17x9-L3-15x15": dict(params="L1:5x3_a=0.5_l=1|L2:17x9_a=0.5_l=0.8|L3:15x15_a=0.3_l=0.5;" + SCORES),
+    "L3-15x15-l1": dict(params="L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:15x15_a=0.3_l=1;" + SCORES),
+    "L2-17x17-L3-31x31": dict(params="L1:5x3_a=0.5_l=1|L2:17x17_a=0.5_l=0.8|L3:31x31_a=0.5_l=0.8;" + SCORES),
+    "L23": dict(params="L1:0x0_a=0.5_l=1|L2:9x3_a=0.5_l=1|L3:7x3_a=0.3_l=0.8;" + SCORES),
+    "L3-heavy": dict(params="L1:5x3_a=0.5_l=0.5|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=1;" + SCORES),
+    "nb5": dict(neighbourhood=5),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")

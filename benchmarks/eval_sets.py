@@ -3,9 +3,12 @@
     pip install --no-deps metaworld==3.1.1 robosuite==1.5.2     # texture photographs only (never imported)
     python benchmarks/eval_sets.py --out /tmp/sets               # writes /tmp/sets/choose and /tmp/sets/report
 
-* ``choose``: scikit-image's brick / grass / gravel (grey) and four metaworld material photographs
-  (granite, metal, wood, plaster), with hetmm's demo defects (``hetmm.demo.paint_defect``: scratches,
-  blobs, patches of another texture, bright/dark spots).
+* ``choose``: scikit-image's brick / grass / gravel (grey), four metaworld material photographs
+  (granite, metal, wood, plaster; grey) and five with large-scale structure in colour (floor tiles,
+  red brick, planks, parquet, houndstooth), with hetmm's demo defects (``hetmm.demo.paint_defect``:
+  scratches, blobs, patches of another texture, bright/dark spots; on colour images it paints the
+  luminance and adds the change to every channel) and, on the colour ones, discoloured, smudged and
+  dented regions (``paint_choose_defect``).
 * ``report``: six robosuite photographs (brushed steel, felt, wood tiles, ceramic, white bricks,
   plaster), in colour, with defects painted by a *different* generator (below): cracks, stains,
   holes, foreign matter, local warps. No photograph, generator or parameter is shared with ``choose``;
@@ -32,7 +35,15 @@ CHOOSE = {  # category -> (package, file inside it)
     "metal": ("metaworld", "assets/textures/metal2.png"),
     "wood": ("metaworld", "assets/textures/wood3.png"),
     "plaster": ("metaworld", "assets/textures/plaster1.png"),
+    # large-scale structure (grout lines, planks, courses, a woven pattern), in colour: the crops are
+    # taken at random offsets, so a part's structure can lie anywhere in an image
+    "tiles": ("metaworld", "assets/textures/floor1.png"),
+    "red_brick": ("metaworld", "assets/textures/brick1.png"),
+    "planks": ("metaworld", "assets/textures/wood.png"),
+    "parquet": ("metaworld", "assets/textures/wood4.png"),
+    "houndstooth": ("metaworld", "assets/scene/textures/fabricPattern.png"),
 }
+CHOOSE_COLOUR = ("tiles", "red_brick", "planks", "parquet", "houndstooth")
 REPORT = {
     "steel": ("robosuite", "models/assets/textures/steel-brushed.png"),
     "felt": ("robosuite", "models/assets/textures/gray-felt.png"),
@@ -42,6 +53,9 @@ REPORT = {
     "plaster": ("robosuite", "models/assets/textures/light-gray-plaster.png"),
 }
 REPORT_DEFECTS = ("crack", "stain", "hole", "foreign", "warp")
+# the colour categories of ``choose`` also get defects that change colour or structure, not only grey
+# level (drawn by ``paint_choose_defect``, a generator of its own: elliptical regions, hard-edged)
+CHOOSE_COLOUR_DEFECTS = ("scratch", "discolour", "blob", "smudge", "patch", "dent", "spot")
 
 
 def photograph(package: str, name: str) -> np.ndarray:
@@ -127,6 +141,40 @@ def paint_report_defect(image: np.ndarray, kind: str, rng: np.random.Generator, 
     return np.clip(out, 0, 1), mask
 
 
+def paint_choose_defect(image: np.ndarray, kind: str, rng: np.random.Generator, piece: np.ndarray):
+    """(defective image, mask) for the colour categories of ``choose``; ``image`` is ``[H, W, 3]``.
+
+    The demo's kinds paint the luminance and add the change to every channel; ``discolour`` scales
+    the channels by different gains, ``smudge`` blurs the texture away, ``dent`` magnifies it locally.
+    """
+    from scipy import ndimage
+
+    from hetmm.demo import _ellipse_mask, paint_defect
+
+    h, w = image.shape[:2]
+    if kind == "discolour":
+        mask = _ellipse_mask(rng, (h, w), 10, 22)
+        gains = rng.uniform(0.55, 1.45, size=3)
+        out = image.copy()
+        out[mask] = out[mask] * gains
+    elif kind == "smudge":
+        mask = _ellipse_mask(rng, (h, w), 10, 22)
+        blurred = np.stack([ndimage.gaussian_filter(image[..., c], rng.uniform(2.5, 4)) for c in range(3)], -1)
+        out = np.where(mask[..., None], blurred, image)
+    elif kind == "dent":
+        mask = _ellipse_mask(rng, (h, w), 12, 24)
+        cy, cx = np.argwhere(mask).mean(axis=0)
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        zoom = np.where(mask, rng.uniform(0.5, 0.7), 1.0)  # sample nearer the centre: magnified
+        coords = [cy + (yy - cy) * zoom, cx + (xx - cx) * zoom]
+        out = np.stack([ndimage.map_coordinates(image[..., c], coords, order=1, mode="reflect") for c in range(3)], -1)
+    else:
+        grey = image.mean(axis=2)
+        painted, mask = paint_defect(grey, kind, rng, piece)
+        out = image + (painted - grey)[..., None]
+    return np.clip(out, 0, 1), mask
+
+
 def _save(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
@@ -141,12 +189,15 @@ def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective
     root = Path(root)
     rng = np.random.default_rng(seed if which == "choose" else seed + 1000)
     names = list(sources)
-    for index, category in enumerate(names):
+    for category in names:
         image = photograph(*sources[category])
-        other = photograph(*sources[names[(index + 1) % len(names)]])
-        if which == "choose":  # the demo's painter works on grey images
-            image = image if image.ndim == 2 else image.mean(axis=2)
+        # the texture pasted by "patch"/"foreign" defects: the next one in the same group
+        group = [n for n in names if (n in CHOOSE_COLOUR) == (category in CHOOSE_COLOUR)]
+        other = photograph(*sources[group[(group.index(category) + 1) % len(group)]])
+        colour = which == "report" or category in CHOOSE_COLOUR
+        if which == "choose":  # the demo's painter works on grey images: the other texture is grey
             other = other if other.ndim == 2 else other.mean(axis=2)
+            image = image if (image.ndim == 2 or colour) else image.mean(axis=2)
         crop = min(image.shape[0] // 3, image.shape[1] // 2)
         size = CROP if which == "choose" else SIZE  # the demo's painter draws on its own crop size
         split = image.shape[0] // 2  # train crops above, test crops below
@@ -158,9 +209,13 @@ def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective
         for i in range(n_defective):
             clean = _resized(_crop(image, rng, (split, image.shape[0]), crop), size)
             if which == "choose":
-                kind = DEFECTS[i % len(DEFECTS)]
+                kinds = CHOOSE_COLOUR_DEFECTS if colour else DEFECTS
+                kind = kinds[i % len(kinds)]
                 piece = _resized(_crop(other, rng, (0, other.shape[0]), min(other.shape[:2]) // 2), size)
-                defective, mask = paint_defect(clean, kind, rng, piece)
+                if colour:
+                    defective, mask = paint_choose_defect(clean, kind, rng, piece)
+                else:
+                    defective, mask = paint_defect(clean, kind, rng, piece)
             else:
                 kind = REPORT_DEFECTS[i % len(REPORT_DEFECTS)]
                 defective, mask = paint_report_defect(clean, kind, rng, other)
