@@ -65,6 +65,8 @@ CANDIDATES = {
     "L23": dict(params="L1:0x0_a=0.5_l=1|L2:9x3_a=0.5_l=1|L3:7x3_a=0.3_l=0.8;" + SCORES),
     "L3-heavy": dict(params="L1:5x3_a=0.5_l=0.5|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=1;" + SCORES),
     "nb5": dict(neighbourhood=5),
+    "L23-wide": dict(params="L1:0x0_a=0.5_l=1|L2:31x31_a=0.5_l=1|L3:31x31_a=0.5_l=0.8;" + SCORES),
+    "L1-half-L23-wide": dict(params="L1:5x3_a=0.5_l=0.5|L2:31x31_a=0.5_l=1|L3:31x31_a=0.5_l=0.8;" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")

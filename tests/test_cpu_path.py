@@ -1,4 +1,4 @@
-"""The CPU fast path: unfolded-tile matching, precision choice, channels-last/bf16 backbone, neighbourhood."""
+"""The CPU fast path: template-tile matching, precision choice, channels-last/bf16 backbone, neighbourhood."""
 
 from __future__ import annotations
 
