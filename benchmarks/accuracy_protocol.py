@@ -30,7 +30,7 @@ PREVIOUS_DEFAULT = "L1:13x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;img_
 BLURRED_IMAGE = "img_AUC:blur_s=4.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:clean"
 
 CHOSEN_LAYERS = "L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5"
-SCORES = "img_AUC:blur_s=8.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"
+SCORES = "img_AUC:blur_s=8.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"  # DEFAULT's
 CANDIDATES = {
     # the first round (choose set): what the image score, the neighbourhood and the windows contribute
     # (neighbourhood=1 spelled out: the default for strings that are not the paper's is now 3)
@@ -65,6 +65,13 @@ CANDIDATES = {
     "L23": dict(params="L1:0x0_a=0.5_l=1|L2:9x3_a=0.5_l=1|L3:7x3_a=0.3_l=0.8;" + SCORES),
     "L3-heavy": dict(params="L1:5x3_a=0.5_l=0.5|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=1;" + SCORES),
     "nb5": dict(neighbourhood=5),
+    # the fourth round: the image score (blur and max-pool sizes)
+    "img-mp17": dict(params=CHOSEN_LAYERS + ";img_AUC:mp_k=17|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"),
+    "img-mp33": dict(params=CHOSEN_LAYERS + ";img_AUC:mp_k=33|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"),
+    "img-mp65": dict(params=CHOSEN_LAYERS + ";img_AUC:mp_k=65|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"),
+    "img-blur16": dict(params=CHOSEN_LAYERS + ";img_AUC:blur_s=16.0_k=65|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"),
+    "img-blur24": dict(params=CHOSEN_LAYERS + ";img_AUC:blur_s=24.0_k=97|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"),
+    "img-blur32": dict(params=CHOSEN_LAYERS + ";img_AUC:blur_s=32.0_k=129|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"),
     "L23-wide": dict(params="L1:0x0_a=0.5_l=1|L2:31x31_a=0.5_l=1|L3:31x31_a=0.5_l=0.8;" + SCORES),
     "L1-half-L23-wide": dict(params="L1:5x3_a=0.5_l=0.5|L2:31x31_a=0.5_l=1|L3:31x31_a=0.5_l=0.8;" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
