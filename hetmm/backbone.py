@@ -75,6 +75,11 @@ def create_network(name: str, weights="imagenet", download: bool = False) -> nn.
     or ``None``/``"random"`` for a (seeded) random initialisation, only when asked for."""
     import timm
 
+    if str(name).startswith(("hf-hub:", "hf_hub:")) and not download:
+        # timm reads a hub model's configuration from the hub even without pretrained weights: a bank
+        # (whose author chose the name) must not make hetmm contact a network it was not allowed to
+        raise WeightsUnavailable(f"backbone {name!r} is a Hugging Face hub model; it is fetched only with "
+                                 "download=True (CLI --download)")
     if weights is None or weights == "random":
         # seeded, so that a bank made with random weights still matches its detector after a reload
         with torch.random.fork_rng(devices=[]):

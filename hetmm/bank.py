@@ -107,7 +107,7 @@ class TemplateBank:
                              f"{self.total}); save the whole bank")
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.features.items()}
         tensors.update({EXTRA + name: t.detach().cpu().contiguous() for name, t in self.extras.items()})
-        metadata = {"format": FORMAT, "config": json.dumps(self.config)}
+        metadata = {"format": FORMAT, "config": json.dumps(self.config), "checksum": checksum(tensors)}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
@@ -122,7 +122,13 @@ class TemplateBank:
 
     @classmethod
     def load(cls, path, expected: dict | None = None, shard: tuple[int, int] | None = None) -> "TemplateBank":
-        """Read a bank; ``shard=(rank, world)`` reads only that rank's rows of the templates."""
+        """Read and validate a bank; ``shard=(rank, world)`` reads only that rank's rows of the templates.
+
+        The file is opened once and everything is read from that one handle (a bank replaced while
+        it is read gives the old file or the new one, never a mix). Everything is checked before the
+        bank is returned: format, configuration keys, types and bounds, the layers the parameters use,
+        shapes, dtypes, finite unit-bounded features and (whole banks) the tensors' checksum.
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -131,26 +137,106 @@ class TemplateBank:
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata, names = f.metadata() or {}, list(f.keys())
+                if metadata.get("format") != FORMAT:
+                    raise BankInvalid(f"bank: {path} is not a hetmm template bank (format {metadata.get('format')!r})")
                 layers = [n for n in names if not n.startswith(EXTRA)]
                 total = f.get_slice(layers[0]).get_shape()[0] if layers else 0
-        except Exception as error:
-            raise ValueError(f"bank: {path} is not a readable safetensors file ({error})") from None
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"bank: {path} is not a hetmm template bank (format {metadata.get('format')!r})")
-        rows = _shard_rows(total, *shard) if shard is not None else range(total)
-        per_template = [n for n in names if not n.startswith(EXTRA) or n[len(EXTRA):] in PER_TEMPLATE]
-        try:
-            with safe_open(str(path), framework="pt") as f:
+                rows = _shard_rows(total, *shard) if shard is not None else range(total)
+                per_template = [n for n in names if not n.startswith(EXTRA) or n[len(EXTRA):] in PER_TEMPLATE]
                 # a shard's rows are read from the file alone: a rank never holds the whole bank
                 tensors = {n: f.get_slice(n)[rows.start:rows.stop] if n in per_template else f.get_tensor(n)
                            for n in names}
+        except (BankInvalid, ValueError) as error:
+            if isinstance(error, BankInvalid) or str(error).startswith("a bank of"):
+                raise
+            raise BankInvalid(f"bank: {path} is not a readable safetensors file ({error})") from None
         except Exception as error:
-            raise ValueError(f"bank: {path} is not a readable safetensors file ({error})") from None
+            raise BankInvalid(f"bank: {path} is not a readable safetensors file ({error})") from None
+        config = _checked_config(path, metadata)
+        if shard is None and "checksum" in metadata and checksum(tensors) != metadata["checksum"]:
+            raise BankInvalid(f"bank: {path}: its tensors do not match the checksum saved with them "
+                              "(the file was corrupted or edited); refit the bank")
         extras = {k[len(EXTRA):]: tensors.pop(k) for k in list(tensors) if k.startswith(EXTRA)}
-        bank = cls(tensors, json.loads(metadata["config"]), extras, rows.start, total)
+        _check_features(path, tensors, config)
+        if config.get("retrieval_k") is not None and not {"codebook_centers", "histogram_counts"} <= set(extras):
+            raise BankInvalid(f"bank: {path}: its configuration asks for retrieval (retrieval_k) but the file "
+                              "holds no codebook and histograms; refit the bank")
+        bank = cls(tensors, config, extras, rows.start, total)
         if expected:
             bank.check(expected)
         return bank
+
+
+class BankInvalid(ValueError):
+    """A bank file that is not a complete, valid hetmm bank."""
+
+
+# bounds on what a bank's configuration may ask of the machine that loads it
+MAX_IMAGE_SIZE = 4096
+UNIT_TOLERANCE = 1e-2  # features are L2-normalised (PTS centres average them: shorter, never longer)
+
+
+def checksum(tensors: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _checked_config(path: Path, metadata: dict) -> dict:
+    from .backbone import LAYERS
+    from .parameters import parse_params
+
+    try:
+        config = json.loads(metadata["config"])
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise BankInvalid(f"bank: {path}: its configuration is missing or not JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise BankInvalid(f"bank: {path}: its configuration must be a JSON object; got {type(config).__name__}")
+    required = {"backbone": str, "image_size": int, "params": str, "layers": list}
+    for key, kind in required.items():
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise BankInvalid(f"bank: {path}: configuration key {key!r} must be a {kind.__name__}; "
+                              f"got {config.get(key)!r}")
+    for key in ("image_size", "out_size"):
+        value = config.get(key, 256)
+        if not isinstance(value, int) or isinstance(value, bool) or not 16 <= value <= MAX_IMAGE_SIZE:
+            raise BankInvalid(f"bank: {path}: {key} must be a whole number from 16 to {MAX_IMAGE_SIZE}; got {value!r}")
+    if not set(config["layers"]) <= set(LAYERS):
+        raise BankInvalid(f"bank: {path}: layers must be among {list(LAYERS)}; got {config['layers']!r}")
+    if config.get("weights") is not None and not isinstance(config["weights"], str):
+        raise BankInvalid(f"bank: {path}: weights must be a string or null; got {config['weights']!r}")
+    if config.get("retrieval_k") is not None and not (isinstance(config["retrieval_k"], int) and config["retrieval_k"] >= 1):
+        raise BankInvalid(f"bank: {path}: retrieval_k must be a positive whole number or null; got {config['retrieval_k']!r}")
+    try:
+        parse_params(config["params"])
+    except (TypeError, ValueError) as error:
+        raise BankInvalid(f"bank: {path}: {error}") from None
+    return config
+
+
+def _check_features(path: Path, features: dict, config: dict) -> None:
+    from .parameters import parse_params
+
+    needed = set(parse_params(config["params"]).active_layers)
+    if not needed <= set(features):
+        raise BankInvalid(f"bank: {path}: its parameters use {sorted(needed)}, the file holds {sorted(features)}")
+    for name, t in features.items():
+        if not t.is_floating_point() or t.dim() != 4:
+            raise BankInvalid(f"bank: {path}: {name} must be floating [N, C, h, w] features; got {t.dtype} {tuple(t.shape)}")
+        if t.numel() == 0:
+            continue
+        if not torch.isfinite(t).all():
+            raise BankInvalid(f"bank: {path}: {name} holds NaN or inf")
+        norms = torch.linalg.vector_norm(t.double(), dim=1)  # float64: a scaled bank must not overflow to inf
+        if norms.max() > 1 + UNIT_TOLERANCE or norms.max() == 0:
+            raise BankInvalid(f"bank: {path}: {name} must hold L2-normalised features; norms run from "
+                              f"{norms.min().item():.3g} to {norms.max().item():.3g}")
 
 
 def _shard_rows(count: int, rank: int, world: int) -> range:

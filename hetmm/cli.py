@@ -105,7 +105,7 @@ def _predict(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .data import MVTecCategory
+    from .data import ImageError, MVTecCategory, missing_masks_message
     from .detector import HETMM
     from .evaluation import evaluate_category, format_table
 
@@ -115,14 +115,20 @@ def _evaluate(args) -> int:
     if group is not None:
         args.device = str(group.device)
     rows = []
-    for category in args.category:
-        data = MVTecCategory(args.data, category)
+    datasets = [MVTecCategory(args.data, category) for category in args.category]
+    if not args.allow_missing_masks:  # every category checked before the first is fitted
+        missing = sorted(p for data in datasets for p in data.missing_masks(data.test))
+        if missing:
+            raise ImageError(missing_masks_message(missing))
+    for category, data in zip(args.category, datasets):
         if args.bank:
             det = HETMM.load(args.bank, device=args.device, half=args.half, batch_size=args.batch_size, progress=True,
                              cuda_graph=args.cuda_graph, precision=args.precision)
-            rows.append(evaluate_category(det, data, fit=False, group=group))
+            rows.append(evaluate_category(det, data, fit=False, group=group,
+                                          allow_missing_masks=args.allow_missing_masks))
         else:
-            rows.append(evaluate_category(_detector(args, category), data, group=group))
+            rows.append(evaluate_category(_detector(args, category), data, group=group,
+                                          allow_missing_masks=args.allow_missing_masks))
     if group is not None and not group.is_main:
         return 0  # rank 0 holds the metrics over every rank's images
     print(format_table(rows))
@@ -252,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("evaluate", help="fit and score categories; print image/pixel AUROC and PRO")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--category", required=True, nargs="+")
+    evaluate.add_argument("--allow-missing-masks", action="store_true",
+                          help="defect images without a mask count for the image AUROC only (default: an error)")
     evaluate.add_argument("--bank", default=None, help="use a saved bank instead of fitting")
     evaluate.add_argument("--json", default=None, help="also write the metrics as JSON")
     _add_model_options(evaluate)
@@ -292,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from .backbone import WeightsUnavailable
-    from .bank import BankMismatch
+    from .bank import BankInvalid, BankMismatch
     from .data import ImageError
+    from .parameters import ParamsError
     from .distributed import RankFailed, teardown
 
     everyone_here = False  # whether every rank of a distributed run reaches the end together
@@ -305,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         everyone_here = True
         print(f"hetmm {args.command}: {error}", file=sys.stderr)
         return 2
-    except (WeightsUnavailable, BankMismatch, ImageError, FileNotFoundError) as error:
+    except (WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError, FileNotFoundError) as error:
         print(f"hetmm {args.command}: {error}", file=sys.stderr)
         return 2
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -22,28 +22,56 @@ class ImageError(ValueError):
     """An image or mask that cannot be used, named by its file."""
 
 
+# Pillow modes holding more than 8 bits per pixel, and the value that means white in each
+WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+
+
 def read_image(path, size: int) -> torch.Tensor:
-    """RGB image resized to ``size x size``: float ``[3, size, size]`` in [0, 1]."""
+    """RGB image resized to ``size x size``: float ``[3, size, size]`` in [0, 1].
+
+    EXIF orientation is applied. 16-bit images (Pillow modes ``I;16*``, ``I``) are read at their
+    full range (65535 is white; ``convert("RGB")`` would clip them to white), float images (``F``)
+    must already lie in [0, 1]; palette, grey and alpha images are converted to RGB.
+    """
     try:
         with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in WIDE_MODES or img.mode == "F":
+                values = np.asarray(img, dtype=np.float32)
+                values = values / WIDE_MODES[img.mode] if img.mode in WIDE_MODES else values
+                if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+                    raise ImageError(f"image {path}: {img.mode} pixel values must lie in [0, 1] "
+                                     f"(got {values.min():.4g} to {values.max():.4g})")
+                grey = Image.fromarray(values, mode="F").resize((size, size), Image.BILINEAR)
+                return torch.from_numpy(np.asarray(grey, dtype=np.float32).copy()).clamp_(0, 1)[None].repeat(3, 1, 1)
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+    except ImageError:
+        raise
     except Exception as error:
         raise ImageError(f"cannot read image {path}: {error}") from None
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
 
 
 def read_mask(path, size: int, image_size: tuple | None = None) -> torch.Tensor:
-    """Binary mask resized (nearest) to ``size x size``; ``image_size`` (w, h) must match the mask's."""
+    """Binary mask resized (nearest) to ``size x size``: every non-zero pixel is defect.
+
+    That reads 0/255, 0/1 and grey-level (anti-aliased) masks alike; palette masks by their index
+    (0 is background). ``image_size`` (w, h) must match the mask's; EXIF orientation is applied.
+    """
     try:
         with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
             if image_size is not None and img.size != tuple(image_size):
                 raise ImageError(f"mask {path} is {img.size[0]}x{img.size[1]}, its image is {image_size[0]}x{image_size[1]}")
-            img = img.convert("L").resize((size, size), Image.NEAREST)
+            values = np.asarray(img)
+            if values.ndim == 3:  # RGB(A) masks: any non-zero colour channel
+                values = values[..., :3].max(axis=2) if img.mode != "LA" else values[..., 0]
+            defect = Image.fromarray((values > 0).astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
     except ImageError:
         raise
     except Exception as error:
         raise ImageError(f"cannot read mask {path}: {error}") from None
-    return torch.from_numpy((np.asarray(img) > 127).astype(np.float32))
+    return torch.from_numpy((np.asarray(defect) > 0).astype(np.float32))
 
 
 def image_files(folder) -> list[Path]:
@@ -84,18 +112,36 @@ class MVTecCategory:
                 if defect == "good":
                     samples.append(Sample(path, 0, defect, None))
                     continue
-                mask = self.root / "ground_truth" / defect / f"{path.stem}_mask.png"
-                samples.append(Sample(path, 1, defect, mask if mask.is_file() else None))
+                samples.append(Sample(path, 1, defect, self.root / "ground_truth" / defect / f"{path.stem}_mask.png"))
         if not samples:
             raise FileNotFoundError(f"data: no test images under {test_root}")
         return samples
 
-    def load_masks(self, samples: list[Sample], size: int) -> torch.Tensor:
-        """Masks ``[N, size, size]`` for ``samples`` (zeros for normal images)."""
+    @staticmethod
+    def missing_masks(samples: list[Sample]) -> list[Path]:
+        """The mask files of defect samples that do not exist."""
+        return [s.mask for s in samples if s.label == 1 and (s.mask is None or not Path(s.mask).is_file())]
+
+    def load_masks(self, samples: list[Sample], size: int, allow_missing: bool = False) -> torch.Tensor:
+        """Masks ``[N, size, size]`` for ``samples`` (zeros for normal images).
+
+        A defect image without its mask would count as all-normal pixels: an error naming the file,
+        unless ``allow_missing`` (its mask is then all zeros: leave it out of pixel metrics, as
+        ``hetmm.evaluation`` does).
+        """
+        missing = set(self.missing_masks(samples))
+        if missing and not allow_missing:
+            raise ImageError(missing_masks_message(sorted(missing)))
         out = torch.zeros(len(samples), size, size)
         for i, s in enumerate(samples):
-            if s.mask is not None:
+            if s.label == 1 and s.mask not in missing:
                 with Image.open(s.path) as img:
-                    image_size = img.size
+                    image_size = ImageOps.exif_transpose(img).size
                 out[i] = read_mask(s.mask, size, image_size)
         return out
+
+
+def missing_masks_message(missing: list) -> str:
+    shown = ", ".join(str(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return (f"{len(missing)} defect image(s) have no mask ({shown}); every defect image needs "
+            "ground_truth/<defect>/<name>_mask.png (or --allow-missing-masks to leave them out of the pixel metrics)")

@@ -12,7 +12,7 @@ import hetmm_kernels as hk
 
 from . import distributed
 from .backbone import LAYERS, Backbone
-from .bank import TemplateBank
+from .bank import MAX_IMAGE_SIZE, TemplateBank
 from .clustering import compress
 from .retrieval import Codebook
 from .data import read_image
@@ -72,6 +72,18 @@ class Prediction:
     pred_mask: torch.Tensor | None = None  # [B, H, W] bool, when a threshold is set
 
 
+def _check_pixels(images: torch.Tensor) -> None:
+    """Images are floats in [0, 1]: uint8 or 0..255 floats would be scored as if they were (silently wrong)."""
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floats in [0, 1]; got {images.dtype} (divide uint8 images by 255)")
+    low, high = torch.aminmax(images.detach().float())
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        raise ValueError("images contain NaN or inf")
+    if low < -1e-3 or high > 1 + 1e-3:
+        hint = " (they look like 0..255: divide by 255)" if high > 2 else ""
+        raise ValueError(f"images must be floats in [0, 1]; got values from {low.item():.4g} to {high.item():.4g}{hint}")
+
+
 class HETMM:
     """Training-free anomaly detector by template mutual matching.
 
@@ -87,8 +99,9 @@ class HETMM:
                  progress: bool = False, templates: str = "all", tsize: int = 60,
                  retrieval_k: int | None = None, retrieval_layer: str = "layer2", cuda_graph: bool = False,
                  precision: str = "auto", neighbourhood: int | None = None):
-        if int(image_size) < 16:
-            raise ValueError(f"image_size must be at least 16; got {image_size}")
+        for name, size in (("image_size", image_size), ("out_size", out_size)):
+            if not 16 <= int(size) <= MAX_IMAGE_SIZE:
+                raise ValueError(f"{name} must be from 16 to {MAX_IMAGE_SIZE} pixels; got {size}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
         if templates not in ("all", "pts"):
@@ -149,10 +162,18 @@ class HETMM:
                 raise ValueError(f"images must be [N, 3, H, W] floats in [0, 1]; got {tuple(images.shape)}")
             if images.shape[0] == 0:
                 raise ValueError("images is empty")
+            _check_pixels(images)
             return list(images)
         items = list(images)
         if not items:
             raise ValueError("images is empty")
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                if item.dim() != 3 or item.shape[0] != 3:
+                    raise ValueError(f"each image must be [3, H, W] floats in [0, 1]; got {tuple(item.shape)}")
+                _check_pixels(item)
+            elif not isinstance(item, (str, Path)):
+                raise TypeError(f"images must be a tensor or a list of tensors or file paths; got {type(item).__name__}")
         return items
 
     def _batch(self, items) -> torch.Tensor:

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import time
 
-from .data import MVTecCategory
+import torch
+
+from .data import ImageError, MVTecCategory, missing_masks_message
 from .detector import HETMM
 from .metrics import aupro, image_auroc, pixel_auroc
 
 
-def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, group=None) -> dict | None:
+def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, group=None,
+                      allow_missing_masks: bool = False) -> dict | None:
     """Image AUROC, pixel AUROC and PRO (AUPRO to FPR 0.3) on ``data``'s test split, with timings.
 
     ``group`` (``hetmm.distributed.Group``): every rank fits the same bank and scores its share of
     the test images; the metrics are computed once, on rank 0, over all of them (``None`` elsewhere).
+    A defect image without its mask is an error (found before any fitting), unless
+    ``allow_missing_masks``: it then counts for the image AUROC only.
     """
     from .distributed import predict_data_parallel
 
+    missing = set(data.missing_masks(data.test))
+    if missing and not allow_missing_masks:
+        raise ImageError(missing_masks_message(sorted(missing)))
     start = time.perf_counter()
     if fit:
         detector.fit(data.train)
@@ -28,7 +36,8 @@ def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, gr
     if result is None:
         return None
     labels = [s.label for s in samples]
-    masks = data.load_masks(samples, detector.out_size)
+    masks = data.load_masks(samples, detector.out_size, allow_missing=allow_missing_masks)
+    with_mask = [s.label == 0 or s.mask not in missing for s in samples]
     metrics = dict(
         category=data.category,
         templates=len(detector.bank),
@@ -37,9 +46,15 @@ def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, gr
         fit_seconds=fitted - start,
         predict_seconds=predicted - fitted,
     )
+    if missing:
+        metrics["masks_missing"] = len(missing)
+        keep = torch.tensor(with_mask)
+        masks, anomaly, pro = masks[keep], result.anomaly_map[keep], result.pro_map[keep]
+    else:
+        anomaly, pro = result.anomaly_map, result.pro_map
     if masks.any():
-        metrics["pixel_auroc"] = pixel_auroc(masks, result.anomaly_map)
-        metrics["pro"] = aupro(masks, result.pro_map)
+        metrics["pixel_auroc"] = pixel_auroc(masks, anomaly)
+        metrics["pro"] = aupro(masks, pro)
     metrics["images_per_second"] = len(samples) / max(predicted - fitted, 1e-9)
     return metrics
 

@@ -12,6 +12,7 @@ A string has two parts separated by ``;``:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # The published MVTec AD configuration (Wide-ResNet-101-2, 256x256 output), one string per category.
@@ -81,8 +82,19 @@ class ScoringParams:
         return {name: p for name, p in self.layers.items() if p.fore > 0 and p.back > 0}
 
 
+# Layers the backbones expose (hetmm.backbone.LAYERS), and bounds that keep every score finite in float16.
+LAYER_COUNT = 3
+MAX_LAMBDA = 1e3
+MAX_BLUR_SIGMA = 256.0
+MAX_KERNEL = 1025
+
+
+class ParamsError(ValueError):
+    """A parameter string that cannot be read or holds values outside their range."""
+
+
 def _bad(text: str, why: str) -> ValueError:
-    return ValueError(f"params: cannot read {text!r}: {why}; expected e.g. {DEFAULT!r}")
+    return ParamsError(f"params: cannot read {text!r}: {why}; expected e.g. {DEFAULT!r}")
 
 
 def _parse_post(text: str) -> PostProcess:
@@ -94,12 +106,25 @@ def _parse_post(text: str) -> PostProcess:
         key, sep, value = item.partition("=")
         if not sep:
             raise _bad(text, f"{item!r} is not key=value")
-        values[key] = float(value)
-    if items[0] == "blur" and set(values) == {"s", "k"} and values["k"] >= 1 and values["s"] > 0:
-        return PostProcess("blur", values["s"], int(values["k"]))
-    if items[0] == "mp" and set(values) == {"k"} and values["k"] >= 1:
-        return PostProcess("mp", 0.0, int(values["k"]))
-    raise _bad(text, "a post-process is clean, blur_s=<sigma>_k=<size> or mp_k=<size>")
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise _bad(text, f"{value!r} is not a number") from None
+    if not (items[0] == "blur" and set(values) == {"s", "k"}) and not (items[0] == "mp" and set(values) == {"k"}):
+        raise _bad(text, "a post-process is clean, blur_s=<sigma>_k=<size> or mp_k=<size>")
+    k = values["k"]
+    if not (math.isfinite(k) and k == int(k) and 1 <= k <= MAX_KERNEL):
+        raise _bad(text, f"the size k must be a whole number from 1 to {MAX_KERNEL}; got {value_text(k)}")
+    if items[0] == "mp":
+        return PostProcess("mp", 0.0, int(k))
+    sigma = values["s"]
+    if not (math.isfinite(sigma) and 0 < sigma <= MAX_BLUR_SIGMA):
+        raise _bad(text, f"the blur sigma s must be in (0, {MAX_BLUR_SIGMA:g}]; got {value_text(sigma)}")
+    return PostProcess("blur", sigma, int(k))
+
+
+def value_text(value: float) -> str:
+    return str(int(value)) if abs(value) < 1e15 and value == int(value) else f"{value:g}"
 
 
 def parse_params(text: str) -> ScoringParams:
@@ -120,9 +145,18 @@ def parse_params(text: str) -> ScoringParams:
             alpha_key, alpha = alpha.split("=")
             lda_key, lda = lda.split("=")
             assert alpha_key == "a" and lda_key == "l" and fore >= 0 and back >= 0
+            alpha, lda = float(alpha), float(lda)
         except (ValueError, AssertionError):
             raise _bad(chunk, "a layer entry is L<i>:<fore>x<back>_a=<alpha>_l=<lambda>") from None
-        layers[f"layer{int(name[1:])}"] = LayerParams(fore, back, float(alpha), float(lda))
+        if not 1 <= int(name[1:]) <= LAYER_COUNT:
+            raise _bad(chunk, f"the layers are L1 to L{LAYER_COUNT}")
+        if not (math.isfinite(alpha) and 0 <= alpha <= 1):
+            raise _bad(chunk, f"alpha (a=) weighs the two directions and must be in [0, 1]; got {value_text(alpha)}")
+        if not (math.isfinite(lda) and 0 < lda <= MAX_LAMBDA):
+            raise _bad(chunk, f"lambda (l=) weighs the layer and must be in (0, {MAX_LAMBDA:g}]; got {value_text(lda)}")
+        if f"layer{int(name[1:])}" in layers:
+            raise _bad(chunk, f"{name} is given twice")
+        layers[f"layer{int(name[1:])}"] = LayerParams(fore, back, alpha, lda)
     post = {}
     if metric_part:
         for chunk in metric_part.split("|"):

@@ -35,10 +35,31 @@ def test_table_values():
     ("L1:5x3_a=0.3_l=1;img_AUC:blur_s=3", "a post-process is"),
     ("L1:5x3_a=0.3_l=1;foo:clean", "metric entries"),
     ("L1:0x3_a=0.3_l=1", "every layer is skipped"),
+    # values that used to give NaN scores, an inverted detector or a bank predict refuses
+    ("L1:5x3_a=nan_l=1", r"alpha \(a=\) .* \[0, 1\]; got nan"),
+    ("L1:5x3_a=1.5_l=1", r"alpha .* got 1.5"),
+    ("L1:5x3_a=-0.1_l=1", r"alpha .* got -0.1"),
+    ("L1:5x3_a=0.5_l=inf", r"lambda \(l=\) .* got inf"),
+    ("L1:5x3_a=0.5_l=1e308", r"lambda .* got 1e\+308"),
+    ("L1:5x3_a=0.5_l=-1", r"lambda .* got -1"),
+    ("L1:5x3_a=0.5_l=0", r"lambda .* got 0"),
+    ("L4:5x3_a=0.5_l=1", "the layers are L1 to L3"),
+    ("L0:5x3_a=0.5_l=1", "the layers are L1 to L3"),
+    ("L1:5x3_a=0.5_l=1|L1:3x3_a=0.5_l=1", "L1 is given twice"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:blur_s=nan_k=3", r"sigma s must be in \(0, 256\]; got nan"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:blur_s=4_k=1e308", "a whole number from 1 to 1025"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:blur_s=4_k=3.5", "a whole number"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:mp_k=0", "a whole number"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:blur_s=x_k=3", "'x' is not a number"),
 ])
 def test_bad_parameter_strings(text, words):
     with pytest.raises(ValueError, match=words):
         parse_params(text)
+
+
+def test_every_published_string_and_the_default_pass_the_value_checks():
+    for text in (*MVTEC_AD.values(), DEFAULT):
+        assert parse_params(text).active_layers
 
 
 def _by_hand(query, temp, params, size):
