@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+class UsageError(Exception):
+    """A problem with the command's arguments or files: one line on stderr, exit status 2."""
 
 
 def _detector(args, category=None):
@@ -31,9 +36,14 @@ def _fit(args) -> int:
     elif args.data and args.category:
         images = MVTecCategory(args.data, args.category).train
     else:
-        raise SystemExit("hetmm fit: give --good DIR, or --data ROOT with --category C")
+        raise UsageError("give --good DIR, or --data ROOT with --category C")
+    out = Path(args.out)
+    if out.resolve() in {Path(p).resolve() for p in images}:
+        raise UsageError(f"--out {out} is one of the input images; choose another file")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give the bank's file name (e.g. {out / 'bank.safetensors'})")
     det = _detector(args, args.category).fit(images)
-    path = det.save(args.out)
+    path = det.save(out)
     print(f"saved {len(det.bank)} templates ({det.backbone.name}, {det.image_size}px) to {path}")
     return 0
 
@@ -49,7 +59,55 @@ def _overlay(image_path: Path, anomaly, size: int, out: Path, top: float) -> Non
     colour = np.concatenate([np.ones_like(heat), 1 - heat, np.zeros_like(heat)], axis=2)
     alpha = 0.75 * heat**2
     blend = (1 - alpha) * base + alpha * colour
-    Image.fromarray((blend * 255).round().astype(np.uint8)).save(out)
+    encoded = io.BytesIO()
+    Image.fromarray((blend * 255).round().astype(np.uint8)).save(encoded, format="PNG")
+    _write_new(out, encoded.getvalue())
+
+
+# heat-map file names keep this much of the image's name (file systems allow 255 bytes)
+MAX_STEM = 96
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _heatmap_name(index: int, path: Path) -> str:
+    stem = path.stem
+    if len(stem.encode()) > MAX_STEM:  # cut, with a digest of the whole name to keep names distinct
+        import hashlib
+
+        stem = stem.encode()[:MAX_STEM].decode(errors="ignore") + "~" + hashlib.sha1(path.stem.encode()).hexdigest()[:8]
+    return f"{index:04d}_{stem}_heatmap.png"
+
+
+def _csv_cell(value):
+    """Cells a spreadsheet would run as a formula are quoted with a leading apostrophe."""
+    return "'" + value if isinstance(value, str) and value.startswith(CSV_FORMULA_START) else value
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` without following a symlink there (an output never lands elsewhere)."""
+    import os
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}"
+                         + (" (a symlink: outputs are not written through links)" if path.is_symlink() else ""))
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _check_output_folder(out: Path, inputs: list) -> None:
+    """Before any work: --out must be a folder hetmm may fill, not one it reads images from."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if out.is_symlink():
+        raise UsageError(f"--out {out} is a symlink; give a real folder")
+    resolved = out.resolve()
+    sources = {Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent for p in inputs}
+    if resolved in sources:
+        raise UsageError(f"--out {out} holds input images; heat maps written there would be "
+                         "scored by the next run: choose another folder")
 
 
 def _predict(args) -> int:
@@ -61,13 +119,14 @@ def _predict(args) -> int:
     paths = [q for p in map(Path, args.images) for q in (image_files(p) if p.is_dir() else [p])]
     empty = [str(p) for p in map(Path, args.images) if p.is_dir() and not image_files(p)]
     if empty:
-        raise SystemExit(f"hetmm predict: no images directly inside {', '.join(empty)} (subfolders are not searched)")
+        raise UsageError(f"no images directly inside {', '.join(empty)} (subfolders are not searched)")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise SystemExit(f"hetmm predict: no such image file(s): {', '.join(missing)}")
+        raise UsageError(f"no such image file(s): {', '.join(missing)}")
+    _check_output_folder(Path(args.out), args.images)
     group = distributed.setup(args.device)
     if args.shard_bank and group is None:
-        raise SystemExit("hetmm predict: --shard-bank splits the bank across processes: "
+        raise UsageError("--shard-bank splits the bank across processes: "
                          "launch with torchrun --nproc-per-node N (N > 1)")
     det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights,
                      device=group.device if group else args.device, half=args.half, batch_size=args.batch_size,
@@ -87,17 +146,18 @@ def _predict(args) -> int:
     top = float(result.anomaly_map.max())
     rows = []
     for i, path in enumerate(paths):
-        heat = out / f"{i:04d}_{path.stem}_heatmap.png"
+        heat = out / _heatmap_name(i, path)
         _overlay(path, result.anomaly_map[i], det.out_size, heat, top)
         row = dict(image=str(path), score=float(result.pred_score[i]), heatmap=str(heat))
         if result.pred_label is not None:
             row["anomalous"] = bool(result.pred_label[i])
         rows.append(row)
-    with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "scores.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({key: _csv_cell(value) for key, value in row.items()} for row in rows)
+    _write_new(out / "scores.csv", table.getvalue().encode("utf-8"))
+    _write_new(out / "scores.json", json.dumps(rows, indent=1).encode("utf-8"))
     for row in rows:
         print(f"{row['score']:.4f}  {row['image']}")
     print(f"heat maps and scores.csv / scores.json in {out}")
@@ -314,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         everyone_here = True
         print(f"hetmm {args.command}: {error}", file=sys.stderr)
         return 2
-    except (WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError, FileNotFoundError) as error:
+    except (UsageError, WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError,
+            FileNotFoundError) as error:
         print(f"hetmm {args.command}: {error}", file=sys.stderr)
         return 2
     finally:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -284,3 +288,76 @@ def test_a_hub_backbone_named_by_a_bank_is_not_fetched_without_download(tmp_path
     with pytest.raises(WeightsUnavailable, match="fetched only with download=True"):
         hetmm.HETMM.load(path, weights=None)
     assert time.perf_counter() - start < 10  # no network retries
+
+
+# ---------------------------------------------------------------- outputs
+@pytest.fixture(scope="module")
+def bank_file(tmp_path_factory, fitted):
+    return fitted.save(tmp_path_factory.mktemp("bank") / "bank.safetensors")
+
+
+def _image(folder, name="x.png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_very_long_image_name_gets_a_short_heat_map_name(tmp_path, bank_file):
+    image = _image(tmp_path / "in", "a" * 240 + ".png")
+    assert main(["predict", "--bank", str(bank_file), str(image), "--out", str(tmp_path / "out")]) == 0
+    heat = json.loads((tmp_path / "out" / "scores.json").read_text())[0]["heatmap"]
+    assert Path(heat).is_file() and len(Path(heat).name.encode()) < 128
+
+
+def test_predict_refuses_to_write_into_its_input_folder(tmp_path, bank_file, capsys):
+    image = _image(tmp_path / "in")
+    assert main(["predict", "--bank", str(bank_file), str(tmp_path / "in"), "--out", str(tmp_path / "in")]) == 2
+    assert "holds input images" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == [image.name]
+
+
+def test_outputs_are_not_written_through_symlinks(tmp_path, bank_file, capsys):
+    image = _image(tmp_path / "in")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scores.csv").symlink_to(victim)
+    assert main(["predict", "--bank", str(bank_file), str(image), "--out", str(tmp_path / "out")]) == 2
+    assert "symlink" in capsys.readouterr().err
+    assert victim.read_text() == "keep me"
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(tmp_path, bank_file, monkeypatch):
+    _image(tmp_path / "in", "=HYPERLINK(1).png")
+    monkeypatch.chdir(tmp_path / "in")
+    assert main(["predict", "--bank", str(bank_file), "=HYPERLINK(1).png", "--out", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert rows[0]["image"] == "'=HYPERLINK(1).png"  # shown as text, never run
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())[0]["image"] == "=HYPERLINK(1).png"
+
+
+def test_fit_refuses_to_overwrite_an_input_image(tmp_path, capsys):
+    image = _image(tmp_path / "good")
+    assert main(["fit", "--good", str(tmp_path / "good"), "--out", str(image), "--backbone", "resnet18",
+                 "--weights", "none", "--image-size", "32"]) == 2
+    assert "one of the input images" in capsys.readouterr().err
+
+
+def test_saved_banks_follow_the_umask_and_stale_temporaries_are_removed(tmp_path, fitted):
+    import os
+    import subprocess
+    import sys
+
+    # a temporary left by a writer that was killed (its pid no longer exists)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".bank.safetensors.{int(dead.stdout)}.abc.tmp"
+    stale.write_bytes(b"x" * 100)
+    previous = os.umask(0o027)
+    try:
+        path = fitted.save(tmp_path / "bank.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]
