@@ -132,25 +132,15 @@ class TemplateBank:
         bank is returned: format, configuration keys, types and bounds, the layers the parameters use,
         shapes, dtypes, finite unit-bounded features and (whole banks) the tensors' checksum.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"bank: no file at {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata, names = f.metadata() or {}, list(f.keys())
-                if metadata.get("format") != FORMAT:
-                    raise BankInvalid(f"bank: {path} is not a hetmm template bank (format {metadata.get('format')!r})")
-                layers = [n for n in names if not n.startswith(EXTRA)]
-                total = f.get_slice(layers[0]).get_shape()[0] if layers else 0
-                rows = _shard_rows(total, *shard) if shard is not None else range(total)
-                per_template = [n for n in names if not n.startswith(EXTRA) or n[len(EXTRA):] in PER_TEMPLATE]
-                # a shard's rows are read from the file alone: a rank never holds the whole bank
-                tensors = {n: f.get_slice(n)[rows.start:rows.stop] if n in per_template else f.get_tensor(n)
-                           for n in names}
-        except (BankInvalid, ValueError) as error:
-            if isinstance(error, BankInvalid) or str(error).startswith("a bank of"):
+            metadata, tensors, total, rows = _read_bank_file(path, shard)
+        except BankInvalid:
+            raise
+        except ValueError as error:
+            if str(error).startswith("a bank of"):
                 raise
             raise BankInvalid(f"bank: {path} is not a readable safetensors file ({error})") from None
         except Exception as error:
@@ -195,6 +185,56 @@ def _remove_stale_temporaries(path: Path) -> None:
             tmp.unlink(missing_ok=True)
         except PermissionError:
             pass  # alive, another user's
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_bank_file(path: Path, shard):
+    """``(metadata, tensors, total, rows)`` from one open file handle.
+
+    The safetensors format (an 8-byte header length, a JSON header, the tensors' bytes) is read
+    here from a single memory map of one descriptor: safetensors' own ``safe_open`` reopens the
+    file by name for each tensor, so a bank replaced meanwhile could mix two files.
+    """
+    import mmap
+    import math
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{size} bytes, too short for a header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            length = int.from_bytes(view[:8], "little")
+            if not 2 <= length <= size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(bytes(view[8:8 + length]))
+            metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+                raise BankInvalid(f"bank: {path} is not a hetmm template bank "
+                                  f"(format {metadata.get('format') if isinstance(metadata, dict) else None!r})")
+            layers = sorted(n for n in header if not n.startswith(EXTRA))
+            total = int(header[layers[0]]["shape"][0]) if layers else 0
+            rows = _shard_rows(total, *shard) if shard is not None else range(total)
+            tensors = {}
+            for name, info in header.items():
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                start, end = (int(o) for o in info["data_offsets"])
+                itemsize = torch.empty(0, dtype=dtype).element_size()
+                if not 0 <= start <= end <= size - 8 - length or end - start != math.prod(shape) * itemsize:
+                    raise ValueError(f"tensor {name!r}: its offsets do not fit the file")
+                first, count = 0, (shape[0] if shape else 1)
+                if shape and (not name.startswith(EXTRA) or name[len(EXTRA):] in PER_TEMPLATE):
+                    first, count = rows.start, len(rows)  # a shard reads only its rows
+                    shape = [count, *shape[1:]]
+                row_bytes = math.prod(shape[1:]) * itemsize if shape else itemsize
+                offset = 8 + length + start + first * row_bytes
+                data = bytearray(view[offset:offset + count * row_bytes])
+                tensors[name] = torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
+    return metadata, tensors, total, rows
 
 
 class BankInvalid(ValueError):

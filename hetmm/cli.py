@@ -52,8 +52,9 @@ def _overlay(image_path: Path, anomaly, size: int, out: Path, top: float) -> Non
     import numpy as np
     from PIL import Image
 
-    with Image.open(image_path) as img:
-        base = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255
+    from .data import read_image
+
+    base = read_image(image_path, size).permute(1, 2, 0).numpy()  # as scored: EXIF, 16-bit, palette
     heat = np.clip(anomaly.numpy() / max(top, 1e-12), 0, 1)[..., None]
     # yellow to red where the score is high, the photograph where it is low
     colour = np.concatenate([np.ones_like(heat), 1 - heat, np.zeros_like(heat)], axis=2)

@@ -250,32 +250,35 @@ def test_sizes_are_bounded(kwargs, message):
         hetmm.HETMM(backbone="resnet18", weights=None, **kwargs)
 
 
-def test_loading_while_the_bank_is_replaced_gives_one_of_the_two_banks(tmp_path, fitted):
-    import threading
+def test_loading_while_another_process_replaces_the_bank_gives_one_of_the_two(tmp_path, fitted):
+    import subprocess
+    import sys
 
     other = hetmm.HETMM(backbone="resnet18", weights=None, image_size=32, out_size=32, precision="fp32").fit(
         torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(9)))
-    path = tmp_path / "live.safetensors"
     banks = [fitted.bank, other.bank]
-    banks[0].save(path)
-    stop = threading.Event()
-
-    def replace():
-        i = 0
-        while not stop.is_set():
-            i += 1
-            banks[i % 2].save(path)  # atomic: a temporary file renamed over the bank
-
-    writer = threading.Thread(target=replace)
-    writer.start()
+    sources = [b.save(tmp_path / f"{name}.safetensors") for b, name in zip(banks, "ab")]
+    live = tmp_path / "live.safetensors"
+    banks[0].save(live)
+    # another process swaps the two files in, atomically, as fast as it can (as TemplateBank.save does)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, shutil, sys\n"
+        "a, b, live = sys.argv[1:]\n"
+        "while True:\n"
+        "    for src in (a, b):\n"
+        "        shutil.copyfile(src, live + '.tmp')\n"
+        "        os.replace(live + '.tmp', live)\n"), str(sources[0]), str(sources[1]), str(live)])
     try:
-        for _ in range(60):
-            loaded = hetmm.TemplateBank.load(path)
-            assert any(len(loaded) == len(b) and all(torch.equal(loaded.features[k], b.features[k]) for k in b.features)
-                       for b in banks)
+        seen = set()
+        for _ in range(80):
+            loaded = hetmm.TemplateBank.load(live)
+            match = [i for i, b in enumerate(banks) if len(loaded) == len(b) and
+                     all(torch.equal(loaded.features[k], b.features[k]) for k in b.features)]
+            assert len(match) == 1
+            seen.add(match[0])
     finally:
-        stop.set()
-        writer.join()
+        writer.kill()
+        writer.wait()
 
 
 def test_a_hub_backbone_named_by_a_bank_is_not_fetched_without_download(tmp_path, fitted):
