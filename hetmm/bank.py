@@ -16,6 +16,10 @@ import torch
 
 import hetmm_kernels as hk
 
+from .backbone import LAYERS
+from .distributed import shard_range
+from .parameters import parse_params
+
 FORMAT = "hetmm-bank/1"
 # configuration entries that must agree for a bank to serve a detector
 IDENTITY = ("backbone", "weights", "image_size", "layers", "neighbourhood")
@@ -259,9 +263,6 @@ def checksum(tensors: dict) -> str:
 
 
 def _checked_config(path: Path, metadata: dict) -> dict:
-    from .backbone import LAYERS
-    from .parameters import parse_params
-
     try:
         config = json.loads(metadata["config"])
     except (KeyError, TypeError, json.JSONDecodeError) as error:
@@ -291,8 +292,6 @@ def _checked_config(path: Path, metadata: dict) -> dict:
 
 
 def _check_features(path: Path, features: dict, config: dict) -> None:
-    from .parameters import parse_params
-
     needed = set(parse_params(config["params"]).active_layers)
     if not needed <= set(features):
         raise BankInvalid(f"bank: {path}: its parameters use {sorted(needed)}, the file holds {sorted(features)}")
@@ -310,8 +309,6 @@ def _check_features(path: Path, features: dict, config: dict) -> None:
 
 
 def _shard_rows(count: int, rank: int, world: int) -> range:
-    from .distributed import shard_range
-
     if world > count:
         raise ValueError(f"a bank of {count} templates cannot be split over {world} ranks (one at least each)")
     return shard_range(count, rank, world)

@@ -110,8 +110,6 @@ def gather_to_main(group: Group, obj) -> list | None:
 
 def predict_data_parallel(detector, items: list, group: Group):
     """Data-parallel ``detector.predict(items)``: the merged ``Prediction`` on rank 0, ``None`` elsewhere."""
-    from .detector import Prediction
-
     if not len(items):
         raise ValueError("images is empty")  # on every rank alike: they all hold the same list
     share = shard_range(len(items), group.rank, group.world, detector.batch_size)
@@ -122,7 +120,7 @@ def predict_data_parallel(detector, items: list, group: Group):
     parts = [p for p in parts if p is not None]
     fields = ("pred_score", "anomaly_map", "pro_map", "pred_label", "pred_mask")
     merged = {f: None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts]) for f in fields}
-    return Prediction(**merged)
+    return type(parts[0])(**merged)  # a Prediction, built without importing the detector (no import circle)
 
 
 def merge_topk(distances: torch.Tensor, indices: torch.Tensor, k: int):
