@@ -8,13 +8,13 @@
 
 from .backbone import Backbone, WeightsUnavailable
 from .bank import BankInvalid, BankMismatch, TemplateBank
-from .detector import HETMM, Prediction
+from .detector import HETMM, DetectorOptions, Prediction
 from .metrics import aupro, image_auroc, pixel_auroc
 from .parameters import DEFAULT, MVTEC_AD, parse_params
 from .scoring import atmm_score
 
 __all__ = [
-    "DEFAULT", "HETMM", "MVTEC_AD", "Backbone", "BankInvalid", "BankMismatch", "Prediction", "TemplateBank",
+    "DEFAULT", "DetectorOptions", "HETMM", "MVTEC_AD", "Backbone", "BankInvalid", "BankMismatch", "Prediction", "TemplateBank",
     "WeightsUnavailable", "atmm_score", "aupro", "image_auroc", "parse_params", "pixel_auroc",
 ]
 

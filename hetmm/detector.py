@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,37 @@ def _check_pixels(images: torch.Tensor) -> None:
         raise ValueError(f"images must be floats in [0, 1]; got values from {low.item():.4g} to {high.item():.4g}{hint}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DetectorOptions:
+    """Everything a ``HETMM`` takes besides its backbone and weights, in one value to keep and pass on.
+
+    category / params: the parameter string (the paper's for its MVTec AD categories, ``DEFAULT``
+    otherwise); image_size / out_size: input and map size (16-4096); device; precision ("auto",
+    "fp32", "fp16", "bf16", "bf16-backbone"; ``half`` is the older switch); batch_size; threshold
+    (labels and masks when set); download (allow hub downloads); progress (bars); templates ("all"
+    or "pts") and tsize (PTS set size); retrieval_k / retrieval_layer (target before shooting);
+    cuda_graph; neighbourhood (k x k feature averaging; None: by the parameter string).
+    """
+
+    category: str | None = None
+    params: str | None = None
+    image_size: int = 256
+    out_size: int = 256
+    device: object = None
+    precision: str = "auto"
+    half: object = False
+    batch_size: int = 8
+    threshold: float | None = None
+    download: bool = False
+    progress: bool = False
+    templates: str = "all"
+    tsize: int = 60
+    retrieval_k: int | None = None
+    retrieval_layer: str = "layer2"
+    cuda_graph: bool = False
+    neighbourhood: int | None = None
+
+
 class HETMM:
     """Training-free anomaly detector by template mutual matching.
 
@@ -93,12 +125,16 @@ class HETMM:
     torch.Size([2, 64, 64])
     """
 
-    def __init__(self, backbone: str = "wide_resnet101_2", weights="imagenet", *, category: str | None = None,
-                 params: str | None = None, image_size: int = 256, out_size: int = 256, device=None,
-                 half=False, batch_size: int = 8, threshold: float | None = None, download: bool = False,
-                 progress: bool = False, templates: str = "all", tsize: int = 60,
-                 retrieval_k: int | None = None, retrieval_layer: str = "layer2", cuda_graph: bool = False,
-                 precision: str = "auto", neighbourhood: int | None = None):
+    def __init__(self, backbone: str = "wide_resnet101_2", weights="imagenet", options: "DetectorOptions | None" = None,
+                 **overrides):
+        """``options``: a ``DetectorOptions``; keyword arguments override its fields (``HETMM(..., image_size=64)``)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(DetectorOptions)})
+        if unknown:
+            raise TypeError(f"HETMM got unknown option(s) {unknown}; the options are the fields of DetectorOptions: "
+                            f"{[f.name for f in dataclasses.fields(DetectorOptions)]}")
+        self.options = dataclasses.replace(options or DetectorOptions(), **overrides)
+        (category, params, image_size, out_size, device, precision, half, batch_size, threshold, download, progress,
+         templates, tsize, retrieval_k, retrieval_layer, cuda_graph, neighbourhood) = dataclasses.astuple(self.options)
         for name, size in (("image_size", image_size), ("out_size", out_size)):
             if not 16 <= int(size) <= MAX_IMAGE_SIZE:
                 raise ValueError(f"{name} must be from 16 to {MAX_IMAGE_SIZE} pixels; got {size}")

@@ -189,3 +189,13 @@ def test_cuda_graph_predict_equals_eager(half, retrieval_k):
     graphed.add_templates(_images(1, 7))  # a grown bank is captured again, not replayed stale
     eager.bank = graphed.bank
     torch.testing.assert_close(graphed.predict(test).pred_score, eager.predict(test).pred_score, rtol=0, atol=tol)
+
+
+def test_options_object_and_keyword_overrides():
+    options = hetmm.DetectorOptions(image_size=64, out_size=64, precision="fp32", batch_size=3)
+    det = hetmm.HETMM("resnet18", None, options, batch_size=2)
+    assert (det.image_size, det.out_size, det.precision, det.batch_size) == (64, 64, "fp32", 2)
+    assert det.options == hetmm.DetectorOptions(image_size=64, out_size=64, precision="fp32", batch_size=2)
+    assert options.batch_size == 3  # the caller's options are not changed
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['imagesize'\].*image_size"):
+        hetmm.HETMM("resnet18", None, imagesize=64)
