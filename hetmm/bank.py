@@ -292,6 +292,12 @@ def _checked_config(path: Path, metadata: dict) -> dict:
 
 
 def _check_features(path: Path, features: dict, config: dict) -> None:
+    strides = {name: 2 ** (2 + i) for i, name in enumerate(LAYERS)}  # every backbone taps strides 4, 8, 16
+    for name, t in features.items():
+        side = -(-config["image_size"] // strides.get(name, 1))
+        if name in strides and t.dim() == 4 and tuple(t.shape[2:]) != (side, side):
+            raise BankInvalid(f"bank: {path}: {name} is {t.shape[2]}x{t.shape[3]}, but {config['image_size']} px "
+                              f"images give {side}x{side} at stride {strides[name]}")
     needed = set(parse_params(config["params"]).active_layers)
     if not needed <= set(features):
         raise BankInvalid(f"bank: {path}: its parameters use {sorted(needed)}, the file holds {sorted(features)}")

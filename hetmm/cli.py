@@ -293,6 +293,7 @@ def _add_run_options(parser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hetmm", description="Training-free anomaly detection by template mutual matching.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     fit = commands.add_parser("fit", help="build a template bank from normal images")
@@ -377,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (UsageError, WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError,
             FileNotFoundError) as error:
+        if args.debug:
+            raise
         print(f"hetmm {args.command}: {error}", file=sys.stderr)
         return 2
     finally:

@@ -83,9 +83,9 @@ def test_local_subsets_pads_with_a_repeat_and_flags_absent_queries():
 
 
 def test_bank_shards_concatenate_to_the_bank(tmp_path):
-    features = {"layer1": F.normalize(torch.rand(7, 4, 3, 3), dim=1), "layer2": F.normalize(torch.rand(7, 5, 2, 2), dim=1)}
+    features = {"layer1": F.normalize(torch.rand(7, 4, 4, 4), dim=1), "layer2": F.normalize(torch.rand(7, 5, 2, 2), dim=1)}
     extras = {"histogram_counts": torch.randint(0, 9, (7, 25, 13), dtype=torch.uint8), "codebook_centers": torch.rand(12, 5)}
-    config = {"backbone": "x", "image_size": 32, "layers": ["layer1", "layer2"],
+    config = {"backbone": "x", "image_size": 16, "layers": ["layer1", "layer2"],
               "params": "L1:3x3_a=0.5_l=1|L2:3x3_a=0.5_l=1"}  # load checks a bank completely
     bank = TemplateBank(features, config, extras)
     path = bank.save(tmp_path / "bank.safetensors")

@@ -364,3 +364,15 @@ def test_saved_banks_follow_the_umask_and_stale_temporaries_are_removed(tmp_path
     assert path.stat().st_mode & 0o777 == 0o640
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]
+
+
+def test_a_bank_whose_maps_do_not_fit_its_image_size_is_refused(tmp_path, fitted):
+    path = _rewrite(_saved_bank(tmp_path, fitted), edit_metadata=_config_edit(image_size=64))
+    with pytest.raises(hetmm.BankInvalid, match=r"layer1 is 8x8, but 64 px images give 16x16 at stride 4"):
+        hetmm.HETMM.load(path, weights=None)
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    image = _image(tmp_path / "in")
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        main(["--debug", "predict", "--bank", str(tmp_path / "none.safetensors"), str(image), "--out", str(tmp_path / "o")])
