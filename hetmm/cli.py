@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     from .backbone import WeightsUnavailable
     from .bank import BankInvalid, BankMismatch
     from .data import ImageError
+    from .detector import OptionsError
     from .parameters import ParamsError
     from .distributed import RankFailed, teardown
 
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         everyone_here = True
         print(f"hetmm {args.command}: {error}", file=sys.stderr)
         return 2
-    except (UsageError, WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError,
+    except (UsageError, WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError, OptionsError,
             FileNotFoundError) as error:
         if args.debug:
             raise

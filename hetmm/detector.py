@@ -30,6 +30,10 @@ PRECISIONS = {"fp32": (torch.float32, torch.float32), "fp16": (torch.float16, to
 AUTO_CPU_PRECISION = "bf16"
 
 
+class OptionsError(ValueError):
+    """A detector option outside what it accepts (named in the message)."""
+
+
 def native_bf16_cpu() -> bool:
     """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere it is emulated, slowly."""
     cpu = getattr(torch, "cpu", None)
@@ -46,18 +50,18 @@ def resolve_precision(precision: str = "auto", half=False, device=torch.device("
     (True = ``fp16``) and wins over ``auto``. float16 on a CPU is refused: no CPU has fast kernels for it.
     """
     if half not in (False, None, True, "fp16", "bf16"):
-        raise ValueError(f"half must be False, True (float16), 'fp16' or 'bf16'; got {half!r}")
+        raise OptionsError(f"half must be False, True (float16), 'fp16' or 'bf16'; got {half!r}")
     if precision not in ("auto", *PRECISIONS):
-        raise ValueError(f"precision must be 'auto', 'fp32', 'fp16', 'bf16' or 'bf16-backbone'; got {precision!r}")
+        raise OptionsError(f"precision must be 'auto', 'fp32', 'fp16', 'bf16' or 'bf16-backbone'; got {precision!r}")
     legacy = {True: "fp16", "fp16": "fp16", "bf16": "bf16"}.get(half)
     if legacy and precision not in ("auto", legacy):
-        raise ValueError(f"half={half!r} and precision={precision!r} disagree; give one of them")
+        raise OptionsError(f"half={half!r} and precision={precision!r} disagree; give one of them")
     device = torch.device(device)
     chosen = legacy or precision
     if chosen == "auto":
         return AUTO_CPU_PRECISION if device.type == "cpu" and native_bf16_cpu() else "fp32"
     if device.type == "cpu" and chosen == "fp16":  # (bf16-backbone is for CPUs; on a GPU it is what it says)
-        raise ValueError("precision='fp16' (half=True) has no fast CPU kernels; on a CPU use precision='bf16' "
+        raise OptionsError("precision='fp16' (half=True) has no fast CPU kernels; on a CPU use precision='bf16' "
                          "(native on AVX512-BF16/AMX cores) or 'fp32'")
     return chosen
 
@@ -137,19 +141,19 @@ class HETMM:
          templates, tsize, retrieval_k, retrieval_layer, cuda_graph, neighbourhood) = dataclasses.astuple(self.options)
         for name, size in (("image_size", image_size), ("out_size", out_size)):
             if not 16 <= int(size) <= MAX_IMAGE_SIZE:
-                raise ValueError(f"{name} must be from 16 to {MAX_IMAGE_SIZE} pixels; got {size}")
+                raise OptionsError(f"{name} must be from 16 to {MAX_IMAGE_SIZE} pixels; got {size}")
         if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+            raise OptionsError(f"batch_size must be at least 1; got {batch_size}")
         if templates not in ("all", "pts"):
-            raise ValueError(f"templates must be 'all' or 'pts'; got {templates!r}")
+            raise OptionsError(f"templates must be 'all' or 'pts'; got {templates!r}")
         if int(tsize) < 1:
-            raise ValueError(f"tsize must be at least 1; got {tsize}")
+            raise OptionsError(f"tsize must be at least 1; got {tsize}")
         self.templates, self.tsize = templates, int(tsize)
         if retrieval_k is not None and (int(retrieval_k) < 1 or templates != "all"):
-            raise ValueError("retrieval_k must be a positive int, and retrieval needs templates='all' "
+            raise OptionsError("retrieval_k must be a positive int, and retrieval needs templates='all' "
                              "(a PTS set mixes images per pixel: there are no whole images to retrieve)")
         if retrieval_layer not in LAYERS:
-            raise ValueError(f"retrieval_layer must be one of {LAYERS}; got {retrieval_layer!r}")
+            raise OptionsError(f"retrieval_layer must be one of {LAYERS}; got {retrieval_layer!r}")
         self.retrieval_k = None if retrieval_k is None else int(retrieval_k)
         self.retrieval_layer = retrieval_layer
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -167,7 +171,7 @@ class HETMM:
         self.group = None  # the process group of a sharded bank (see shard)
         self._retrieval_cache = None
         if cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"cuda_graph needs a CUDA device; this detector runs on {self.device}")
+            raise OptionsError(f"cuda_graph needs a CUDA device; this detector runs on {self.device}")
         self.cuda_graph = bool(cuda_graph)
         self._graphs: dict = {}  # (batch size, bank, bank version) -> CapturedPredict
 

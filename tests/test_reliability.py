@@ -376,3 +376,18 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
     image = _image(tmp_path / "in")
     with pytest.raises(FileNotFoundError, match="no file at"):
         main(["--debug", "predict", "--bank", str(tmp_path / "none.safetensors"), str(image), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image-size", "100000"], "image_size must be from 16 to 4096"),
+    (["--out-size", "0"], "out_size must be from 16 to 4096"),
+    (["--params", "L4:5x3_a=0.5_l=1"], "the layers are L1 to L3"),
+    (["--precision", "fp16", "--device", "cpu"], "no fast CPU kernels"),
+])
+def test_fit_option_errors_are_one_line_before_any_work(tmp_path, capsys, args, message):
+    _image(tmp_path / "good")
+    assert main(["fit", "--good", str(tmp_path / "good"), "--out", str(tmp_path / "b.safetensors"),
+                 "--backbone", "resnet18", "--weights", "none", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.safetensors").exists()
