@@ -25,6 +25,20 @@ BATCHES = [1, 32] if GPU else [1, 8]
 TEMPLATES = {"PTS-60": 60, "all N=200": 200}
 
 
+def _median(fn, repeats: int = 5) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 _DETECTORS: list[HETMM] = []  # one backbone for every case: building Wide-ResNet-101-2 takes seconds
 
 
@@ -66,9 +80,6 @@ def test_predict_split_on_the_cpu(benchmark, matmul_rate, batch, tmp_path):
     precision (bfloat16 on CPUs that have it). Each part is timed on its own (median of 5);
     "rest" is the whole predict from files less the four parts.
     """
-    import statistics
-    import time
-
     from hetmm.data import read_image
     from hetmm.demo import build_dataset
     from hetmm.detector import HETMM as Detector
@@ -78,14 +89,7 @@ def test_predict_split_on_the_cpu(benchmark, matmul_rate, batch, tmp_path):
     paths = sorted((root / "brick" / "test").rglob("*.png"))[:batch]
     det = Detector("tf_efficientnet_lite0", batch_size=batch).fit(train)
 
-    def median(fn, repeats=5):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    median = _median
 
     images = torch.stack([read_image(p, det.image_size) for p in paths])
     features = det.backbone(images)
@@ -105,3 +109,43 @@ def test_predict_split_on_the_cpu(benchmark, matmul_rate, batch, tmp_path):
     record(benchmark, None, matmul_rate, det.feature_dtype, op="predict split", layer="tf_efficientnet_lite0 256px",
            windows=det.params_string.split(";")[0], batch=batch, templates="N=40", backend="torch",
            mode=f"{batch / total:.1f} images/s from files; ms: {split}")
+
+
+@pytest.mark.skipif(GPU, reason="the CPU decoding rates")
+@pytest.mark.parametrize("source", ["256px PNG", "1024px PNG", "1024px JPEG"])
+def test_decoding_ahead_of_the_model(benchmark, matmul_rate, source, tmp_path):
+    """Decode-only rate per thread count, compute-only rate (pre-decoded tensors) and predict from files
+    without (workers=0) and with decoding threads, batch 8, lite0, 16 images of ``source``."""
+    from PIL import Image
+
+    from hetmm.data import prefetched, read_image
+    from hetmm.demo import build_dataset
+    from hetmm.detector import HETMM as Detector
+
+    root = build_dataset(tmp_path / "demo", n_train=16, n_good=8, n_defective=8)
+    train = sorted((root / "brick" / "train" / "good").glob("*.png"))
+    side, suffix = (256, ".png") if source.startswith("256") else (1024, ".png" if "PNG" in source else ".jpg")
+    paths = []
+    for i, p in enumerate(sorted((root / "brick" / "test").rglob("*.png"))[:16]):
+        out = tmp_path / f"{i:02d}{suffix}"
+        with Image.open(p) as img:
+            img.convert("RGB").resize((side, side), Image.BICUBIC).save(out, quality=95)
+        paths.append(out)
+    det = Detector("tf_efficientnet_lite0", batch_size=8, workers=0).fit(train)
+
+    median = lambda fn: _median(fn, 3)  # noqa: E731
+
+    rates = {}
+    for workers in (1, 2):
+        chunks = [paths[i:i + 8] for i in range(0, len(paths), 8)]
+        seconds = median(lambda: list(prefetched(chunks, lambda c: [read_image(p, 256) for p in c], workers, 2)))
+        rates[f"decode {workers} thread{'s' * (workers > 1)}"] = len(paths) / seconds
+    images = torch.stack([read_image(p, 256) for p in paths])
+    rates["compute only"] = len(paths) / median(lambda: det.predict(images))
+    for workers in (0, 1, 2):
+        det.workers = workers
+        rates[f"from files, workers={workers}"] = len(paths) / median(lambda: det.predict(paths))
+    run(benchmark, lambda: det.predict(paths), 1)
+    summary = ", ".join(f"{name} {value:.1f}" for name, value in rates.items())
+    record(benchmark, None, matmul_rate, det.feature_dtype, op="decode ahead", layer=source, windows="-", batch=8,
+           templates="N=16", backend="torch", mode=f"images/s: {summary}")

@@ -23,7 +23,8 @@ def _detector(args, category=None):
                  params=args.params, image_size=args.image_size, out_size=args.out_size, device=args.device,
                  half=args.half, batch_size=args.batch_size, download=args.download, progress=True,
                  templates=args.templates, tsize=args.tsize, retrieval_k=args.retrieval_k, cuda_graph=args.cuda_graph,
-                 precision=args.precision, neighbourhood=args.neighbourhood)
+                 precision=args.precision, neighbourhood=args.neighbourhood, workers=args.workers,
+                 prefetch=args.prefetch)
 
 
 def _fit(args) -> int:
@@ -132,7 +133,8 @@ def _predict(args) -> int:
     det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights,
                      device=group.device if group else args.device, half=args.half, batch_size=args.batch_size,
                      threshold=args.threshold, download=args.download, progress=group is None or group.is_main,
-                     shard=group if args.shard_bank else None, cuda_graph=args.cuda_graph, precision=args.precision)
+                     shard=group if args.shard_bank else None, cuda_graph=args.cuda_graph, precision=args.precision,
+                     workers=args.workers, prefetch=args.prefetch)
     if group is None:
         result = det.predict(paths)
     elif args.shard_bank:  # every rank scores every image against its share of the bank
@@ -184,7 +186,8 @@ def _evaluate(args) -> int:
     for category, data in zip(args.category, datasets):
         if args.bank:
             det = HETMM.load(args.bank, device=args.device, half=args.half, batch_size=args.batch_size, progress=True,
-                             cuda_graph=args.cuda_graph, precision=args.precision)
+                             cuda_graph=args.cuda_graph, precision=args.precision, workers=args.workers,
+                             prefetch=args.prefetch)
             rows.append(evaluate_category(det, data, fit=False, group=group,
                                           allow_missing_masks=args.allow_missing_masks))
         else:
@@ -287,6 +290,10 @@ def _add_run_options(parser):
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "bf16-backbone"),
                         help="auto (default): bf16 on CPUs with native bfloat16 (AVX512-BF16/AMX), else fp32")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads decoding images ahead of the model (default: all cores but one on a GPU, "
+                             "none on a 2-core CPU, half the cores on larger ones; 0: none)")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead (default 2)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each batch's GPU work from one captured CUDA graph (CUDA only)")
 

@@ -74,6 +74,35 @@ def read_mask(path, size: int, image_size: tuple | None = None) -> torch.Tensor:
     return torch.from_numpy((np.asarray(defect) > 0).astype(np.float32))
 
 
+def prefetched(chunks, load, workers: int = 0, prefetch: int = 2):
+    """``load(chunk)`` for each chunk, in order, computed up to ``prefetch`` chunks ahead by ``workers`` threads.
+
+    Pillow releases the GIL while it decodes and resizes, so threads overlap decoding with the model;
+    the lookahead is bounded, so memory stays flat however many images there are. ``workers=0`` loads
+    in the caller's thread. An error in a load is raised when its chunk's turn comes.
+    """
+    if workers <= 0:
+        for chunk in chunks:
+            yield load(chunk)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hetmm-decode") as pool:
+        pending = deque()
+        iterator = iter(chunks)
+        try:
+            for chunk in iterator:
+                pending.append(pool.submit(load, chunk))
+                if len(pending) > prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # stopped early (an error, a closed generator): drop what is queued
+                future.cancel()
+
+
 def image_files(folder) -> list[Path]:
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []

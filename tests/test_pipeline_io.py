@@ -1,0 +1,86 @@
+"""Decoding ahead of the model: bounded, ordered, the same results with or without worker threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import hetmm
+from hetmm.data import ImageError, prefetched
+
+
+def test_prefetched_keeps_order_and_bounds_the_lookahead():
+    started, lock = [], threading.Lock()
+
+    def load(chunk):
+        with lock:
+            started.append(chunk)
+        time.sleep(0.002 * (chunk % 3))  # out-of-order completion
+        return chunk * 10
+
+    consumed = []
+    for value in prefetched(range(20), load, workers=3, prefetch=2):
+        with lock:
+            # never more than the consumed chunks + the one being handed over + prefetch ahead
+            assert len(started) <= len(consumed) + 1 + 2 + 1
+        consumed.append(value)
+    assert consumed == [c * 10 for c in range(20)]
+
+
+def test_prefetched_without_workers_runs_in_the_caller():
+    threads = set()
+    list(prefetched(range(3), lambda c: threads.add(threading.current_thread().name), workers=0))
+    assert threads == {threading.current_thread().name}
+
+
+def test_a_failed_load_is_raised_in_its_turn():
+    def load(chunk):
+        if chunk == 2:
+            raise ImageError("cannot read image bad.png: broken")
+        return chunk
+
+    got = []
+    with pytest.raises(ImageError, match="bad.png"):
+        for value in prefetched(range(6), load, workers=2, prefetch=2):
+            got.append(value)
+    assert got == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return sorted(root.glob("*.png"))
+
+
+def test_predict_from_files_is_the_same_with_decoding_threads(folder):
+    options = dict(backbone="resnet18", weights=None, image_size=32, out_size=32, precision="fp32", batch_size=3)
+    serial = hetmm.HETMM(**options, workers=0).fit(folder[:4])
+    threaded = hetmm.HETMM(**options, workers=2, prefetch=1).fit(folder[:4])
+    assert all(torch.equal(serial.bank.features[k], threaded.bank.features[k]) for k in serial.bank.features)
+    a, b = serial.predict(folder), threaded.predict(folder)
+    assert torch.equal(a.pred_score, b.pred_score) and torch.equal(a.anomaly_map, b.anomaly_map)
+
+
+@pytest.mark.parametrize("kwargs", [dict(workers=-1), dict(prefetch=0)])
+def test_bad_pipeline_options(kwargs):
+    with pytest.raises(ValueError, match="workers must be >= 0 and prefetch >= 1"):
+        hetmm.HETMM(backbone="resnet18", weights=None, **kwargs)
+
+
+@pytest.mark.parametrize("cores,device,expected", [(2, "cpu", 0), (8, "cpu", 4), (64, "cpu", 4), (16, "cuda", 8),
+                                                   (2, "cuda", 1), (1, "cuda", 1)])
+def test_default_decoding_threads(monkeypatch, cores, device, expected):
+    import os
+
+    from hetmm.detector import default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_workers(torch.device(device)) == expected
