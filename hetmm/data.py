@@ -22,6 +22,9 @@ class ImageError(ValueError):
     """An image or mask that cannot be used, named by its file."""
 
 
+# JPEGs at least twice the target size are decoded at a reduced scale (libjpeg's DCT scaling), then
+# resized: 2-4x faster for 1024 px JPEGs read at 256 (accuracy effect: README, "Decoding")
+JPEG_DRAFT = True
 # Pillow modes holding more than 8 bits per pixel, and the value that means white in each
 WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
 
@@ -35,6 +38,8 @@ def read_image(path, size: int) -> torch.Tensor:
     """
     try:
         with Image.open(path) as img:
+            if JPEG_DRAFT and img.format == "JPEG" and min(img.size) >= 2 * size:
+                img.draft("RGB", (size, size))  # DCT-scaled decoding: 1/2 to 1/8 of the pixels, still >= size
             img = ImageOps.exif_transpose(img)
             if img.mode in WIDE_MODES or img.mode == "F":
                 values = np.asarray(img, dtype=np.float32)

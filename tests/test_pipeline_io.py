@@ -84,3 +84,28 @@ def test_default_decoding_threads(monkeypatch, cores, device, expected):
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert default_workers(torch.device(device)) == expected
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path, monkeypatch):
+    import hetmm.data as data
+    from hetmm.data import read_image
+
+    rng = np.random.default_rng(3)
+    smooth = np.kron(rng.random((16, 16, 3)), np.ones((32, 32, 1)))  # 512 px, structure at 32 px
+    path = tmp_path / "big.jpg"
+    Image.fromarray((smooth * 255).astype(np.uint8)).save(path, quality=95)
+    from PIL import JpegImagePlugin
+
+    opened = []
+    original = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, *a: opened.append(a) or original(self, *a))
+    drafted = read_image(path, 128)
+    assert opened and drafted.shape == (3, 128, 128)
+    monkeypatch.setattr(data, "JPEG_DRAFT", False)
+    full = read_image(path, 128)
+    assert (drafted - full).abs().mean() < 0.02
+    opened.clear()
+    monkeypatch.setattr(data, "JPEG_DRAFT", True)
+    read_image(path, 300)  # less than twice the target: decoded in full
+    assert not opened
