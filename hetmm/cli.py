@@ -382,13 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         return result
     except RankFailed as error:  # raised on every rank alike
         everyone_here = True
-        print(f"hetmm {args.command}: {error}", file=sys.stderr)
+        print(f"hetmm: error: {error}", file=sys.stderr)
         return 2
     except (UsageError, WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError, OptionsError,
             FileNotFoundError) as error:
         if args.debug:
             raise
-        print(f"hetmm {args.command}: {error}", file=sys.stderr)
+        print(f"hetmm: error: {error}", file=sys.stderr)
         return 2
     finally:
         teardown(synchronise=everyone_here)
