@@ -99,6 +99,50 @@ def _write_new(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+def _finished_rows(out: Path, resume: bool) -> dict:
+    """Rows already in ``out/scores.jsonl`` (with ``--resume``), by image; without it, a fresh file."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "maps").mkdir(exist_ok=True)
+    lines = out / "scores.jsonl"
+    if not resume:
+        _write_new(lines, b"")
+        return {}
+    done = {}
+    if lines.is_file():
+        for line in lines.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a run killed while writing it
+            if Path(row.get("map", "")).is_file():
+                done[row["image"]] = row
+    return done
+
+
+def _append_rows(out: Path, paths: list, result, done: dict) -> None:
+    """Each image's raw map (``maps/*.npy``) and its row (``scores.jsonl``, flushed and synced) as a chunk ends."""
+    import os
+
+    import numpy as np
+
+    lines = []
+    for i, path in enumerate(paths):
+        index = len(done)
+        target = out / "maps" / f"{index:06d}.npy"
+        np.save(target, result.anomaly_map[i].float().numpy())
+        row = dict(image=str(path), score=float(result.pred_score[i]), map=str(target))
+        if result.pred_label is not None:
+            row["anomalous"] = bool(result.pred_label[i])
+        done[str(path)] = row
+        lines.append(json.dumps(row))
+    flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(out / "scores.jsonl", flags)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _check_output_folder(out: Path, inputs: list) -> None:
     """Before any work: --out must be a folder hetmm may fill, not one it reads images from."""
     if out.exists() and not out.is_dir():
@@ -113,6 +157,9 @@ def _check_output_folder(out: Path, inputs: list) -> None:
 
 
 def _predict(args) -> int:
+    import numpy as np
+    import torch
+
     from . import distributed
     from .data import image_files
     from .detector import HETMM
@@ -130,30 +177,40 @@ def _predict(args) -> int:
     if args.shard_bank and group is None:
         raise UsageError("--shard-bank splits the bank across processes: "
                          "launch with torchrun --nproc-per-node N (N > 1)")
+    if args.resume and group is not None:
+        raise UsageError("--resume is for single-process runs (not under torchrun)")
     det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights,
                      device=group.device if group else args.device, half=args.half, batch_size=args.batch_size,
                      threshold=args.threshold, download=args.download, progress=group is None or group.is_main,
                      shard=group if args.shard_bank else None, cuda_graph=args.cuda_graph, precision=args.precision,
                      workers=args.workers, prefetch=args.prefetch)
-    if group is None:
-        result = det.predict(paths)
-    elif args.shard_bank:  # every rank scores every image against its share of the bank
-        result = distributed.run_everywhere(group, lambda: det.predict(paths))
-        result = result if group.is_main else None
-    else:  # every rank scores its share of the images against the whole bank
-        result = distributed.predict_data_parallel(det, paths, group)
-    if result is None:
-        return 0  # not rank 0: rank 0 writes the merged result
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    top = float(result.anomaly_map.max())
+    done = _finished_rows(out, args.resume) if group is None or group.is_main else {}
+    todo = [p for p in paths if str(p) not in done]
+    step = det.batch_size * 4  # rows and maps are on disk every few batches: a stopped run keeps them
+    for start in range(0, len(todo), step):
+        chunk = todo[start:start + step]
+        if group is None:
+            result = det.predict(chunk)
+        elif args.shard_bank:  # every rank scores every image against its share of the bank
+            result = distributed.run_everywhere(group, lambda: det.predict(chunk))
+            result = result if group.is_main else None
+        else:  # every rank scores its share of the images against the whole bank
+            result = distributed.predict_data_parallel(det, chunk, group)
+        if result is not None:  # rank 0 writes the merged result
+            _append_rows(out, chunk, result, done)
+    if group is not None and not group.is_main:
+        return 0
+    maps = {path: np.load(done[str(path)]["map"]) for path in paths}
+    top = max(float(m.max()) for m in maps.values())
     rows = []
     for i, path in enumerate(paths):
         heat = out / _heatmap_name(i, path)
-        _overlay(path, result.anomaly_map[i], det.out_size, heat, top)
-        row = dict(image=str(path), score=float(result.pred_score[i]), heatmap=str(heat))
-        if result.pred_label is not None:
-            row["anomalous"] = bool(result.pred_label[i])
+        _overlay(path, torch.from_numpy(maps[path]), det.out_size, heat, top)
+        kept = done[str(path)]
+        row = dict(image=kept["image"], score=kept["score"], heatmap=str(heat))
+        if "anomalous" in kept:
+            row["anomalous"] = kept["anomalous"]
         rows.append(row)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
@@ -319,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--threshold", type=float, default=None, help="flag images scoring at or above it")
     predict.add_argument("--weights", default=None, help="override the weights the bank was made with")
     predict.add_argument("--download", action="store_true")
+    predict.add_argument("--resume", action="store_true",
+                         help="skip the images already in --out/scores.jsonl (a run that was stopped)")
     predict.add_argument("--shard-bank", action="store_true",
                          help="under torchrun: split the bank across the processes instead of the images")
     _add_run_options(predict)

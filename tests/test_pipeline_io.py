@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +111,37 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp
     monkeypatch.setattr(data, "JPEG_DRAFT", True)
     read_image(path, 300)  # less than twice the target: decoded in full
     assert not opened
+
+
+def test_a_stopped_predict_resumes_to_the_same_results(tmp_path, folder, monkeypatch):
+    from hetmm.cli import main
+
+    bank = hetmm.HETMM(backbone="resnet18", weights=None, image_size=32, out_size=32, precision="fp32",
+                       workers=0).fit(folder[:3]).save(tmp_path / "bank.safetensors")
+    common = ["--bank", str(bank), *map(str, folder), "--batch-size", "1", "--precision", "fp32", "--threshold", "1.5"]
+    assert main(["predict", *common, "--out", str(tmp_path / "whole")]) == 0
+
+    calls = []
+    original = hetmm.HETMM.predict
+
+    def stopped_after_two_chunks(self, images):
+        calls.append(len(images))
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the run is killed while its second chunk is scored
+        return original(self, images)
+
+    monkeypatch.setattr(hetmm.HETMM, "predict", stopped_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        main(["predict", *common, "--out", str(tmp_path / "part")])
+    kept = (tmp_path / "part" / "scores.jsonl").read_text().splitlines()
+    assert len(kept) == 4  # the first chunk (4 batches of 1) is on disk
+    monkeypatch.setattr(hetmm.HETMM, "predict", lambda self, images: calls.append(images) or original(self, images))
+    calls.clear()
+    assert main(["predict", *common, "--out", str(tmp_path / "part"), "--resume"]) == 0
+    assert [len(c) for c in calls] == [3]  # only the images the stopped run had not finished
+    whole = json.loads((tmp_path / "whole" / "scores.json").read_text())
+    resumed = json.loads((tmp_path / "part" / "scores.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "heatmap"} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(whole)
+    for a, b in zip(whole, resumed):
+        assert Path(a["heatmap"]).read_bytes() == Path(b["heatmap"]).read_bytes()
