@@ -30,7 +30,7 @@ PREVIOUS_DEFAULT = "L1:13x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;img_
 BLURRED_IMAGE = "img_AUC:blur_s=4.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:clean"
 
 CHOSEN_LAYERS = "L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5"
-SCORES = "img_AUC:blur_s=8.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"  # DEFAULT's
+SCORES = DEFAULT.split(";")[1]  # DEFAULT's image, pixel and PRO post-processing
 CANDIDATES = {
     # the first round (choose set): what the image score, the neighbourhood and the windows contribute
     # (neighbourhood=1 spelled out: the default for strings that are not the paper's is now 3)
