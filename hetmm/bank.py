@@ -141,12 +141,8 @@ class TemplateBank:
             raise FileNotFoundError(f"bank: no file at {path}")
         try:
             metadata, tensors, total, rows = _read_bank_file(path, shard)
-        except BankInvalid:
+        except (BankInvalid, ShardError):
             raise
-        except ValueError as error:
-            if str(error).startswith("a bank of"):
-                raise
-            raise BankInvalid(f"bank: {path} is not a readable safetensors file ({error})") from None
         except Exception as error:
             raise BankInvalid(f"bank: {path} is not a readable safetensors file ({error})") from None
         config = _checked_config(path, metadata)
@@ -314,7 +310,11 @@ def _check_features(path: Path, features: dict, config: dict) -> None:
                               f"{norms.min().item():.3g} to {norms.max().item():.3g}")
 
 
+class ShardError(ValueError):
+    """A bank that cannot be split over the ranks asked for."""
+
+
 def _shard_rows(count: int, rank: int, world: int) -> range:
     if world > count:
-        raise ValueError(f"a bank of {count} templates cannot be split over {world} ranks (one at least each)")
+        raise ShardError(f"a bank of {count} templates cannot be split over {world} ranks (one at least each)")
     return shard_range(count, rank, world)

@@ -159,6 +159,13 @@ def window_max(x: torch.Tensor, y_groups: list[torch.Tensor], radius: int, rever
     return out.clamp_min_(MATCH_FLOOR).transpose(0, 1).contiguous()
 
 
+def _outside(plane: tuple[int, int], origin: int, size: tuple[int, int], device) -> torch.Tensor:
+    """Additive mask over a ``plane``: 0 on the map (``size`` from ``(origin, origin)``), -inf on the padding."""
+    mask = torch.full(plane, float("-inf"), device=device)
+    mask[origin:origin + size[0], origin:origin + size[1]] = 0
+    return mask
+
+
 class TiledTemplates:
     """Templates cut into ``th x tw`` tiles, once per bank: ``[tiles, th*tw*T, C]``, no copy of any pixel twice.
 
@@ -180,10 +187,8 @@ class TiledTemplates:
         padded = padded.view(count, channels, self.tiles_y, th, self.tiles_x, tw)
         self.data = padded.permute(2, 4, 3, 5, 0, 1).reshape(self.tiles_y * self.tiles_x, th * tw * count, channels)
         self.data = self.data.contiguous()
-        inside = torch.zeros(self.tiles_y * th, self.tiles_x * tw, device=temp.device)
-        inside[:height, :width] = 1
-        self.invalid = torch.zeros_like(inside).masked_fill_(inside == 0, float("-inf"))
-        self.invalid = self._tiles(self.invalid)  # [tiles, P]
+        plane = (self.tiles_y * th, self.tiles_x * tw)
+        self.invalid = self._tiles(_outside(plane, 0, (height, width), temp.device))  # [tiles, P]
         self._geometry: dict = {}
 
     def _tiles(self, plane: torch.Tensor) -> torch.Tensor:
@@ -205,10 +210,8 @@ class TiledTemplates:
             union = (th + 2 * reach, tw + 2 * reach)
             device = self.data.device
             height, width = self.tiles_y * th + 2 * reach, self.tiles_x * tw + 2 * reach
-            inside = torch.zeros(height, width, device=device)
-            inside[reach:reach + self.height, reach:reach + self.width] = 1
             cut = lambda m: m.unfold(0, union[0], th).unfold(1, union[1], tw).reshape(self.tiles_y * self.tiles_x, -1)
-            query_invalid = cut(torch.zeros_like(inside).masked_fill_(inside == 0, float("-inf")))  # [tiles, U]
+            query_invalid = cut(_outside((height, width), reach, (self.height, self.width), device))  # [tiles, U]
             uy = torch.arange(union[0], device=device) - reach
             ux = torch.arange(union[1], device=device) - reach
 
