@@ -74,6 +74,11 @@ CANDIDATES = {
     "img-blur32": dict(params=CHOSEN_LAYERS + ";img_AUC:blur_s=32.0_k=129|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"),
     "L23-wide": dict(params="L1:0x0_a=0.5_l=1|L2:31x31_a=0.5_l=1|L3:31x31_a=0.5_l=0.8;" + SCORES),
     "L1-half-L23-wide": dict(params="L1:5x3_a=0.5_l=0.5|L2:31x31_a=0.5_l=1|L3:31x31_a=0.5_l=0.8;" + SCORES),
+    # the fifth round: isolation (each template pixel's leave-one-out dissimilarity added to its similarities)
+    "no-isolation": dict(params=CHOSEN_LAYERS + ";" + SCORES),
+    "isolation-0.5": dict(params=CHOSEN_LAYERS.replace("|", "_i=0.5|") + "_i=0.5;" + SCORES),
+    "isolation-1.5": dict(params=CHOSEN_LAYERS.replace("|", "_i=1.5|") + "_i=1.5;" + SCORES),
+    "isolation-2": dict(params=CHOSEN_LAYERS.replace("|", "_i=2|") + "_i=2;" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")

@@ -1,7 +1,8 @@
 """The template bank: per-layer features of normal images, with the configuration that made them.
 
 Persisted as one safetensors file (tensors ``layer1``..``layer3`` ``[N, C, h, w]``) whose
-metadata holds the configuration as JSON. Saving writes a temporary file in the same
+metadata holds the configuration as JSON; extras (``extra/...``) hold the retrieval codebook and
+histograms and each template pixel's isolation (``hetmm.scoring.template_isolation``). Saving writes a temporary file in the same
 folder, fsyncs it and renames it over the target, so a crash never leaves a half-written bank.
 """
 
@@ -19,6 +20,7 @@ import hetmm_kernels as hk
 from .backbone import LAYERS
 from .distributed import shard_range
 from .parameters import parse_params
+from .scoring import isolated_templates
 
 FORMAT = "hetmm-bank/1"
 # configuration entries that must agree for a bank to serve a detector
@@ -33,6 +35,12 @@ class BankMismatch(ValueError):
 
 EXTRA = "extra/"  # prefix of the non-template tensors in the file (codebook, histogram counts)
 PER_TEMPLATE = ("histogram_counts",)  # extras with one row per template: they shard with the templates
+ISOLATION = "isolation."  # + "<layer>.<forward window>": [N, h, w] per template pixel, also sharded with them
+MAX_ISOLATION = 2.0  # 1 - the cosine similarity of unit features
+
+
+def _per_template(name: str) -> bool:
+    return name in PER_TEMPLATE or name.startswith(ISOLATION)
 
 
 class TemplateBank:
@@ -64,7 +72,7 @@ class TemplateBank:
         """Rank ``rank``'s contiguous share of the templates (and their per-template extras)."""
         rows = _shard_rows(len(self), rank, world)
         features = {name: t[rows.start:rows.stop] for name, t in self.features.items()}
-        extras = {name: t[rows.start:rows.stop] if name in PER_TEMPLATE else t for name, t in self.extras.items()}
+        extras = {name: t[rows.start:rows.stop] if _per_template(name) else t for name, t in self.extras.items()}
         return TemplateBank(features, self.config, extras, self.offset + rows.start, self.total)
 
     def __len__(self) -> int:
@@ -84,12 +92,34 @@ class TemplateBank:
         self.total = len(self)
         self.version += 1
         self._prepared.clear()
+        for name in [n for n in self.extras if n.startswith(ISOLATION)]:
+            del self.extras[name]  # every template's leave-one-out changes with new templates
 
-    def prepared(self, layer: str, device: torch.device, dtype: torch.dtype) -> hk.PreparedTemplates:
-        """The layer's templates on ``device``/``dtype``, laid out once for the kernels."""
-        key = (layer, str(device), dtype)
+    def isolation(self, layer: str, fore: int) -> torch.Tensor | None:
+        """``[N, h, w]``: the layer's isolation for the ``fore`` window, if computed (``set_isolation``)."""
+        return self.extras.get(f"{ISOLATION}{layer}.{fore}")
+
+    def set_isolation(self, layer: str, fore: int, values: torch.Tensor) -> None:
+        expected = (len(self), *self.features[layer].shape[2:])
+        if tuple(values.shape) != expected:
+            raise ValueError(f"isolation of {layer}: expected {expected}, got {tuple(values.shape)}")
+        self.extras[f"{ISOLATION}{layer}.{fore}"] = values.float().cpu().contiguous()
+        self._prepared = {key: value for key, value in self._prepared.items() if key[0] != layer}
+
+    def prepared(self, layer: str, device: torch.device, dtype: torch.dtype, fore: int = 0,
+                 isolation: float = 0.0) -> hk.PreparedTemplates:
+        """The layer's templates on ``device``/``dtype``, laid out once for the kernels; with an
+        ``isolation`` weight, carrying the isolation for the ``fore`` window (``set_isolation`` first)."""
+        key = (layer, str(device), dtype, fore if isolation else 0, isolation)
         if key not in self._prepared:
-            self._prepared[key] = hk.prepare_templates(self.features[layer].to(device, dtype))
+            features = self.features[layer].to(device, dtype)
+            if isolation:
+                values = self.isolation(layer, fore)
+                if values is None:
+                    raise KeyError(f"the bank holds no isolation of {layer} for the {fore}x{fore} window")
+                self._prepared[key] = isolated_templates(features, values, isolation)
+            else:
+                self._prepared[key] = hk.prepare_templates(features)
         return self._prepared[key]
 
     def check(self, expected: dict) -> None:
@@ -151,6 +181,7 @@ class TemplateBank:
                               "(the file was corrupted or edited); refit the bank")
         extras = {k[len(EXTRA):]: tensors.pop(k) for k in list(tensors) if k.startswith(EXTRA)}
         _check_features(path, tensors, config)
+        _check_isolation(path, extras, tensors)
         if config.get("retrieval_k") is not None and not {"codebook_centers", "histogram_counts"} <= set(extras):
             raise BankInvalid(f"bank: {path}: its configuration asks for retrieval (retrieval_k) but the file "
                               "holds no codebook and histograms; refit the bank")
@@ -227,7 +258,7 @@ def _read_bank_file(path: Path, shard):
                 if not 0 <= start <= end <= size - 8 - length or end - start != math.prod(shape) * itemsize:
                     raise ValueError(f"tensor {name!r}: its offsets do not fit the file")
                 first, count = 0, (shape[0] if shape else 1)
-                if shape and (not name.startswith(EXTRA) or name[len(EXTRA):] in PER_TEMPLATE):
+                if shape and (not name.startswith(EXTRA) or _per_template(name[len(EXTRA):])):
                     first, count = rows.start, len(rows)  # a shard reads only its rows
                     shape = [count, *shape[1:]]
                 row_bytes = math.prod(shape[1:]) * itemsize if shape else itemsize
@@ -308,6 +339,22 @@ def _check_features(path: Path, features: dict, config: dict) -> None:
         if norms.max() > 1 + UNIT_TOLERANCE or norms.max() == 0:
             raise BankInvalid(f"bank: {path}: {name} must hold L2-normalised features; norms run from "
                               f"{norms.min().item():.3g} to {norms.max().item():.3g}")
+
+
+def _check_isolation(path: Path, extras: dict, features: dict) -> None:
+    for name, values in extras.items():
+        if not name.startswith(ISOLATION):
+            continue
+        layer, _, fore = name[len(ISOLATION):].partition(".")
+        if layer not in features or not fore.isdigit():
+            raise BankInvalid(f"bank: {path}: {name} names no layer of the bank and window ({sorted(features)})")
+        expected = (features[layer].shape[0], *features[layer].shape[2:])
+        if not values.is_floating_point() or tuple(values.shape) != expected:
+            raise BankInvalid(f"bank: {path}: {name} must be floating {expected} (one value per template pixel); "
+                              f"got {values.dtype} {tuple(values.shape)}")
+        if values.numel() and not (torch.isfinite(values).all() and values.min() >= 0
+                                   and values.max() <= MAX_ISOLATION + UNIT_TOLERANCE):
+            raise BankInvalid(f"bank: {path}: {name} must hold dissimilarities in [0, {MAX_ISOLATION:g}]")
 
 
 class ShardError(ValueError):

@@ -18,7 +18,7 @@ from .clustering import compress
 from .retrieval import Codebook
 from .data import prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
-from .scoring import LayerMatches
+from .scoring import LayerMatches, template_isolation
 
 
 # precision -> (backbone dtype, matching dtype); products always accumulate in float32
@@ -122,6 +122,13 @@ class DetectorOptions:
     neighbourhood: int | None = None
     workers: int | None = None
     prefetch: int = 2
+
+
+def _without_self(nearest: torch.Tensor, k: int) -> torch.Tensor:
+    """``[T, k]``: each template's ``k + 1`` nearest less itself (or less the last, if ties left it out)."""
+    own = nearest == torch.arange(nearest.shape[0])[:, None]
+    own[:, -1] |= ~own.any(1)
+    return nearest[~own].reshape(nearest.shape[0], k)
 
 
 def default_workers(device: torch.device) -> int:
@@ -281,7 +288,31 @@ class HETMM:
             codebook = Codebook.fit(features[self.retrieval_layer])
             self.bank.extras = {"codebook_centers": codebook.centers,
                                 "histogram_counts": codebook.bank(features[self.retrieval_layer]).counts}
+        self._ensure_isolation()
         return self
+
+    def _ensure_isolation(self) -> None:
+        """Compute (once per bank, and again after ``add_templates``) the isolation the parameters use.
+
+        Every template is compared with all the others (with retrieval: with the K a query like it
+        would be matched against), so this costs about one predict of the bank's templates.
+        """
+        bank = self._require_bank()
+        for layer, p in self.params.active_layers.items():
+            if not p.isolation or bank.isolation(layer, p.fore) is not None:
+                continue
+            if bank.is_shard:
+                raise RuntimeError(f"the bank is a shard and holds no isolation of {layer}: it is computed over the "
+                                   "whole bank; save the fitted bank and load its shards from that file")
+            neighbours = None
+            if self.retrieval_k is not None and len(bank) > 1:
+                codebook, histogram_bank = self._histogram_bank()
+                own = codebook.histograms(bank.features[self.retrieval_layer].to(self.device))
+                k = min(self.retrieval_k, len(bank) - 1)
+                _, nearest = hk.retrieve_topk(own, histogram_bank, k + 1)
+                neighbours = _without_self(nearest.cpu(), k)
+            templates = bank.prepared(layer, self.device, self.feature_dtype)
+            bank.set_isolation(layer, p.fore, template_isolation(templates, p.fore, neighbours))
 
     def _histogram_bank(self):
         """The codebook and the compact histogram bank of the templates on the device (retrieval only).
@@ -307,6 +338,7 @@ class HETMM:
             codebook, _ = self._histogram_bank()
             new = codebook.bank(features[self.retrieval_layer]).counts
             self.bank.extras["histogram_counts"] = torch.cat([self.bank.extras["histogram_counts"], new])
+        self._ensure_isolation()
         return self
 
     def shard(self, group) -> "HETMM":
@@ -355,7 +387,9 @@ class HETMM:
         """Per-layer matches of extracted query features against the bank."""
         bank = self._require_bank()
         dtype = self.feature_dtype
-        templates = {layer: bank.prepared(layer, self.device, dtype) for layer in self.params.active_layers}
+        self._ensure_isolation()
+        templates = {layer: bank.prepared(layer, self.device, dtype, p.fore, p.isolation)
+                     for layer, p in self.params.active_layers.items()}
         query = {layer: features[layer].to(self.device, dtype) for layer in self.params.active_layers}
         if bank.is_shard and self.group is None:
             raise RuntimeError("the bank is a shard: give the detector its process group (HETMM.shard / load(shard=))")

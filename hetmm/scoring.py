@@ -1,4 +1,12 @@
-"""ATMM scoring: per-layer mutual matching, then the fused weighted aggregation."""
+"""ATMM scoring: per-layer mutual matching, then the fused weighted aggregation.
+
+Isolation (a layer's ``i=`` weight): a template pixel whose structure the other templates rarely show
+is far from every other template even though it is normal, so a query pixel showing that structure
+would be far from the templates too. Each template pixel's leave-one-out dissimilarity (its
+*isolation*) is added, times the weight, to every similarity it takes part in, in both directions.
+It travels as one more feature channel (the query's is 1, the template's the weighted isolation), so
+every backend computes it inside the same dot products at the cost of one channel.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,66 @@ import hetmm_kernels as hk
 from .parameters import PostProcess, parse_params
 
 
+ISOLATION_CHUNK = 8  # templates matched against the others per call
+
+
+def template_isolation(temp, fore: int, neighbours: torch.Tensor | None = None) -> torch.Tensor:
+    """``[T, h, w]`` float32: ``1 - `` each template pixel's best similarity to the *other* templates
+    within the ``fore x fore`` window (forward matching, leave-one-out), floored at 0; 0 for one template.
+
+    ``neighbours [T, K]`` (optional): template ``t`` is compared with templates ``neighbours[t]`` only
+    (its retrieved nearest images, as a query like it would be); they must not include ``t``.
+    """
+    bank = hk.prepare_templates(temp)
+    count, (height, width) = len(bank), bank.shape[2:]
+    if neighbours is None:
+        if count < 2:
+            return torch.zeros(count, height, width)
+        others = torch.arange(count - 1, device=bank.device).expand(count, -1)
+        neighbours = others + (others >= torch.arange(count, device=bank.device)[:, None])
+    elif (neighbours == torch.arange(count, device=neighbours.device)[:, None]).any():
+        raise ValueError("neighbours: a template may not be its own neighbour (leave-one-out)")
+    parts = []
+    for start in range(0, count, ISOLATION_CHUNK):
+        rows = slice(start, min(start + ISOLATION_CHUNK, count))
+        best, _ = hk.mutual_match(bank.temp[rows], bank, fore, 1, indices=neighbours[rows].to(bank.device))
+        parts.append((1 - best.float()).clamp_min(0).cpu())
+    return torch.cat(parts)
+
+
+def _channels_with_isolation(channels: int, device: torch.device) -> int:
+    # one more channel; on CUDA a multiple of 8 keeps 16-byte rows for vector loads (zeros add nothing)
+    return channels + 1 if device.type != "cuda" else -(-(channels + 1) // 8) * 8
+
+
+def _with_channels(features: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    joined = torch.cat([features, extra], 1)
+    return joined.contiguous(memory_format=torch.channels_last) if features.dim() == 4 and \
+        features.is_contiguous(memory_format=torch.channels_last) else joined.contiguous()
+
+
+def isolated_templates(temp: torch.Tensor, isolation: torch.Tensor, weight: float) -> hk.PreparedTemplates:
+    """Templates with ``weight * isolation`` as an extra channel (see the module docstring)."""
+    count, channels, height, width = temp.shape
+    extra = temp.new_zeros(count, _channels_with_isolation(channels, temp.device) - channels, height, width)
+    extra[:, 0] = weight * isolation.to(temp.device, torch.float32)
+    return hk.prepare_templates(_with_channels(temp, extra))
+
+
+def with_unit_channel(query: torch.Tensor, channels: int) -> torch.Tensor:
+    """The query padded to ``channels`` with a first extra channel of ones (it meets the isolation)."""
+    batch, own, height, width = query.shape
+    extra = query.new_zeros(batch, channels - own, height, width)
+    extra[:, 0] = 1
+    return _with_channels(query, extra)
+
+
 class LayerMatches:
-    """Each active layer's fore and back maxima ``[B, h, w]`` with its alpha and lambda."""
+    """Each active layer's fore and back maxima ``[B, h, w]`` with its alpha and lambda.
+
+    For a layer with an isolation weight, ``temp_feats[layer]`` may already carry the isolation channel
+    (``isolated_templates``, as the detector's bank caches it); plain templates get theirs computed here.
+    """
 
     def __init__(self, query_feats: dict, temp_feats: dict, params, indices: torch.Tensor | None = None):
         params = parse_params(params)
@@ -18,7 +84,15 @@ class LayerMatches:
         for layer, p in params.active_layers.items():
             if layer not in query_feats or layer not in temp_feats:
                 raise KeyError(f"params use {layer}, but the features have {sorted(query_feats)} / {sorted(temp_feats)}")
-            fore, back = hk.mutual_match(query_feats[layer], temp_feats[layer], p.fore, p.back, indices=indices)
+            query, temp = query_feats[layer], temp_feats[layer]
+            if p.isolation:
+                if temp.shape[1] == query.shape[1]:
+                    temp = isolated_templates(hk.prepare_templates(temp).temp, template_isolation(temp, p.fore),
+                                              p.isolation)
+                query = with_unit_channel(query, temp.shape[1])
+            fore, back = hk.mutual_match(query, temp, p.fore, p.back, indices=indices)
+            if p.isolation:  # as close as a template's own neighbour or closer: 0, as an exact match scores
+                fore, back = fore.clamp_max(1), back.clamp_max(1)
             self.fores.append(fore)
             self.backs.append(back)
             self.alphas.append(p.alpha)

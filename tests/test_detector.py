@@ -12,6 +12,7 @@ from hetmm.bank import TemplateBank
 from hetmm.data import ImageError, MVTecCategory, read_image
 from hetmm.demo import build_dataset
 from hetmm.evaluation import evaluate_category
+from hetmm.parameters import DEFAULT
 
 
 def _small_detector(**kw):
@@ -67,8 +68,13 @@ def test_bank_from_another_configuration_is_refused(tmp_path):
         TemplateBank.load(tmp_path / "junk.safetensors")
 
 
+# the hot-update tests score a random image against random ones: without isolation, as every such image
+# is as far from the others as the newcomer is (tests/test_isolation.py covers isolation's hot update)
+WITHOUT_ISOLATION = DEFAULT.replace("_i=1", "")
+
+
 def test_hot_update_adds_templates_and_lowers_their_scores():
-    det = _small_detector().fit(_images(3, 0))
+    det = _small_detector(params=WITHOUT_ISOLATION).fit(_images(3, 0))
     newcomer = _images(1, 42)
     before = det.predict(newcomer).pred_score.item()
     det.add_templates(newcomer)
@@ -78,7 +84,7 @@ def test_hot_update_adds_templates_and_lowers_their_scores():
 
 
 def test_hot_update_in_bf16_matches_itself_to_bf16_rounding():
-    det = _small_detector(precision="bf16").fit(_images(3, 0))
+    det = _small_detector(precision="bf16", params=WITHOUT_ISOLATION).fit(_images(3, 0))
     newcomer = _images(1, 42)
     before = det.predict(newcomer).pred_score.item()
     det.add_templates(newcomer)
