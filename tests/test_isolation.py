@@ -189,10 +189,12 @@ def test_hot_update_recomputes_every_isolation(fitted):
     torch.testing.assert_close(det.predict(images).anomaly_map, fresh.predict(images).anomaly_map, atol=1e-5, rtol=0)
 
 
-def test_shards_carry_their_rows_of_the_isolation(fitted):
-    shard = fitted.bank.shard(1, 2)
+def test_shards_carry_their_rows_of_the_isolation(tmp_path, fitted):
+    path = fitted.save(tmp_path / "bank.safetensors")
     layer, p = next(iter(fitted.params.active_layers.items()))
-    assert torch.equal(shard.isolation(layer, p.fore), fitted.bank.isolation(layer, p.fore)[shard.offset:][:len(shard)])
+    whole = fitted.bank.isolation(layer, p.fore)
+    for shard in (fitted.bank.shard(1, 2), TemplateBank.load(path, shard=(1, 2))):
+        assert shard.offset == 2 and torch.equal(shard.isolation(layer, p.fore), whole[2:])
     bare = TemplateBank(fitted.bank.features, fitted.bank.config).shard(1, 2)
     det = _detector()
     det.bank, det.group = bare, object()
