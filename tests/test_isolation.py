@@ -212,3 +212,16 @@ def test_retrieval_isolation_compares_each_template_with_its_retrieved_neighbour
     torch.testing.assert_close(det.bank.isolation(layer, p.fore), expected, atol=1e-6, rtol=0)
     all_others = template_isolation(det.bank.features[layer], p.fore)
     assert (det.bank.isolation(layer, p.fore) >= all_others - 1e-6).all()  # fewer templates: never closer
+
+
+def test_large_banks_compare_each_template_with_its_most_similar_images(monkeypatch):
+    from hetmm import detector
+
+    monkeypatch.setattr(detector, "ISOLATION_NEIGHBOURS", 2)
+    det = _detector().fit(_images(5, 0))
+    nearest = detector._most_similar_images(det.bank.features["layer3"], 2)
+    assert nearest.shape == (5, 2) and not (nearest == torch.arange(5)[:, None]).any()
+    layer, p = next(iter(det.params.active_layers.items()))
+    expected = template_isolation(det.bank.features[layer], p.fore, nearest)
+    torch.testing.assert_close(det.bank.isolation(layer, p.fore), expected, atol=1e-6, rtol=0)
+    assert not torch.equal(expected, template_isolation(det.bank.features[layer], p.fore))  # a real subset
