@@ -116,7 +116,8 @@ def atmm_score(query_feats: dict, temp_feats: dict, params, out_size=256) -> tor
 
     For each layer whose windows are non-zero: ``fore, back = mutual_match(...)``, both
     turned into dissimilarities ``1 - x``, upsampled bilinearly (align_corners=True) to
-    ``out_size`` and summed as ``lambda * (alpha * fore + (1 - alpha) * back)``.
+    ``out_size`` and summed as ``lambda * (alpha * fore + (1 - alpha) * back)``; a layer with an
+    isolation weight computes its templates' isolation here (the detector keeps it in the bank).
     ``temp_feats`` values may be raw ``[N, C, h, w]`` tensors or ``PreparedTemplates``.
     """
     return LayerMatches(query_feats, temp_feats, params).aggregate(out_size).maps
