@@ -104,7 +104,8 @@ class TemplateBank:
         if tuple(values.shape) != expected:
             raise ValueError(f"isolation of {layer}: expected {expected}, got {tuple(values.shape)}")
         self.extras[f"{ISOLATION}{layer}.{fore}"] = values.float().cpu().contiguous()
-        self._prepared = {key: value for key, value in self._prepared.items() if key[0] != layer}
+        # only the layouts that carry this layer's isolation are stale; its plain layout stays
+        self._prepared = {key: value for key, value in self._prepared.items() if key[0] != layer or not key[4]}
 
     def prepared(self, layer: str, device: torch.device, dtype: torch.dtype, fore: int = 0,
                  isolation: float = 0.0) -> hk.PreparedTemplates:

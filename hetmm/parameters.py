@@ -90,7 +90,7 @@ class ScoringParams:
 # Layers the backbones expose (hetmm.backbone.LAYERS), and bounds that keep every score finite in float16.
 LAYER_COUNT = 3
 MAX_LAMBDA = 1e3
-MAX_ISOLATION = 10.0
+MAX_ISOLATION_WEIGHT = 10.0
 MAX_BLUR_SIGMA = 256.0
 MAX_KERNEL = 1025
 
@@ -161,8 +161,8 @@ def parse_params(text: str) -> ScoringParams:
             raise _bad(chunk, f"alpha (a=) weighs the two directions and must be in [0, 1]; got {value_text(alpha)}")
         if not (math.isfinite(lda) and 0 < lda <= MAX_LAMBDA):
             raise _bad(chunk, f"lambda (l=) weighs the layer and must be in (0, {MAX_LAMBDA:g}]; got {value_text(lda)}")
-        if not (math.isfinite(isolation) and 0 <= isolation <= MAX_ISOLATION):
-            raise _bad(chunk, f"the isolation weight (i=) must be in [0, {MAX_ISOLATION:g}]; got {value_text(isolation)}")
+        if not (math.isfinite(isolation) and 0 <= isolation <= MAX_ISOLATION_WEIGHT):
+            raise _bad(chunk, f"the isolation weight (i=) must be in [0, {MAX_ISOLATION_WEIGHT:g}]; got {value_text(isolation)}")
         if f"layer{int(name[1:])}" in layers:
             raise _bad(chunk, f"{name} is given twice")
         layers[f"layer{int(name[1:])}"] = LayerParams(fore, back, alpha, lda, isolation)
