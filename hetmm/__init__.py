@@ -6,7 +6,7 @@
 >>> result.pred_score, result.anomaly_map                                     # doctest: +SKIP
 """
 
-from .backbone import Backbone, WeightsUnavailable
+from .backbone import Backbone, UnknownBackbone, WeightsUnavailable
 from .bank import BankInvalid, BankMismatch, TemplateBank
 from .detector import HETMM, DetectorOptions, Prediction
 from .metrics import aupro, image_auroc, pixel_auroc
@@ -15,7 +15,7 @@ from .scoring import atmm_score
 
 __all__ = [
     "DEFAULT", "DetectorOptions", "HETMM", "MVTEC_AD", "Backbone", "BankInvalid", "BankMismatch", "Prediction", "TemplateBank",
-    "WeightsUnavailable", "atmm_score", "aupro", "image_auroc", "parse_params", "pixel_auroc",
+    "UnknownBackbone", "WeightsUnavailable", "atmm_score", "aupro", "image_auroc", "parse_params", "pixel_auroc",
 ]
 
 __version__ = "0.1.0"

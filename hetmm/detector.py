@@ -293,7 +293,14 @@ class HETMM:
     # ------------------------------------------------------------------ templates
     def fit(self, images) -> "HETMM":
         """Build the template bank from normal images (all of them, or their PTS tiny set)."""
-        features = {k: v.float() for k, v in self.extract(images).items()}
+        return self.fit_features(self.extract(images))
+
+    def fit_features(self, features: dict) -> "HETMM":
+        """``fit`` from features ``extract`` gave (``{layer: [N, C, h, w]}``), e.g. collected batch by batch."""
+        missing = [layer for layer in LAYERS if layer not in features]
+        if missing:
+            raise ValueError(f"features must hold every layer {list(LAYERS)} (as extract returns them); missing {missing}")
+        features = {k: features[k].float() for k in LAYERS}
         if self.templates == "pts":
             features = {k: compress(v, self.tsize) for k, v in features.items()}
         self.bank = TemplateBank({k: v.cpu() for k, v in features.items()}, self.config)
