@@ -17,6 +17,7 @@ import torch
 
 import hetmm_kernels as hk
 
+from . import calibration
 from .backbone import LAYERS
 from .distributed import shard_range
 from .parameters import parse_params
@@ -92,8 +93,19 @@ class TemplateBank:
         self.total = len(self)
         self.version += 1
         self._prepared.clear()
-        for name in [n for n in self.extras if n.startswith(ISOLATION)]:
-            del self.extras[name]  # every template's leave-one-out changes with new templates
+        for name in [n for n in self.extras if n.startswith(ISOLATION) or n in calibration.NAMES]:
+            del self.extras[name]  # every template's leave-one-out (and every calibration score) changes
+
+    @property
+    def calibration(self) -> "calibration.Calibration | None":
+        """The normal scores the bank was calibrated with (``hetmm.calibration``), if it was."""
+        return calibration.Calibration.from_extras(self.extras)
+
+    def set_calibration(self, values: "calibration.Calibration | None") -> None:
+        for name in calibration.NAMES:
+            self.extras.pop(name, None)
+        if values is not None:
+            self.extras.update({name: t.float().cpu().contiguous() for name, t in values.extras().items()})
 
     def isolation(self, layer: str, fore: int) -> torch.Tensor | None:
         """``[N, h, w]``: the layer's isolation for the ``fore`` window, if computed (``set_isolation``)."""
@@ -183,6 +195,9 @@ class TemplateBank:
         extras = {k[len(EXTRA):]: tensors.pop(k) for k in list(tensors) if k.startswith(EXTRA)}
         _check_features(path, tensors, config)
         _check_isolation(path, extras, tensors)
+        problem = calibration.check_extras(extras)
+        if problem:
+            raise BankInvalid(f"bank: {path}: {problem}; refit the bank")
         if config.get("retrieval_k") is not None and not {"codebook_centers", "histogram_counts"} <= set(extras):
             raise BankInvalid(f"bank: {path}: its configuration asks for retrieval (retrieval_k) but the file "
                               "holds no codebook and histograms; refit the bank")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import hetmm_kernels as hk
 from . import distributed
 from .backbone import LAYERS, Backbone
 from .bank import MAX_IMAGE_SIZE, TemplateBank
+from .calibration import DEFAULT_FPR, FOLDS, Calibration, find_regions
 from .clustering import compress
 from .retrieval import Codebook
 from .data import prefetched, read_image
@@ -68,13 +70,23 @@ def resolve_precision(precision: str = "auto", half=False, device=torch.device("
 
 @dataclass
 class Prediction:
-    """Per-image results, named as anomalib names them."""
+    """Per-image results, named as anomalib names them.
+
+    Labels, masks and regions come with a threshold: the detector's ``threshold`` (one number for
+    images and pixels), else the calibrated ones at ``fpr`` / ``pixel_fpr`` when the bank is
+    calibrated (``hetmm.calibration``); normalised scores come with a calibrated bank.
+    """
 
     pred_score: torch.Tensor  # [B] image anomaly scores
     anomaly_map: torch.Tensor  # [B, H, W] pixel anomaly map (post-processed for pixel AUROC)
     pro_map: torch.Tensor  # [B, H, W] the map post-processed for PRO
-    pred_label: torch.Tensor | None = None  # [B] bool, when a threshold is set
-    pred_mask: torch.Tensor | None = None  # [B, H, W] bool, when a threshold is set
+    pred_label: torch.Tensor | None = None  # [B] bool: pred_score >= image_threshold
+    pred_mask: torch.Tensor | None = None  # [B, H, W] bool: anomaly_map >= pixel_threshold
+    regions: list | None = None  # per image: connected regions of pred_mask (box, area, peak), largest first
+    norm_score: torch.Tensor | None = None  # [B] 0..1, 0.5 at the image threshold
+    norm_map: torch.Tensor | None = None  # [B, H, W] 0..1, 0.5 at the pixel threshold
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
 
 
 def _check_pixels(images: torch.Tensor) -> None:
@@ -96,7 +108,9 @@ class DetectorOptions:
     category / params: the parameter string (the paper's for its MVTec AD categories, ``DEFAULT``
     otherwise); image_size / out_size: input and map size (16-4096); device; precision ("auto",
     "fp32", "fp16", "bf16", "bf16-backbone"; ``half`` is the older switch); batch_size; threshold
-    (labels and masks when set); download (allow hub downloads); progress (bars); templates ("all"
+    (labels and masks when set; otherwise the calibrated thresholds); fpr / pixel_fpr (the false-alarm
+    rates the calibrated image / pixel thresholds aim at; pixel_fpr None: fpr); download (allow hub
+    downloads); progress (bars); templates ("all"
     or "pts") and tsize (PTS set size); retrieval_k / retrieval_layer (target before shooting);
     cuda_graph; neighbourhood (k x k feature averaging; None: by the parameter string); workers
     (threads decoding image files ahead of the model; None: ``default_workers(device)``, 0: none) and
@@ -112,6 +126,8 @@ class DetectorOptions:
     half: object = False
     batch_size: int = 8
     threshold: float | None = None
+    fpr: float = DEFAULT_FPR
+    pixel_fpr: float | None = None
     download: bool = False
     progress: bool = False
     templates: str = "all"
@@ -177,9 +193,13 @@ class HETMM:
             raise TypeError(f"HETMM got unknown option(s) {unknown}; the options are the fields of DetectorOptions: "
                             f"{[f.name for f in dataclasses.fields(DetectorOptions)]}")
         self.options = dataclasses.replace(options or DetectorOptions(), **overrides)
-        (category, params, image_size, out_size, device, precision, half, batch_size, threshold, download, progress,
-         templates, tsize, retrieval_k, retrieval_layer, cuda_graph, neighbourhood, workers,
+        (category, params, image_size, out_size, device, precision, half, batch_size, threshold, fpr, pixel_fpr,
+         download, progress, templates, tsize, retrieval_k, retrieval_layer, cuda_graph, neighbourhood, workers,
          prefetch) = dataclasses.astuple(self.options)
+        for name, rate in (("fpr", fpr), ("pixel_fpr", fpr if pixel_fpr is None else pixel_fpr)):
+            if not (isinstance(rate, (int, float)) and 0 < rate < 1):
+                raise OptionsError(f"{name} must be a false-alarm rate in (0, 1); got {rate!r}")
+        self.fpr, self.pixel_fpr = float(fpr), float(fpr if pixel_fpr is None else pixel_fpr)
         if (workers is not None and int(workers) < 0) or int(prefetch) < 1:
             raise OptionsError(f"workers must be >= 0 and prefetch >= 1; got workers={workers}, prefetch={prefetch}")
         self.prefetch = int(prefetch)
@@ -301,15 +321,114 @@ class HETMM:
         if missing:
             raise ValueError(f"features must hold every layer {list(LAYERS)} (as extract returns them); missing {missing}")
         features = {k: features[k].float() for k in LAYERS}
-        if self.templates == "pts":
-            features = {k: compress(v, self.tsize) for k, v in features.items()}
-        self.bank = TemplateBank({k: v.cpu() for k, v in features.items()}, self.config)
+        templates = {k: compress(v, self.tsize) for k, v in features.items()} if self.templates == "pts" else features
+        self.bank = TemplateBank({k: v.cpu() for k, v in templates.items()}, self.config)
         if self.retrieval_k is not None:
-            codebook = Codebook.fit(features[self.retrieval_layer])
+            codebook = Codebook.fit(templates[self.retrieval_layer])
             self.bank.extras = {"codebook_centers": codebook.centers,
-                                "histogram_counts": codebook.bank(features[self.retrieval_layer]).counts}
+                                "histogram_counts": codebook.bank(templates[self.retrieval_layer]).counts}
         self._ensure_isolation()
+        self.bank.set_calibration(self.calibrate(features if self.templates == "pts" else None))
         return self
+
+    # ------------------------------------------------------------------ calibration
+    @property
+    def calibration(self) -> Calibration | None:
+        """The normal scores the bank was calibrated with (``None``: not calibrated)."""
+        return None if self.bank is None else self.bank.calibration
+
+    def calibrate(self, features: dict | None = None) -> Calibration | None:
+        """Score normal images as new ones would be: the bank's templates each against the others
+        (leave-one-out; with retrieval, against its K nearest; beyond 65, its 64 most similar), or,
+        given the training ``features`` of a PTS bank, each fold against the PTS set of the other folds.
+        ``None`` for fewer than two images.
+        """
+        bank = self._require_bank()
+        if features is None:
+            if bank.is_shard:
+                raise RuntimeError("calibrate the whole bank, then shard it")
+            if len(bank) < 2:
+                return None
+            neighbours = self._neighbours()
+            if neighbours is None:
+                others = torch.arange(len(bank) - 1).expand(len(bank), -1)
+                neighbours = others + (others >= torch.arange(len(bank))[:, None])
+            scores, maps = self._score_features(bank.features, neighbours)
+            return Calibration.from_scores(scores, maps)
+        count = len(features[LAYERS[0]])
+        if count < 2:
+            return None
+        folds = torch.arange(count) % min(FOLDS, count)
+        parts = []
+        for fold in range(int(folds.max()) + 1):
+            held_out, rest = folds == fold, folds != fold
+            helper = HETMM.__new__(HETMM)  # this detector's network and options, a bank of the other folds
+            helper.__dict__.update(self.__dict__, _retrieval_cache=None, _graphs={})
+            helper.bank = TemplateBank({k: compress(v[rest], self.tsize).cpu() for k, v in features.items()}, self.config)
+            helper._ensure_isolation()
+            parts.append(helper._score_features({k: v[held_out] for k, v in features.items()}))
+        return Calibration.from_scores(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    def calibrate_on(self, images) -> "HETMM":
+        """Calibrate with held-out normal images (not in the bank), scored as any new image is.
+
+        For training images that are not like the images to come (overlapping crops of one sheet,
+        frames of one video): their leave-one-out scores are lower than a new image's, and the
+        thresholds would raise more false alarms than asked for. ``add_templates`` calibrates by
+        leave-one-out again: call this after it.
+        """
+        bank = self._require_bank()
+        if bank.is_shard:
+            raise RuntimeError("calibrate the whole bank, then shard it")
+        scores, maps = self._score_features(self.extract(images, progress=False))
+        bank.set_calibration(Calibration.from_scores(scores, maps))
+        return self
+
+    def _score_features(self, features: dict, indices: torch.Tensor | None = None):
+        """Image scores and pixel maps (host) of already-extracted features, in batches."""
+        scores, maps = [], []
+        for start in range(0, len(features[LAYERS[0]]), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            score, anomaly, _ = self._score({k: v[rows] for k, v in features.items()},
+                                            None if indices is None else indices[rows].to(self.device))
+            scores.append(score.float().cpu())
+            maps.append(anomaly.float().cpu())
+        return torch.cat(scores), torch.cat(maps)
+
+    def _neighbours(self) -> torch.Tensor | None:
+        """``[N, k]``: the templates each template is compared with when left out (``None``: all others)."""
+        bank = self._require_bank()
+        if self.retrieval_k is not None and len(bank) > 1:
+            codebook, histogram_bank = self._histogram_bank()
+            own = codebook.histograms(bank.features[self.retrieval_layer].to(self.device))
+            k = min(self.retrieval_k, len(bank) - 1)
+            _, nearest = hk.retrieve_topk(own, histogram_bank, k + 1)
+            return _without_self(nearest.cpu(), k)
+        if len(bank) > ISOLATION_NEIGHBOURS + 1:
+            return _most_similar_images(bank.features[LAYERS[-1]], ISOLATION_NEIGHBOURS)
+        return None
+
+    def _decide(self, result: Prediction) -> Prediction:
+        """Labels, masks, regions and normalised scores from the threshold in force (see ``Prediction``)."""
+        calibration = self.calibration
+        if calibration is None and self.threshold is None and self.templates == "all" and not self.bank.is_shard:
+            calibration = self.calibrate()  # a bank saved before calibration existed: once, as fit would have
+            self.bank.set_calibration(calibration)
+        if self.threshold is not None:
+            image_threshold = pixel_threshold = float(self.threshold)
+        elif calibration is not None:
+            image_threshold = calibration.image_threshold(self.fpr)
+            pixel_threshold = calibration.pixel_threshold(self.pixel_fpr)
+        else:
+            return result
+        result.image_threshold, result.pixel_threshold = image_threshold, pixel_threshold
+        result.pred_label = result.pred_score >= image_threshold
+        result.pred_mask = result.anomaly_map >= pixel_threshold
+        result.regions = [find_regions(mask, scores) for mask, scores in zip(result.pred_mask, result.anomaly_map)]
+        if calibration is not None:
+            result.norm_score = calibration.normalise_scores(result.pred_score, image_threshold)
+            result.norm_map = calibration.normalise_maps(result.anomaly_map, pixel_threshold)
+        return result
 
     def _ensure_isolation(self) -> None:
         """Compute (once per bank, and again after ``add_templates``) the isolation the parameters use.
@@ -326,15 +445,7 @@ class HETMM:
         if bank.is_shard:
             raise RuntimeError(f"the bank is a shard and holds no isolation of {sorted(missing)}: it is computed over "
                                "the whole bank; save the fitted bank and load its shards from that file")
-        neighbours = None
-        if self.retrieval_k is not None and len(bank) > 1:
-            codebook, histogram_bank = self._histogram_bank()
-            own = codebook.histograms(bank.features[self.retrieval_layer].to(self.device))
-            k = min(self.retrieval_k, len(bank) - 1)
-            _, nearest = hk.retrieve_topk(own, histogram_bank, k + 1)
-            neighbours = _without_self(nearest.cpu(), k)
-        elif len(bank) > ISOLATION_NEIGHBOURS + 1:
-            neighbours = _most_similar_images(bank.features[LAYERS[-1]], ISOLATION_NEIGHBOURS)
+        neighbours = self._neighbours()
         for layer, p in missing.items():
             templates = bank.prepared(layer, self.device, self.feature_dtype)
             bank.set_isolation(layer, p.fore, template_isolation(templates, p.fore, neighbours))
@@ -364,6 +475,11 @@ class HETMM:
             new = codebook.bank(features[self.retrieval_layer]).counts
             self.bank.extras["histogram_counts"] = torch.cat([self.bank.extras["histogram_counts"], new])
         self._ensure_isolation()
+        if self.templates == "pts":
+            warnings.warn("templates added to a PTS bank: its calibration (held-out folds of the training images) "
+                          "was dropped; refit the bank to calibrate it again", stacklevel=2)
+        else:  # every image's leave-one-out score changes with new templates
+            self.bank.set_calibration(self.calibrate())
         return self
 
     def shard(self, group) -> "HETMM":
@@ -381,7 +497,8 @@ class HETMM:
 
     @classmethod
     def load(cls, path, *, weights=None, device=None, half=False, batch_size: int = 8,
-             threshold: float | None = None, download: bool = False, progress: bool = False,
+             threshold: float | None = None, fpr: float = DEFAULT_FPR, pixel_fpr: float | None = None,
+             download: bool = False, progress: bool = False,
              shard=None, cuda_graph: bool = False, precision: str = "auto", workers: int | None = None,
              prefetch: int = 2) -> "HETMM":
         """A detector from a saved bank, with the bank's backbone, image size and parameters.
@@ -393,7 +510,8 @@ class HETMM:
         cfg = bank.config
         det = cls(cfg["backbone"], cfg["weights"] if weights is None else weights, category=cfg.get("category"),
                   params=cfg["params"], image_size=cfg["image_size"], out_size=cfg.get("out_size", 256),
-                  device=device, half=half, batch_size=batch_size, threshold=threshold, download=download,
+                  device=device, half=half, batch_size=batch_size, threshold=threshold, fpr=fpr,
+                  pixel_fpr=pixel_fpr, download=download,
                   progress=progress, templates=cfg.get("templates", "all"), tsize=cfg.get("tsize", 60),
                   retrieval_k=cfg.get("retrieval_k"), retrieval_layer=cfg.get("retrieval_layer", "layer2"),
                   cuda_graph=cuda_graph, precision=precision, neighbourhood=cfg.get("neighbourhood", 1),
@@ -408,8 +526,9 @@ class HETMM:
         return self.bank
 
     # ------------------------------------------------------------------ scoring
-    def match(self, features: dict) -> LayerMatches:
-        """Per-layer matches of extracted query features against the bank."""
+    def match(self, features: dict, indices: torch.Tensor | None = None) -> LayerMatches:
+        """Per-layer matches of extracted query features against the bank (``indices [B, K]``: each
+        query against those templates only; otherwise all, or the retrieved K)."""
         bank = self._require_bank()
         dtype = self.feature_dtype
         self._ensure_isolation()
@@ -418,8 +537,11 @@ class HETMM:
         query = {layer: features[layer].to(self.device, dtype) for layer in self.params.active_layers}
         if bank.is_shard and self.group is None:
             raise RuntimeError("the bank is a shard: give the detector its process group (HETMM.shard / load(shard=))")
-        indices = absent = None
-        if self.retrieval_k is not None:  # target before shooting: only the K nearest images
+        absent = None
+        if indices is not None:
+            if bank.is_shard:
+                raise RuntimeError("indices name templates of the whole bank; this bank is a shard")
+        elif self.retrieval_k is not None:  # target before shooting: only the K nearest images
             codebook, histogram_bank = self._histogram_bank()
             k = min(self.retrieval_k, bank.total)
             query_hist = codebook.histograms(features[self.retrieval_layer].to(self.device))
@@ -435,7 +557,11 @@ class HETMM:
 
     def _forward(self, images: torch.Tensor):
         """The GPU part of predict for one batch on the device: ``(scores, anomaly maps, PRO maps)``."""
-        matches = self.match(self.backbone(images))
+        return self._score(self.backbone(images))
+
+    def _score(self, features: dict, indices: torch.Tensor | None = None):
+        """``(scores, anomaly maps, PRO maps)`` of extracted features (see ``match`` for ``indices``)."""
+        matches = self.match(features, indices)
         size = (self.out_size, self.out_size)
         scores = matches.image_scores(size, self.params.image)
         anomaly = matches.aggregate(size, self.params.pixel).maps[:, 0]
@@ -462,8 +588,4 @@ class HETMM:
             outputs = self._run(batch)
             for kept, out in zip((scores, anomaly, pro), outputs):
                 kept.append(out.cpu())
-        result = Prediction(torch.cat(scores), torch.cat(anomaly), torch.cat(pro))
-        if self.threshold is not None:
-            result.pred_label = result.pred_score >= self.threshold
-            result.pred_mask = result.anomaly_map >= self.threshold
-        return result
+        return self._decide(Prediction(torch.cat(scores), torch.cat(anomaly), torch.cat(pro)))

@@ -118,8 +118,11 @@ def predict_data_parallel(detector, items: list, group: Group):
     if parts is None:
         return None
     parts = [p for p in parts if p is not None]
-    fields = ("pred_score", "anomaly_map", "pro_map", "pred_label", "pred_mask")
-    merged = {f: None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts]) for f in fields}
+    merged = {}
+    for name, first in vars(parts[0]).items():  # tensors and per-image lists joined; thresholds are everyone's
+        values = [getattr(p, name) for p in parts]
+        merged[name] = torch.cat(values) if isinstance(first, torch.Tensor) else \
+            [x for v in values for x in v] if isinstance(first, list) else first
     return type(parts[0])(**merged)  # a Prediction, built without importing the detector (no import circle)
 
 

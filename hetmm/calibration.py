@@ -1,0 +1,141 @@
+"""Calibration: the scores normal images get, and the thresholds, normalised scores and regions they give.
+
+At fit time every training image is scored against the bank without itself (leave-one-out: the
+matching takes per-query template indices) or, for a PTS bank, against the PTS set of the other
+folds (``HETMM.calibrate``). The bank keeps the normal image scores and a quantile table of the
+normal pixel scores; a target false-alarm rate then gives the thresholds:
+
+- images: the conformal quantile. With ``n`` normal scores sorted ``s_1 <= ... <= s_n`` and rank
+  ``r = ceil((n + 1)(1 - fpr))``, a new normal image scores above ``s_r`` with probability at most
+  ``fpr`` (exchangeability); below ``fpr = 1 / (n + 1)`` no threshold can promise that, and ``s_n``
+  is used (``lowest_image_fpr``).
+- pixels: the ``1 - fpr`` quantile of the normal pixel scores.
+
+Leave-one-out scores are a little higher than a new normal image's against the whole bank (one
+template fewer), so the thresholds err towards fewer false alarms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IMAGE_SCORES = "calibration.image_scores"  # [n] normal image scores, ascending
+PIXEL_LEVELS = "calibration.pixel_levels"  # [Q] quantile levels in [0, 1], ascending
+PIXEL_SCORES = "calibration.pixel_scores"  # [Q] the normal pixel scores at those levels
+NAMES = (IMAGE_SCORES, PIXEL_LEVELS, PIXEL_SCORES)
+DEFAULT_FPR = 0.01
+MAX_PIXELS = 1 << 24  # normal pixel scores kept for the quantiles (every k-th beyond)
+FOLDS = 5  # PTS banks: held-out folds
+
+
+def pixel_levels() -> torch.Tensor:
+    """Quantile levels dense in the upper tail: false-alarm rates from 1 down to 1e-6 (float32, distinct)."""
+    tail = 1 - torch.logspace(0, -6, 601, dtype=torch.float64)
+    return torch.cat([tail, torch.tensor([1.0], dtype=torch.float64)]).float().unique()
+
+
+def _check_fpr(name: str, fpr: float) -> float:
+    if not (isinstance(fpr, (int, float)) and 0 < fpr < 1):
+        raise ValueError(f"{name} must be a false-alarm rate in (0, 1); got {fpr!r}")
+    return float(fpr)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The normal scores a bank was calibrated with (see the module docstring)."""
+
+    image_scores: torch.Tensor
+    pixel_levels: torch.Tensor
+    pixel_scores: torch.Tensor
+
+    @classmethod
+    def from_scores(cls, image_scores: torch.Tensor, pixel_maps: torch.Tensor) -> "Calibration":
+        """From the leave-one-out ``image_scores [n]`` and ``pixel_maps [n, H, W]`` of normal images."""
+        pixels = pixel_maps.reshape(-1).double()
+        if pixels.numel() > MAX_PIXELS:
+            pixels = pixels[:: math.ceil(pixels.numel() / MAX_PIXELS)]
+        levels = pixel_levels()
+        # 'higher': the quantile is an observed score at or above the level (fewer false alarms)
+        scores = np.quantile(pixels.numpy(), levels.double().numpy(), method="higher")
+        return cls(image_scores.double().sort().values.float(), levels, torch.from_numpy(scores).float())
+
+    @classmethod
+    def from_extras(cls, extras: dict) -> "Calibration | None":
+        if not all(name in extras for name in NAMES):
+            return None
+        return cls(extras[IMAGE_SCORES], extras[PIXEL_LEVELS], extras[PIXEL_SCORES])
+
+    def extras(self) -> dict:
+        return {IMAGE_SCORES: self.image_scores, PIXEL_LEVELS: self.pixel_levels, PIXEL_SCORES: self.pixel_scores}
+
+    @property
+    def lowest_image_fpr(self) -> float:
+        """The lowest false-alarm rate the image threshold can promise: ``1 / (n + 1)``."""
+        return 1 / (len(self.image_scores) + 1)
+
+    def image_threshold(self, fpr: float = DEFAULT_FPR) -> float:
+        """Images scoring at or above it are anomalous; a normal image is, with probability <= max(fpr, 1/(n+1))."""
+        fpr = _check_fpr("fpr", fpr)
+        n = len(self.image_scores)
+        rank = min(math.ceil((n + 1) * (1 - fpr) - 1e-9), n)
+        # just above s_r: 'at or above the threshold' then means 'above s_r'
+        return float(torch.nextafter(self.image_scores[rank - 1], torch.tensor(math.inf)))
+
+    def pixel_threshold(self, fpr: float = DEFAULT_FPR) -> float:
+        """Pixels scoring at or above it are anomalous; about ``fpr`` of normal pixels are."""
+        fpr = _check_fpr("pixel_fpr", fpr)
+        return float(np.interp(1 - fpr, self.pixel_levels.double().numpy(), self.pixel_scores.double().numpy()))
+
+    def normalise_scores(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        """0..1, 0.5 at the threshold, one unit the spread of the normal image scores (as anomalib normalises)."""
+        return _normalised(scores, threshold, float(self.image_scores[-1] - self.image_scores[0]))
+
+    def normalise_maps(self, maps: torch.Tensor, threshold: float) -> torch.Tensor:
+        return _normalised(maps, threshold, float(self.pixel_scores[-1] - self.pixel_scores[0]))
+
+
+def _normalised(values: torch.Tensor, threshold: float, spread: float) -> torch.Tensor:
+    spread = spread if spread > 0 else 1.0
+    return ((values.float() - threshold) / spread + 0.5).clamp_(0, 1)
+
+
+def check_extras(extras: dict) -> str | None:
+    """What is wrong with a bank's calibration extras (``None``: absent or sound)."""
+    present = [name for name in NAMES if name in extras]
+    if not present:
+        return None
+    if len(present) != len(NAMES):
+        return f"calibration is incomplete (has {present}, needs {list(NAMES)})"
+    image, levels, scores = (extras[name] for name in NAMES)
+    for name in NAMES:
+        value = extras[name]
+        if value.dim() != 1 or not value.is_floating_point() or not torch.isfinite(value).all() or len(value) < 1:
+            return f"{name} must be a non-empty 1-D finite float tensor"
+    if len(levels) != len(scores):
+        return f"{PIXEL_LEVELS} and {PIXEL_SCORES} differ in length ({len(levels)} and {len(scores)})"
+    if (image.diff() < 0).any() or (levels.diff() <= 0).any() or (scores.diff() < 0).any():
+        return "calibration scores and levels must be sorted ascending"
+    if levels[0] < 0 or levels[-1] > 1:
+        return f"{PIXEL_LEVELS} must lie in [0, 1]"
+    return None
+
+
+def find_regions(mask: torch.Tensor, scores: torch.Tensor) -> list[dict]:
+    """Connected regions (8-connected) of one ``mask [H, W]``: box ``(x0, y0, x1, y1)`` (x1/y1 exclusive),
+    area in pixels and peak score, largest first."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask.numpy(), structure=np.ones((3, 3), dtype=bool))
+    if not count:
+        return []
+    values = scores.float().numpy()
+    found = []
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        inside = labels[box] == index
+        found.append(dict(box=(box[1].start, box[0].start, box[1].stop, box[0].stop), area=int(inside.sum()),
+                          peak=float(values[box][inside].max())))
+    return sorted(found, key=lambda r: (-r["area"], r["box"]))

@@ -1,0 +1,259 @@
+"""Calibration: leave-one-out normal scores, thresholds at a false-alarm rate, normalised scores, regions.
+
+Every quantity is checked against an explicit construction: leave-one-out scores against a detector
+fitted on the other images, PTS folds against a PTS detector fitted on the other folds, thresholds
+against the conformal rank / the empirical pixel quantile, regions against a flood fill. Scores in
+float32, tolerance 1e-5 (the same products in another order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hetmm
+from hetmm.bank import BankInvalid
+from hetmm.calibration import IMAGE_SCORES, Calibration, find_regions
+from hetmm.data import MVTecCategory
+from hetmm.demo import TEXTURES, build_dataset
+from hetmm.parameters import DEFAULT
+
+# leave-one-out keeps the whole bank's isolation (recomputing it per image would cost N banks), so the
+# explicit check "fit on the others" equals it exactly only without isolation
+WITHOUT_ISOLATION = DEFAULT.replace("_i=1", "")
+
+
+def _detector(**kw):
+    return hetmm.HETMM("resnet18", None, image_size=64, out_size=64, **{"precision": "fp32", **kw})
+
+
+def _images(n, seed):
+    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("count", [2, 5])
+def test_leave_one_out_scores_equal_a_bank_without_the_image(count):
+    images = _images(count, 1)
+    det = _detector(params=WITHOUT_ISOLATION).fit(images)
+    explicit = []
+    for i in range(count):
+        others = torch.cat([images[:i], images[i + 1:]])
+        explicit.append(_detector(params=WITHOUT_ISOLATION).fit(others).predict(images[i:i + 1]).pred_score[0])
+    torch.testing.assert_close(det.calibration.image_scores, torch.stack(explicit).sort().values, rtol=0, atol=1e-5)
+
+
+def test_leave_one_out_pixel_quantiles_are_those_of_the_maps():
+    images = _images(4, 2)
+    det = _detector(params=WITHOUT_ISOLATION).fit(images)
+    maps = torch.cat([_detector(params=WITHOUT_ISOLATION).fit(torch.cat([images[:i], images[i + 1:]]))
+                      .predict(images[i:i + 1]).anomaly_map for i in range(4)]).flatten().double().numpy()
+    cal = det.calibration
+    for fpr in (0.5, 0.1, 0.01, 1e-3):
+        expected = np.quantile(maps, 1 - fpr, method="higher")
+        assert cal.pixel_threshold(fpr) == pytest.approx(expected, abs=2e-5)
+        assert (maps >= cal.pixel_threshold(fpr)).mean() <= fpr + 1 / maps.size + 1e-3
+
+
+def test_with_isolation_the_leave_one_out_is_still_without_the_image():
+    images = torch.cat([_images(3, 3), _images(1, 3)])  # image 3 is a copy of image 0
+    det = _detector().fit(images)
+    # with itself in the bank a copy scores 0; left out, images 0 and 3 still find each other
+    assert det.predict(images[:1]).pred_score[0] < 1e-5
+    assert (det.calibration.image_scores > 0).sum() >= 2
+
+
+def test_pts_folds_equal_pts_banks_of_the_other_folds():
+    images = _images(7, 4)
+    det = _detector(templates="pts", tsize=3).fit(images)
+    folds = torch.arange(7) % 5
+    explicit = []
+    for fold in range(5):
+        rest, held = images[folds != fold], images[folds == fold]
+        explicit.append(_detector(templates="pts", tsize=3).fit(rest).predict(held).pred_score)
+    torch.testing.assert_close(det.calibration.image_scores, torch.cat(explicit).sort().values, rtol=0, atol=1e-5)
+
+
+def test_one_image_gives_no_calibration_and_no_labels():
+    det = _detector().fit(_images(1, 5))
+    assert det.calibration is None
+    result = det.predict(_images(2, 6))
+    assert result.pred_label is None and result.regions is None and result.norm_score is None
+
+
+@pytest.mark.parametrize("n", [1, 9, 40, 199])
+@pytest.mark.parametrize("fpr", [0.5, 0.1, 0.01])
+def test_the_image_threshold_is_the_conformal_rank(n, fpr):
+    scores = torch.randperm(n).float() / n
+    cal = Calibration.from_scores(scores, torch.zeros(1, 4, 4))
+    # the smallest rank r with (n + 1 - r) / (n + 1) <= fpr, or n when none is
+    rank = next((r for r in range(1, n + 1) if (n + 1 - r) / (n + 1) <= fpr + 1e-12), n)
+    threshold = cal.image_threshold(fpr)
+    assert threshold > cal.image_scores[rank - 1] and threshold == pytest.approx(float(cal.image_scores[rank - 1]))
+    assert int((cal.image_scores >= threshold).sum()) == n - rank
+    assert cal.lowest_image_fpr == 1 / (n + 1)
+
+
+def test_normalised_scores_are_half_at_the_threshold_and_clipped():
+    cal = Calibration.from_scores(torch.tensor([1.0, 2.0, 3.0]), torch.linspace(0, 4, 16).reshape(1, 4, 4))
+    values = torch.tensor([2.5, 2.5 + 1.0, 2.5 - 1.0, 100.0, -100.0])
+    torch.testing.assert_close(cal.normalise_scores(values, 2.5), torch.tensor([0.5, 1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(cal.normalise_maps(torch.tensor([1.0, 3.0]), 1.0), torch.tensor([0.5, 1.0]))
+
+
+@pytest.mark.parametrize("bad", [0, 1, -0.1, 1.5, float("nan")])
+def test_false_alarm_rates_are_checked(bad):
+    with pytest.raises(ValueError, match="fpr"):
+        _detector(fpr=bad)
+    with pytest.raises(ValueError, match="pixel_fpr"):
+        _detector(pixel_fpr=bad)
+    cal = Calibration.from_scores(torch.rand(5), torch.rand(1, 4, 4))
+    with pytest.raises(ValueError, match="fpr"):
+        cal.image_threshold(bad)
+
+
+def _flood_regions(mask: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """8-connected components by breadth-first search (the reference for find_regions)."""
+    seen, found = np.zeros_like(mask), []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        queue, pixels = [(y0, x0)], []
+        seen[y0, x0] = True
+        while queue:
+            y, x = queue.pop()
+            pixels.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    v, u = y + dy, x + dx
+                    if 0 <= v < mask.shape[0] and 0 <= u < mask.shape[1] and mask[v, u] and not seen[v, u]:
+                        seen[v, u] = True
+                        queue.append((v, u))
+        ys, xs = zip(*pixels)
+        found.append(dict(box=(min(xs), min(ys), max(xs) + 1, max(ys) + 1), area=len(pixels),
+                          peak=float(max(scores[p] for p in pixels))))
+    return sorted(found, key=lambda r: (-r["area"], r["box"]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_regions_equal_a_flood_fill(seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(23, 31, generator=generator)
+    mask = scores > 0.8
+    assert find_regions(mask, scores) == _flood_regions(mask.numpy(), scores.numpy())
+    assert find_regions(torch.zeros(5, 5, dtype=torch.bool), torch.zeros(5, 5)) == []
+
+
+def test_predict_decides_with_the_calibrated_thresholds():
+    det = _detector(fpr=0.2, pixel_fpr=0.05).fit(_images(6, 7))
+    result = det.predict(_images(3, 8))
+    cal = det.calibration
+    assert result.image_threshold == cal.image_threshold(0.2) and result.pixel_threshold == cal.pixel_threshold(0.05)
+    assert torch.equal(result.pred_label, result.pred_score >= result.image_threshold)
+    assert torch.equal(result.pred_mask, result.anomaly_map >= result.pixel_threshold)
+    for mask, scores, regions in zip(result.pred_mask, result.anomaly_map, result.regions):
+        assert regions == find_regions(mask, scores) and sum(r["area"] for r in regions) == int(mask.sum())
+    torch.testing.assert_close(result.norm_score, cal.normalise_scores(result.pred_score, result.image_threshold))
+    # an explicit threshold wins, for images and pixels alike
+    det.threshold = 0.0
+    fixed = det.predict(_images(3, 8))
+    assert fixed.pred_label.all() and fixed.pred_mask.all() and fixed.image_threshold == 0.0
+
+
+def test_calibration_is_saved_checked_and_recomputed_for_older_banks(tmp_path):
+    det = _detector().fit(_images(4, 9))
+    path = det.save(tmp_path / "bank.safetensors")
+    loaded = hetmm.HETMM.load(path, precision="fp32")
+    assert torch.equal(loaded.calibration.image_scores, det.calibration.image_scores)
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    # an older bank (no calibration, checksum of what it holds): calibrated on first predict, as fit would have
+    older = {k: v for k, v in tensors.items() if "calibration." not in k}
+    from hetmm.bank import checksum
+
+    save_file(older, tmp_path / "older.safetensors", metadata={**metadata, "checksum": checksum(older)})
+    old = hetmm.HETMM.load(tmp_path / "older.safetensors", precision="fp32")
+    assert old.calibration is None
+    assert old.predict(_images(1, 10)).pred_label is not None
+    torch.testing.assert_close(old.calibration.image_scores, det.calibration.image_scores, rtol=0, atol=1e-6)
+    # unsorted calibration scores are refused (the checksum recomputed, as an editor would)
+    edited = dict(tensors)
+    edited["extra/" + IMAGE_SCORES] = edited["extra/" + IMAGE_SCORES].flip(0).contiguous()
+    save_file(edited, tmp_path / "edited.safetensors", metadata={**metadata, "checksum": checksum(edited)})
+    with pytest.raises(BankInvalid, match="sorted"):
+        hetmm.HETMM.load(tmp_path / "edited.safetensors")
+
+
+def test_add_templates_recalibrates_as_a_fresh_fit():
+    first, more = _images(3, 11), _images(2, 12)
+    grown = _detector().fit(first).add_templates(more)
+    fresh = _detector().fit(torch.cat([first, more]))
+    torch.testing.assert_close(grown.calibration.image_scores, fresh.calibration.image_scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grown.calibration.pixel_scores, fresh.calibration.pixel_scores, rtol=0, atol=1e-5)
+
+
+def _crops(texture: str, rows: tuple[int, int], count: int, seed: int) -> torch.Tensor:
+    """Normal crops of a demo photograph from ``rows``, as the demo's training images are drawn."""
+    from hetmm.demo import _crop, _texture
+
+    rng, image = np.random.default_rng(seed), _texture(texture)
+    grey = [np.round(np.clip(_crop(image, rng, rows), 0, 1) * 255) / 255 for _ in range(count)]  # as saved
+    return torch.from_numpy(np.stack(grey)).float()[:, None].repeat(1, 3, 1, 1)
+
+
+FPR = 0.1
+
+
+def _tolerance(total: int) -> float:
+    return FPR + 2.5 * math.sqrt(FPR * (1 - FPR) / total)
+
+
+def test_the_false_alarm_rate_on_held_out_normal_images():
+    """The demo textures with real weights, several seeds: normal images never seen, drawn as the
+    training images are (exchangeable with them). A new normal image exceeds the conformal threshold
+    with probability <= 10% (leave-one-out errs low); allowed: 10% + 2.5 binomial standard deviations
+    of the 3 textures x 3 seeds x 16 images."""
+    from hetmm.demo import SPLIT_ROW
+
+    flagged = total = 0
+    for seed in range(3):
+        for texture in TEXTURES:
+            det = hetmm.HETMM("tf_efficientnet_lite0", image_size=128, out_size=128, fpr=FPR)
+            det.fit(_crops(texture, (0, SPLIT_ROW), 16, seed))
+            result = det.predict(_crops(texture, (0, SPLIT_ROW), 16, 100 + seed))
+            flagged, total = flagged + int(result.pred_label.sum()), total + 16
+    assert flagged / total <= _tolerance(total), f"{flagged} of {total} normal images flagged"
+
+
+def test_held_out_calibration_where_leave_one_out_is_not_like_new_images():
+    """Training crops from the top of each photograph overlap one another, new ones come from the bottom:
+    leave-one-out thresholds flag far more than 10% of them; calibrated on other bottom crops, at most
+    the tolerance above."""
+    from hetmm.demo import SPLIT_ROW
+
+    flagged = {"leave-one-out": 0, "held-out": 0}
+    total = 0
+    for seed in range(2):
+        for texture in TEXTURES:
+            bottom = (SPLIT_ROW, _texture_height(texture))
+            det = hetmm.HETMM("tf_efficientnet_lite0", image_size=128, out_size=128, fpr=FPR)
+            det.fit(_crops(texture, (0, SPLIT_ROW), 16, seed))
+            new = _crops(texture, bottom, 16, 200 + seed)
+            flagged["leave-one-out"] += int(det.predict(new).pred_label.sum())
+            det.calibrate_on(_crops(texture, bottom, 24, 300 + seed))
+            flagged["held-out"] += int(det.predict(new).pred_label.sum())
+            total += 16
+    assert flagged["held-out"] / total <= _tolerance(total), flagged
+    assert flagged["leave-one-out"] > 2 * flagged["held-out"], flagged  # the case calibrate_on is for
+
+
+def _texture_height(texture: str) -> int:
+    from hetmm.demo import _texture
+
+    return _texture(texture).shape[0]
