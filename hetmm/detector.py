@@ -15,7 +15,7 @@ import hetmm_kernels as hk
 from . import distributed
 from .backbone import LAYERS, Backbone
 from .bank import MAX_IMAGE_SIZE, TemplateBank
-from .calibration import DEFAULT_FPR, FOLDS, Calibration, find_regions
+from .calibration import DEFAULT_FPR, FOLDS, Calibration, find_regions, normalised
 from .clustering import compress
 from .retrieval import Codebook
 from .data import prefetched, read_image
@@ -74,7 +74,7 @@ class Prediction:
 
     Labels, masks and regions come with a threshold: the detector's ``threshold`` (one number for
     images and pixels), else the calibrated ones at ``fpr`` / ``pixel_fpr`` when the bank is
-    calibrated (``hetmm.calibration``); normalised scores come with a calibrated bank.
+    calibrated (``hetmm.calibration``).
     """
 
     pred_score: torch.Tensor  # [B] image anomaly scores
@@ -83,8 +83,8 @@ class Prediction:
     pred_label: torch.Tensor | None = None  # [B] bool: pred_score >= image_threshold
     pred_mask: torch.Tensor | None = None  # [B, H, W] bool: anomaly_map >= pixel_threshold
     regions: list | None = None  # per image: connected regions of pred_mask (box, area, peak), largest first
-    norm_score: torch.Tensor | None = None  # [B] 0..1, 0.5 at the image threshold
-    norm_map: torch.Tensor | None = None  # [B, H, W] 0..1, 0.5 at the pixel threshold
+    norm_score: torch.Tensor | None = None  # [B] score / (score + image threshold): 0..1, 0.5 at the threshold
+    norm_map: torch.Tensor | None = None  # [B, H, W] the same with the pixel threshold
     image_threshold: float | None = None
     pixel_threshold: float | None = None
 
@@ -408,26 +408,32 @@ class HETMM:
             return _most_similar_images(bank.features[LAYERS[-1]], ISOLATION_NEIGHBOURS)
         return None
 
-    def _decide(self, result: Prediction) -> Prediction:
-        """Labels, masks, regions and normalised scores from the threshold in force (see ``Prediction``)."""
-        calibration = self.calibration
-        if calibration is None and self.threshold is None and self.templates == "all" and not self.bank.is_shard:
-            calibration = self.calibrate()  # a bank saved before calibration existed: once, as fit would have
-            self.bank.set_calibration(calibration)
+    def thresholds(self) -> tuple[float, float] | None:
+        """``(image, pixel)`` thresholds in force: ``threshold`` for both, else the calibrated ones at
+        ``fpr`` / ``pixel_fpr`` (``None``: neither). A bank saved before calibration existed is
+        calibrated here, once, as fit would have."""
         if self.threshold is not None:
-            image_threshold = pixel_threshold = float(self.threshold)
-        elif calibration is not None:
-            image_threshold = calibration.image_threshold(self.fpr)
-            pixel_threshold = calibration.pixel_threshold(self.pixel_fpr)
-        else:
+            return float(self.threshold), float(self.threshold)
+        calibration = self.calibration
+        if calibration is None and self.templates == "all" and not self._require_bank().is_shard:
+            calibration = self.calibrate()
+            self.bank.set_calibration(calibration)
+        if calibration is None:
+            return None
+        return calibration.image_threshold(self.fpr), calibration.pixel_threshold(self.pixel_fpr)
+
+    def _decide(self, result: Prediction) -> Prediction:
+        """Labels, masks, regions and normalised scores from the thresholds in force (see ``Prediction``)."""
+        thresholds = self.thresholds()
+        if thresholds is None:
             return result
+        image_threshold, pixel_threshold = thresholds
         result.image_threshold, result.pixel_threshold = image_threshold, pixel_threshold
         result.pred_label = result.pred_score >= image_threshold
         result.pred_mask = result.anomaly_map >= pixel_threshold
         result.regions = [find_regions(mask, scores) for mask, scores in zip(result.pred_mask, result.anomaly_map)]
-        if calibration is not None:
-            result.norm_score = calibration.normalise_scores(result.pred_score, image_threshold)
-            result.norm_map = calibration.normalise_maps(result.anomaly_map, pixel_threshold)
+        result.norm_score = normalised(result.pred_score, image_threshold)
+        result.norm_map = normalised(result.anomaly_map, pixel_threshold)
         return result
 
     def _ensure_isolation(self) -> None:

@@ -8,17 +8,20 @@ import torch
 
 from .data import ImageError, MVTecCategory, missing_masks_message
 from .detector import HETMM
-from .metrics import aupro, image_auroc, pixel_auroc
+from .metrics import aupro, best_f1, image_auroc, pixel_auroc
 
 
 def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, group=None,
-                      allow_missing_masks: bool = False) -> dict | None:
+                      allow_missing_masks: bool = False, details: dict | None = None) -> dict | None:
     """Image AUROC, pixel AUROC and PRO (AUPRO to FPR 0.3) on ``data``'s test split, with timings.
 
     ``group`` (``hetmm.distributed.Group``): every rank fits the same bank and scores its share of
     the test images; the metrics are computed once, on rank 0, over all of them (``None`` elsewhere).
     A defect image without its mask is an error (found before any fitting), unless
-    ``allow_missing_masks``: it then counts for the image AUROC only.
+    ``allow_missing_masks``: it then counts for the image AUROC only. With thresholds (a calibrated
+    bank, or the detector's ``threshold``): the image threshold, the share of normal test images it
+    flags and of defective ones it finds; always the F1-optimal image threshold and its F1. ``details``
+    (a dict) receives the samples, the Prediction and the masks (for ``hetmm.report``).
     """
     from .distributed import predict_data_parallel
 
@@ -36,7 +39,7 @@ def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, gr
     if result is None:
         return None
     labels = [s.label for s in samples]
-    masks = data.load_masks(samples, detector.out_size, allow_missing=allow_missing_masks)
+    masks = all_masks = data.load_masks(samples, detector.out_size, allow_missing=allow_missing_masks)
     with_mask = [s.label == 0 or s.mask not in missing for s in samples]
     metrics = dict(
         category=data.category,
@@ -55,8 +58,21 @@ def evaluate_category(detector: HETMM, data: MVTecCategory, fit: bool = True, gr
     if masks.any():
         metrics["pixel_auroc"] = pixel_auroc(masks, anomaly)
         metrics["pro"] = aupro(masks, pro)
+    labelled = torch.tensor(labels)
+    if result.image_threshold is not None:
+        flagged = result.pred_label
+        metrics.update(image_threshold=result.image_threshold, pixel_threshold=result.pixel_threshold,
+                       normal_flagged=_share(flagged[labelled == 0]), defects_found=_share(flagged[labelled == 1]))
+    if (labelled == 1).any():
+        metrics["image_f1_threshold"], metrics["image_f1"] = best_f1(labels, result.pred_score)
+    if details is not None:
+        details.update(samples=samples, result=result, masks=all_masks)
     metrics["images_per_second"] = len(samples) / max(predicted - fitted, 1e-9)
     return metrics
+
+
+def _share(flags: torch.Tensor) -> float | None:
+    return float(flags.float().mean()) if len(flags) else None
 
 
 def format_table(rows: list[dict]) -> str:

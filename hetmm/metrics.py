@@ -73,3 +73,17 @@ def aupro(masks, maps, max_fpr: float = 0.3) -> float:
         cut_pro = np.append(cut_pro, pro[i - 1] + t * (pro[i] - pro[i - 1]))
     trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
     return float(trapezoid(cut_pro, cut_fpr) / max_fpr)
+
+
+def best_f1(labels, scores) -> tuple[float, float]:
+    """``(threshold, F1)``: the threshold (``score >= threshold`` is anomalous) with the highest F1,
+    as anomalib's adaptive threshold chooses it on labelled validation data."""
+    from sklearn.metrics import precision_recall_curve
+
+    labels, scores = _numpy(labels).ravel() > 0.5, _numpy(scores).ravel()
+    if not labels.any():
+        raise ValueError("the F1-optimal threshold needs anomalous examples")
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    best = int(np.argmax(f1))
+    return float(thresholds[best]), float(f1[best])
