@@ -79,6 +79,9 @@ CANDIDATES = {
     "isolation-0.5": dict(params=CHOSEN_LAYERS.replace("|", "_i=0.5|") + "_i=0.5;" + SCORES),
     "isolation-1.5": dict(params=CHOSEN_LAYERS.replace("|", "_i=1.5|") + "_i=1.5;" + SCORES),
     "isolation-2": dict(params=CHOSEN_LAYERS.replace("|", "_i=2|") + "_i=2;" + SCORES),
+    # the sixth round: wider windows again, now with isolation (round 3 measured them without)
+    "wide-isolation": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:17x17_a=0.5_l=0.8_i=1|L3:31x31_a=0.5_l=0.8_i=1;" + SCORES),
+    "L3-wide-isolation": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:31x31_a=0.3_l=0.5_i=1;" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")

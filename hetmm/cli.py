@@ -6,9 +6,11 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -109,8 +111,6 @@ def _finished_rows(out: Path, resume: bool) -> dict:
 
 def _append_rows(out: Path, paths: list, result, done: dict) -> None:
     """Each image's raw map (``maps/*.npy``) and its row (``scores.jsonl``, flushed and synced) as a chunk ends."""
-    import os
-
     import numpy as np
 
     lines = []
@@ -180,28 +180,42 @@ def _predict(args) -> int:
     done = _finished_rows(out, args.resume) if group is None or group.is_main else {}
     todo = [p for p in paths if str(p) not in done]
     step = det.batch_size * 4  # rows and maps are on disk every few batches: a stopped run keeps them
-    for start in range(0, len(todo), step):
-        chunk = todo[start:start + step]
-        if group is None:
-            result = det.predict(chunk)
-        elif args.shard_bank:  # every rank scores every image against its share of the bank
-            result = distributed.run_everywhere(group, lambda: det.predict(chunk))
-            result = result if group.is_main else None
-        else:  # every rank scores its share of the images against the whole bank
-            result = distributed.predict_data_parallel(det, chunk, group)
-        if result is not None:  # rank 0 writes the merged result
-            _append_rows(out, chunk, result, done)
+    # one writer thread: a chunk's rows and maps are written while the next chunk is scored (at most one
+    # chunk waits, so memory stays flat; rows stay in order; a failed write stops the run at the next chunk)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hetmm-writer") as writer:
+        pending = None
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            if group is None:
+                result = det.predict(chunk)
+            elif args.shard_bank:  # every rank scores every image against its share of the bank
+                result = distributed.run_everywhere(group, lambda: det.predict(chunk))
+                result = result if group.is_main else None
+            else:  # every rank scores its share of the images against the whole bank
+                result = distributed.predict_data_parallel(det, chunk, group)
+            if pending is not None:
+                pending.result()
+            if result is not None:  # rank 0 writes the merged result
+                pending = writer.submit(_append_rows, out, chunk, result, done)
+        if pending is not None:
+            pending.result()
     if group is not None and not group.is_main:
         return 0
     maps = {path: np.load(done[str(path)]["map"]) for path in paths}
     top = max(float(m.max()) for m in maps.values())
     thresholds = det.thresholds()
+
+    def draw(index_path):  # the model is done: overlays are drawn on every core
+        i, path = index_path
+        anomaly = torch.from_numpy(maps[path])
+        mask = None if thresholds is None else anomaly >= thresholds[1]
+        _write_new(out / _heatmap_name(i, path), overlay_png(path, anomaly, det.out_size, top, mask))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="hetmm-overlay") as pool:
+        list(pool.map(draw, enumerate(paths)))
     rows = []
     for i, path in enumerate(paths):
         heat = out / _heatmap_name(i, path)
-        anomaly = torch.from_numpy(maps[path])
-        mask = None if thresholds is None else anomaly >= thresholds[1]
-        _write_new(heat, overlay_png(path, anomaly, det.out_size, top, mask))
         kept = done[str(path)]
         row = dict(image=kept["image"], score=kept["score"], heatmap=str(heat))
         row.update({key: kept[key] for key in ("normalised", "anomalous", "regions") if key in kept})
