@@ -93,7 +93,8 @@ class TemplateBank:
         self.total = len(self)
         self.version += 1
         self._prepared.clear()
-        for name in [n for n in self.extras if n.startswith(ISOLATION) or n in calibration.NAMES]:
+        stale = calibration.NAMES + (calibration.F1_IMAGE_THRESHOLD,)
+        for name in [n for n in self.extras if n.startswith(ISOLATION) or n in stale]:
             del self.extras[name]  # every template's leave-one-out (and every calibration score) changes
 
     @property

@@ -27,6 +27,7 @@ IMAGE_SCORES = "calibration.image_scores"  # [n] normal image scores, ascending
 PIXEL_LEVELS = "calibration.pixel_levels"  # [Q] quantile levels in [0, 1], ascending
 PIXEL_SCORES = "calibration.pixel_scores"  # [Q] the normal pixel scores at those levels
 NAMES = (IMAGE_SCORES, PIXEL_LEVELS, PIXEL_SCORES)
+F1_IMAGE_THRESHOLD = "calibration.f1_image_threshold"  # [1], from labelled validation images (optional)
 DEFAULT_FPR = 0.01
 MAX_PIXELS = 1 << 24  # normal pixel scores kept for the quantiles (every k-th beyond)
 FOLDS = 5  # PTS banks: held-out folds
@@ -101,6 +102,9 @@ def normalised(values: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def check_extras(extras: dict) -> str | None:
     """What is wrong with a bank's calibration extras (``None``: absent or sound)."""
+    f1 = extras.get(F1_IMAGE_THRESHOLD)
+    if f1 is not None and (f1.shape != (1,) or not f1.is_floating_point() or not torch.isfinite(f1).all()):
+        return f"{F1_IMAGE_THRESHOLD} must be one finite float"
     present = [name for name in NAMES if name in extras]
     if not present:
         return None

@@ -51,6 +51,9 @@ def _fit(args) -> int:
         if not held_out:
             raise UsageError(f"--calibrate {args.calibrate}: no images directly inside")
         det.calibrate_on(held_out)
+    if args.val:
+        images, labels = _labelled_folder(Path(args.val))
+        f1_threshold = det.calibrate_f1(images, labels)
     path = det.save(out)
     print(f"saved {len(det.bank)} templates ({det.backbone.name}, {det.image_size}px) to {path}")
     calibration = det.calibration
@@ -61,7 +64,26 @@ def _fit(args) -> int:
               f"threshold {calibration.pixel_threshold(args.fpr):.4g} at a false-alarm rate of {args.fpr:g}"
               + (f" (the lowest these images can promise: {calibration.lowest_image_fpr:.3g})"
                  if calibration.lowest_image_fpr > args.fpr else ""))
+    if args.val:
+        print(f"F1-optimal image threshold on {len(images)} validation images ({sum(labels)} anomalous): "
+              f"{f1_threshold:.4g} (predict --threshold f1 uses it)")
     return 0
+
+
+def _labelled_folder(folder: Path) -> tuple[list, list]:
+    """``folder/good/*`` normal, every other ``folder/<defect>/*`` anomalous (an MVTec AD test folder)."""
+    from .data import image_files
+
+    if not (folder / "good").is_dir():
+        raise UsageError(f"--val {folder}: expected {folder / 'good'} (normal images) beside folders of defective ones")
+    images, labels = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = image_files(sub)
+        images += files
+        labels += [int(sub.name != "good")] * len(files)
+    if not 0 < sum(labels) < len(labels):
+        raise UsageError(f"--val {folder}: needs normal images in good/ and defective ones in other folders")
+    return images, labels
 
 
 # heat-map file names keep this much of the image's name (file systems allow 255 bytes)
@@ -343,6 +365,15 @@ def _tune(args) -> int:
     return run(args)
 
 
+def _threshold(text: str):
+    if text == "f1":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'f1', got {text!r}") from None
+
+
 def _add_model_options(parser, backbone="wide_resnet101_2", weights="imagenet"):
     parser.add_argument("--backbone", default=backbone, help=f"timm ResNet or tf_efficientnet_lite0 (default {backbone})")
     parser.add_argument("--weights", default=weights,
@@ -390,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--data", default=None, help="or: a dataset root in the MVTec AD layout ...")
     fit.add_argument("--category", default=None, help="... and its category (train/good is used)")
     fit.add_argument("--out", required=True, help="bank file to write (.safetensors)")
+    fit.add_argument("--val", default=None,
+                     help="labelled validation images (good/ and one folder per defect, as an MVTec AD test folder): "
+                          "store the F1-optimal image threshold for predict --threshold f1")
     fit.add_argument("--calibrate", default=None,
                      help="a folder of held-out normal images to calibrate the thresholds on (default: the training "
                           "images, each against the others)")
@@ -401,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--bank", required=True)
     predict.add_argument("images", nargs="+", help="image files or folders of images")
     predict.add_argument("--out", required=True, help="folder for heat maps and scores.csv / scores.json")
-    predict.add_argument("--threshold", type=float, default=None, help="flag images scoring at or above it")
+    predict.add_argument("--threshold", type=_threshold, default=None,
+                         help="flag images and pixels scoring at or above this number, or 'f1': the bank's F1-optimal "
+                              "image threshold (fit --val); default: the calibrated thresholds at --fpr")
     predict.add_argument("--weights", default=None, help="override the weights the bank was made with")
     predict.add_argument("--download", action="store_true")
     predict.add_argument("--resume", action="store_true",

@@ -15,7 +15,7 @@ import hetmm_kernels as hk
 from . import distributed
 from .backbone import LAYERS, Backbone
 from .bank import MAX_IMAGE_SIZE, TemplateBank
-from .calibration import DEFAULT_FPR, FOLDS, Calibration, find_regions, normalised
+from .calibration import DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, find_regions, normalised
 from .clustering import compress
 from .retrieval import Codebook
 from .data import prefetched, read_image
@@ -108,7 +108,8 @@ class DetectorOptions:
     category / params: the parameter string (the paper's for its MVTec AD categories, ``DEFAULT``
     otherwise); image_size / out_size: input and map size (16-4096); device; precision ("auto",
     "fp32", "fp16", "bf16", "bf16-backbone"; ``half`` is the older switch); batch_size; threshold
-    (labels and masks when set; otherwise the calibrated thresholds); fpr / pixel_fpr (the false-alarm
+    (a number: labels and masks at it; "f1": the F1-optimal image threshold ``calibrate_f1`` stored, with
+    the calibrated pixel threshold; None: the calibrated thresholds); fpr / pixel_fpr (the false-alarm
     rates the calibrated image / pixel thresholds aim at; pixel_fpr None: fpr); download (allow hub
     downloads); progress (bars); templates ("all"
     or "pts") and tsize (PTS set size); retrieval_k / retrieval_layer (target before shooting);
@@ -125,7 +126,7 @@ class DetectorOptions:
     precision: str = "auto"
     half: object = False
     batch_size: int = 8
-    threshold: float | None = None
+    threshold: float | str | None = None
     fpr: float = DEFAULT_FPR
     pixel_fpr: float | None = None
     download: bool = False
@@ -200,6 +201,8 @@ class HETMM:
             if not (isinstance(rate, (int, float)) and 0 < rate < 1):
                 raise OptionsError(f"{name} must be a false-alarm rate in (0, 1); got {rate!r}")
         self.fpr, self.pixel_fpr = float(fpr), float(fpr if pixel_fpr is None else pixel_fpr)
+        if isinstance(threshold, str) and threshold != "f1":
+            raise OptionsError(f"threshold must be a number, 'f1' or None; got {threshold!r}")
         if (workers is not None and int(workers) < 0) or int(prefetch) < 1:
             raise OptionsError(f"workers must be >= 0 and prefetch >= 1; got workers={workers}, prefetch={prefetch}")
         self.prefetch = int(prefetch)
@@ -384,6 +387,21 @@ class HETMM:
         bank.set_calibration(Calibration.from_scores(scores, maps))
         return self
 
+    def calibrate_f1(self, images, labels) -> float:
+        """Store the F1-optimal image threshold on labelled validation ``images`` (``labels``: 1 anomalous,
+        0 normal), as anomalib's adaptive threshold; ``threshold="f1"`` then uses it. Returns it."""
+        from .metrics import best_f1
+
+        labels = torch.as_tensor(labels).flatten()
+        if not ((labels == 0) | (labels == 1)).all() or not (labels == 1).any() or not (labels == 0).any():
+            raise ValueError("labels must be 0 (normal) or 1 (anomalous), with at least one of each")
+        scores = self._predict_raw(images).pred_score
+        if len(scores) != len(labels):
+            raise ValueError(f"{len(scores)} images but {len(labels)} labels")
+        threshold, _ = best_f1(labels, scores)
+        self.bank.extras[F1_IMAGE_THRESHOLD] = torch.tensor([threshold], dtype=torch.float32)
+        return threshold
+
     def _score_features(self, features: dict, indices: torch.Tensor | None = None):
         """Image scores and pixel maps (host) of already-extracted features, in batches."""
         scores, maps = [], []
@@ -412,12 +430,18 @@ class HETMM:
         """``(image, pixel)`` thresholds in force: ``threshold`` for both, else the calibrated ones at
         ``fpr`` / ``pixel_fpr`` (``None``: neither). A bank saved before calibration existed is
         calibrated here, once, as fit would have."""
-        if self.threshold is not None:
+        if self.threshold is not None and self.threshold != "f1":
             return float(self.threshold), float(self.threshold)
         calibration = self.calibration
         if calibration is None and self.templates == "all" and not self._require_bank().is_shard:
             calibration = self.calibrate()
             self.bank.set_calibration(calibration)
+        if self.threshold == "f1":
+            stored = self.bank.extras.get(F1_IMAGE_THRESHOLD)
+            if stored is None or calibration is None:
+                raise OptionsError("threshold='f1' needs a bank with an F1-optimal threshold and a calibration: "
+                                   "call calibrate_f1(validation_images, labels) (hetmm fit --val DIR)")
+            return float(stored[0]), calibration.pixel_threshold(self.pixel_fpr)
         if calibration is None:
             return None
         return calibration.image_threshold(self.fpr), calibration.pixel_threshold(self.pixel_fpr)
@@ -503,7 +527,7 @@ class HETMM:
 
     @classmethod
     def load(cls, path, *, weights=None, device=None, half=False, batch_size: int = 8,
-             threshold: float | None = None, fpr: float = DEFAULT_FPR, pixel_fpr: float | None = None,
+             threshold: float | str | None = None, fpr: float = DEFAULT_FPR, pixel_fpr: float | None = None,
              download: bool = False, progress: bool = False,
              shard=None, cuda_graph: bool = False, precision: str = "auto", workers: int | None = None,
              prefetch: int = 2) -> "HETMM":
@@ -586,6 +610,11 @@ class HETMM:
         return self._graphs[key](batch)
 
     def predict(self, images) -> Prediction:
+        """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths),
+        with labels, masks and regions when a threshold is in force (see ``Prediction``)."""
+        return self._decide(self._predict_raw(images))
+
+    def _predict_raw(self, images) -> Prediction:
         """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths)."""
         self._require_bank()
         items = self._images(images)
@@ -594,4 +623,4 @@ class HETMM:
             outputs = self._run(batch)
             for kept, out in zip((scores, anomaly, pro), outputs):
                 kept.append(out.cpu())
-        return self._decide(Prediction(torch.cat(scores), torch.cat(anomaly), torch.cat(pro)))
+        return Prediction(torch.cat(scores), torch.cat(anomaly), torch.cat(pro))

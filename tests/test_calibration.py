@@ -257,3 +257,43 @@ def _texture_height(texture: str) -> int:
     from hetmm.demo import _texture
 
     return _texture(texture).shape[0]
+
+
+def test_the_f1_threshold_from_labelled_validation_images(tmp_path):
+    det = _detector().fit(_images(4, 13))
+    images = torch.cat([_images(3, 14), _images(3, 15).mul(0.2)])  # dark ones: far from the templates
+    labels = [0, 0, 0, 1, 1, 1]
+    threshold = det.calibrate_f1(images, labels)
+    from hetmm.metrics import best_f1
+
+    assert threshold == pytest.approx(best_f1(labels, det.predict(images).pred_score)[0])
+    det.threshold = "f1"
+    result = det.predict(images)
+    assert result.image_threshold == pytest.approx(threshold)
+    assert result.pixel_threshold == det.calibration.pixel_threshold(det.pixel_fpr)
+    loaded = hetmm.HETMM.load(det.save(tmp_path / "bank.safetensors"), threshold="f1", precision="fp32")
+    assert loaded.predict(images).image_threshold == pytest.approx(threshold)
+    loaded.add_templates(_images(1, 16))  # new templates, new scores: the F1 threshold is gone
+    with pytest.raises(ValueError, match="calibrate_f1"):
+        loaded.predict(images)
+    with pytest.raises(ValueError, match="one of each"):
+        det.calibrate_f1(images, [0] * 6)
+    with pytest.raises(ValueError, match="threshold must be"):
+        _detector(threshold="best")
+
+
+def test_fit_val_and_predict_threshold_f1_on_the_command_line(tmp_path, capsys):
+    from hetmm.cli import main
+
+    root = build_dataset(tmp_path / "data", n_train=4, n_good=2, n_defective=2)
+    bank = tmp_path / "bank.safetensors"
+    assert main(["fit", "--data", str(root), "--category", "brick", "--backbone", "tf_efficientnet_lite0",
+                 "--image-size", "64", "--out-size", "64", "--out", str(bank), "--val", str(root / "brick" / "test")]) == 0
+    assert "F1-optimal image threshold on 4 validation images (2 anomalous)" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert main(["predict", "--bank", str(bank), str(root / "brick" / "test" / "good"), "--out", str(out),
+                 "--threshold", "f1"]) == 0
+    with pytest.raises(SystemExit):  # argparse: "expected a number or 'f1'"
+        main(["predict", "--bank", str(bank), str(root / "brick" / "test" / "good"), "--out", str(out),
+              "--threshold", "best"])
+    assert "expected a number or 'f1'" in capsys.readouterr().err
