@@ -82,6 +82,11 @@ CANDIDATES = {
     # the sixth round: wider windows again, now with isolation (round 3 measured them without)
     "wide-isolation": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:17x17_a=0.5_l=0.8_i=1|L3:31x31_a=0.5_l=0.8_i=1;" + SCORES),
     "L3-wide-isolation": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:31x31_a=0.3_l=0.5_i=1;" + SCORES),
+    # the seventh round (choose set with the two nearly featureless categories): the deep layer's weight
+    "L3-l1": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:7x3_a=0.3_l=1_i=1;" + SCORES),
+    "L3-l1-a05": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:7x3_a=0.5_l=1_i=1;" + SCORES),
+    "L1-half-L3-l1": dict(params="L1:5x3_a=0.5_l=0.5_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:7x3_a=0.3_l=1_i=1;" + SCORES),
+    "L3-l2": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:7x3_a=0.3_l=2_i=1;" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")

@@ -4,10 +4,11 @@
     python benchmarks/eval_sets.py --out /tmp/sets               # writes /tmp/sets/choose and /tmp/sets/report
 
 * ``choose``: scikit-image's brick / grass / gravel (grey), four metaworld material photographs
-  (granite, metal, wood, plaster; grey) and five with large-scale structure in colour (floor tiles,
-  red brick, planks, parquet, houndstooth), with hetmm's demo defects (``hetmm.demo.paint_defect``:
+  (granite, metal, wood, plaster; grey), five with large-scale structure in colour (floor tiles,
+  red brick, planks, parquet, houndstooth) and two nearly featureless ones in colour (navy cloth,
+  white plaster), with hetmm's demo defects (``hetmm.demo.paint_defect``:
   scratches, blobs, patches of another texture, bright/dark spots; on colour images it paints the
-  luminance and adds the change to every channel) and, on the colour ones, discoloured, smudged and
+  luminance and adds the change to every channel) and, on the colour and featureless ones, discoloured, smudged and
   dented regions (``paint_choose_defect``).
 * ``report``: six robosuite photographs (brushed steel, felt, wood tiles, ceramic, white bricks,
   plaster), in colour, with defects painted by a *different* generator (below): cracks, stains,
@@ -42,8 +43,13 @@ CHOOSE = {  # category -> (package, file inside it)
     "planks": ("metaworld", "assets/textures/wood.png"),
     "parquet": ("metaworld", "assets/textures/wood4.png"),
     "houndstooth": ("metaworld", "assets/scene/textures/fabricPattern.png"),
+    # nearly featureless surfaces, in colour: a defect that only moves the faint texture (a dent) is seen
+    # by the deep layer alone (added after round 6; the categories above are unchanged)
+    "navy": ("metaworld", "assets/textures/navy_blue.png"),
+    "white_plaster": ("metaworld", "assets/scene/textures/plaster.png"),
 }
 CHOOSE_COLOUR = ("tiles", "red_brick", "planks", "parquet", "houndstooth")
+CHOOSE_PLAIN = ("navy", "white_plaster")
 REPORT = {
     "steel": ("robosuite", "models/assets/textures/steel-brushed.png"),
     "felt": ("robosuite", "models/assets/textures/gray-felt.png"),
@@ -192,9 +198,10 @@ def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective
     for category in names:
         image = photograph(*sources[category])
         # the texture pasted by "patch"/"foreign" defects: the next one in the same group
-        group = [n for n in names if (n in CHOOSE_COLOUR) == (category in CHOOSE_COLOUR)]
+        kind_of = lambda name: (name in CHOOSE_COLOUR, name in CHOOSE_PLAIN)  # noqa: E731
+        group = [n for n in names if kind_of(n) == kind_of(category)]
         other = photograph(*sources[group[(group.index(category) + 1) % len(group)]])
-        colour = which == "report" or category in CHOOSE_COLOUR
+        colour = which == "report" or category in CHOOSE_COLOUR + CHOOSE_PLAIN
         if which == "choose":  # the demo's painter works on grey images: the other texture is grey
             other = other if other.ndim == 2 else other.mean(axis=2)
             image = image if (image.ndim == 2 or colour) else image.mean(axis=2)
