@@ -18,6 +18,7 @@ template fewer), so the thresholds err towards fewer false alarms.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,6 +123,31 @@ def check_extras(extras: dict) -> str | None:
     if levels[0] < 0 or levels[-1] > 1:
         return f"{PIXEL_LEVELS} must lie in [0, 1]"
     return None
+
+
+class Regions(Sequence):
+    """Per image, the connected regions of its mask (``find_regions``), found when first read: labelling
+    costs ~0.5 ms an image, 4% of a CPU predict, and most callers read only the scores."""
+
+    def __init__(self, masks: torch.Tensor, maps: torch.Tensor):
+        self._masks, self._maps, self._found = masks, maps, {}
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # negative indices, and IndexError past the end
+        if index not in self._found:
+            self._found[index] = find_regions(self._masks[index], self._maps[index])
+        return self._found[index]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Regions({len(self)} images)"
 
 
 def find_regions(mask: torch.Tensor, scores: torch.Tensor) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import hetmm_kernels as hk
 from . import distributed
 from .backbone import LAYERS, Backbone
 from .bank import MAX_IMAGE_SIZE, TemplateBank
-from .calibration import DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, find_regions, normalised
+from .calibration import DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, Regions, normalised
 from .clustering import compress
 from .retrieval import Codebook
 from .data import prefetched, read_image
@@ -82,7 +83,7 @@ class Prediction:
     pro_map: torch.Tensor  # [B, H, W] the map post-processed for PRO
     pred_label: torch.Tensor | None = None  # [B] bool: pred_score >= image_threshold
     pred_mask: torch.Tensor | None = None  # [B, H, W] bool: anomaly_map >= pixel_threshold
-    regions: list | None = None  # per image: connected regions of pred_mask (box, area, peak), largest first
+    regions: Sequence | None = None  # per image: regions of pred_mask (box, area, peak), largest first; lazy
     norm_score: torch.Tensor | None = None  # [B] score / (score + image threshold): 0..1, 0.5 at the threshold
     norm_map: torch.Tensor | None = None  # [B, H, W] the same with the pixel threshold
     image_threshold: float | None = None
@@ -455,7 +456,7 @@ class HETMM:
         result.image_threshold, result.pixel_threshold = image_threshold, pixel_threshold
         result.pred_label = result.pred_score >= image_threshold
         result.pred_mask = result.anomaly_map >= pixel_threshold
-        result.regions = [find_regions(mask, scores) for mask, scores in zip(result.pred_mask, result.anomaly_map)]
+        result.regions = Regions(result.pred_mask, result.anomaly_map)
         result.norm_score = normalised(result.pred_score, image_threshold)
         result.norm_map = normalised(result.anomaly_map, pixel_threshold)
         return result

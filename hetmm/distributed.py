@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +123,7 @@ def predict_data_parallel(detector, items: list, group: Group):
     for name, first in vars(parts[0]).items():  # tensors and per-image lists joined; thresholds are everyone's
         values = [getattr(p, name) for p in parts]
         merged[name] = torch.cat(values) if isinstance(first, torch.Tensor) else \
-            [x for v in values for x in v] if isinstance(first, list) else first
+            [x for v in values for x in v] if isinstance(first, Sequence) else first
     return type(parts[0])(**merged)  # a Prediction, built without importing the detector (no import circle)
 
 

@@ -297,3 +297,13 @@ def test_fit_val_and_predict_threshold_f1_on_the_command_line(tmp_path, capsys):
         main(["predict", "--bank", str(bank), str(root / "brick" / "test" / "good"), "--out", str(out),
               "--threshold", "best"])
     assert "expected a number or 'f1'" in capsys.readouterr().err
+
+
+def test_regions_are_found_when_read():
+    det = _detector(fpr=0.3, pixel_fpr=0.05).fit(_images(4, 17))
+    result = det.predict(_images(3, 18))
+    assert not result.regions._found  # nothing labelled until asked
+    assert result.regions[-1] == find_regions(result.pred_mask[2], result.anomaly_map[2])
+    assert result.regions[1:] == [result.regions[1], result.regions[2]] and len(result.regions) == 3
+    with pytest.raises(IndexError):
+        result.regions[3]
