@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.cluster import cluster_optics_xi
 
 DECIMALS = np.finfo(np.float64).precision  # 15, as scikit-learn rounds distances
 
@@ -71,6 +70,8 @@ def optics_graph(feats: torch.Tensor, min_samples: int):
 def optics_labels(temp: torch.Tensor, tsize: int, xi: float = 0.05, pixels_per_chunk: int = 1024) -> torch.Tensor:
     """Cluster ids ``[N, H, W]`` (-1 = noise) of the templates ``[N, C, H, W]`` at every pixel,
     as ``sklearn.cluster.OPTICS(min_samples=N // tsize, metric="cosine", xi=xi)`` labels them."""
+    from sklearn.cluster import cluster_optics_xi  # here: scikit-learn takes ~1 s to import
+
     count, channels, height, width = temp.shape
     min_samples = min_samples_for(count, tsize)
     labels = np.full((height * width, count), -1, dtype=np.int64)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score
 
 
 def _numpy(x) -> np.ndarray:
@@ -19,6 +18,8 @@ def image_auroc(labels, scores) -> float:
         raise ValueError(f"labels and scores must have the same length; got {labels.shape} and {scores.shape}")
     if len(np.unique(labels)) < 2:
         raise ValueError("image AUROC needs both normal (0) and anomalous (1) images")
+    from sklearn.metrics import roc_auc_score  # here: scikit-learn takes ~1 s to import
+
     return float(roc_auc_score(labels, scores))
 
 
@@ -29,6 +30,8 @@ def pixel_auroc(masks, maps) -> float:
         raise ValueError("masks and maps must have the same number of pixels")
     if masks.all() or not masks.any():
         raise ValueError("pixel AUROC needs both normal and anomalous pixels")
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(masks, maps))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 import hetmm_kernels as hk
 from hetmm_kernels.reference import block_layout
@@ -28,6 +27,8 @@ class Codebook:
     def fit(cls, features: torch.Tensor, n_clusters: int = N_CLUSTERS, samples: int = SAMPLES,
             seed: int = 0, S: int = S) -> "Codebook":
         """Fit on a seeded random sample of the pixels of ``features [N, C, H, W]``."""
+        from sklearn.cluster import KMeans  # here: scikit-learn takes ~1 s to import
+
         count, channels, height, width = features.shape
         pixels = features.float().permute(0, 2, 3, 1).reshape(-1, channels).cpu().numpy()
         rng = np.random.RandomState(seed)
