@@ -132,8 +132,8 @@ class Hetmm(MemoryBankMixin, AnomalibModule):
         super().__init__(pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator,
                          visualizer=visualizer)
         options = {"out_size": int(image_size), **options, "image_size": int(image_size)}
-        self.device_pinned = options.get("device") is not None
-        if not self.device_pinned:
+        self._device_pinned = options.get("device") is not None
+        if not self._device_pinned:
             options["device"] = "cpu"  # until the trainer says where it runs (_follow_trainer)
         self.model = HetmmModel(HETMM(backbone, weights, **options))
         if bank is not None:
@@ -186,7 +186,7 @@ class Hetmm(MemoryBankMixin, AnomalibModule):
     # ------------------------------------------------------------------ device
     def _follow_trainer(self) -> None:
         """Run the detector on the trainer's device (built on the CPU until the trainer has placed us)."""
-        if self.device_pinned or _same_device(self.detector.device, self.device):
+        if self._device_pinned or _same_device(self.detector.device, self.device):
             return
         old = self.detector
         self.model.detector = HETMM(old.backbone.name, old.backbone.weights, options=old.options, device=self.device)

@@ -144,7 +144,7 @@ def _plots(out: Path, name: str, labels: np.ndarray, scores: np.ndarray, masks: 
         axes.set(xlabel="pixel false positive rate", ylabel="per-region overlap", title=f"{name}: PRO to FPR 0.3")
 
     def histogram(axes):
-        bins = np.linspace(scores.min(), scores.max(), 25)
+        bins = np.linspace(scores.min(), scores.max(), 25) if scores.max() > scores.min() else 1
         axes.hist(scores[labels == 0], bins=bins, alpha=0.6, label="normal")
         axes.hist(scores[labels == 1], bins=bins, alpha=0.6, label="anomalous")
         for (label, value), style in zip(thresholds.items(), ("-", "--")):

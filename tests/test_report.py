@@ -124,3 +124,26 @@ def test_overlay_draws_the_contour_of_the_mask(tmp_path):
     cyan = (picture == (0, 255, 255)).all(axis=2)
     assert cyan[8, 8:24].all() and cyan[8:24, 8].all()  # the boundary
     assert not cyan[12:20, 12:20].any() and not cyan[:6].any()  # not inside, not outside
+
+
+def test_the_evaluation_report_with_equal_scores_and_no_defects(tmp_path):
+    """Degenerate categories still give a page: every score equal, no defective image (no ROC, no PRO)."""
+    from hetmm.data import Sample
+    from hetmm.detector import Prediction
+    from hetmm.report import write_evaluation
+
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((16, 16, 3), 100 + i, np.uint8)).save(paths[-1])
+    samples = [Sample(p, 0, "good", None) for p in paths]
+    result = Prediction(torch.full((3,), 0.5), torch.zeros(3, 16, 16), torch.zeros(3, 16, 16))
+    metrics = dict(category="flat", image_auroc=None, images_per_second=1.0)
+    page = write_evaluation(tmp_path / "report", [dict(metrics=metrics, samples=samples, result=result,
+                                                       masks=torch.zeros(3, 16, 16, dtype=torch.bool), out_size=16)])
+    text = page.read_text(encoding="utf-8")
+    assert "flat_scores.png" in text and "flat_roc.png" not in text and "flat_pro.png" not in text
+    assert text.count('class="card ') == 3  # three normal images, no defective ones
