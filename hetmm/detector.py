@@ -600,8 +600,11 @@ class HETMM:
         return scores, anomaly, pro
 
     def _run(self, batch: torch.Tensor):
+        """One batch's device part: no value of a device tensor is read back (the images and the bank
+        were checked where they came in; ``_copy_out`` checks the results), so nothing waits on the GPU."""
         if not self.cuda_graph or self.group is not None:
-            return self._forward(batch)
+            with hk.trusted_values():
+                return self._forward(batch)
         from .pipeline import CapturedPredict
 
         # a graph holds the addresses of the bank's tensors: a new or grown bank needs a new capture
@@ -621,7 +624,22 @@ class HETMM:
         items = self._images(images)
         scores, anomaly, pro = [], [], []
         for batch in self._batches(items, "predict", True):
-            outputs = self._run(batch)
-            for kept, out in zip((scores, anomaly, pro), outputs):
-                kept.append(out.cpu())
+            for kept, out in zip((scores, anomaly, pro), self._copy_out(*self._run(batch))):
+                kept.append(out)
         return Prediction(torch.cat(scores), torch.cat(anomaly), torch.cat(pro))
+
+    @staticmethod
+    def _copy_out(scores: torch.Tensor, anomaly: torch.Tensor, pro: torch.Tensor):
+        """The batch's results on the host in one copy (the batch's one read of the device), checked there."""
+        if scores.device.type == "cpu":
+            host = (scores, anomaly, pro)
+        else:
+            maps = [anomaly] if pro is anomaly else [anomaly, pro]
+            packed = torch.cat([scores.float()[:, None]] + [m.float().flatten(1) for m in maps], 1).cpu()
+            size = anomaly[0].numel()
+            host_maps = [packed[:, 1 + i * size:1 + (i + 1) * size].view_as(anomaly) for i in range(len(maps))]
+            host = (packed[:, 0], host_maps[0], host_maps[-1])
+        if not all(torch.isfinite(t).all() for t in host):  # what the ops' value checks would have caught
+            raise FloatingPointError("predict produced NaN or inf scores (non-finite images, features or bank; "
+                                     "with precision='fp16', values beyond its range)")
+        return host
