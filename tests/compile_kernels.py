@@ -79,7 +79,8 @@ def configurations():
         {k: big_tile[k] for k in ("num_warps", "num_stages")}
     big_block = max(retrieval.topk_space(32, 25), key=lambda c: (c["BLOCK_Q"] * c["BLOCK_R"], c["num_warps"]))
     yield "trimmed_topk-tuned", retrieval._trimmed_topk_kernel, "fp32", dict(
-        USE_KL=True, BLOCK_Q=big_block["BLOCK_Q"], BLOCK_R=big_block["BLOCK_R"], BLOCK_L=32, BLOCK_BINS=16, CAND=16), \
+        USE_KL=True, COUNTS=True, BLOCK_Q=big_block["BLOCK_Q"], BLOCK_R=big_block["BLOCK_R"], BLOCK_D=8, BLOCK_BINS=16,
+        CAND=16), \
         {"bank_ptr": "*u8", "key_ptr": "*i64"}, {"num_warps": big_block["num_warps"]}
     # the benchmarks' one-thread-per-output baseline, on the goal shape's window
     yield "naive-baseline", naive_atm._naive_window_max_kernel, "fp16", dict(RADIUS=6, BLOCK=256), \
@@ -91,9 +92,10 @@ def configurations():
         yield "block_histogram", retrieval._block_histogram_kernel, dtype, \
             dict(BLOCK_PIX=256, BLOCK_C=64, BLOCK_BINS=16, WRITE_CODES=True), {"hist_ptr": "*fp32", "code_ptr": "*i64"}
     for use_kl in (True, False):
-        yield "trimmed_topk", retrieval._trimmed_topk_kernel, "fp32", \
-            dict(USE_KL=use_kl, BLOCK_Q=16, BLOCK_R=32, BLOCK_L=32, BLOCK_BINS=16, CAND=16), \
-            {"bank_ptr": "*u8", "key_ptr": "*i64"}
+        for counts in (True, False):  # a compact bank of counts, or float histograms
+            yield "trimmed_topk", retrieval._trimmed_topk_kernel, "fp32", \
+                dict(USE_KL=use_kl, COUNTS=counts, BLOCK_Q=16, BLOCK_R=32, BLOCK_D=8, BLOCK_BINS=16, CAND=16), \
+                {"bank_ptr": "*u8" if counts else "*fp32", "key_ptr": "*i64"}
     for count in (16, 200):
         yield "pts_select", pts._pts_select_kernel, "fp32", dict(BLOCK_N=triton.next_power_of_2(count)), \
             {"labels_ptr": "*i64", "picked_ptr": "*i64"}

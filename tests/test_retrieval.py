@@ -66,6 +66,29 @@ def test_retrieve_topk(backend, method, compact):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["kl", "l2"])
+@pytest.mark.parametrize("l_ratio", [1.0, 0.75, 0.5, 0.25])  # 0, 7, 13 or 19 of the 25 blocks left out
+@pytest.mark.parametrize("q,r,k", [(1, 40, 3), (3, 150, 10), (20, 70, 40)])
+def test_retrieve_topk_trimmed_and_across_bank_blocks(backend, method, l_ratio, q, r, k):
+    """Trimming at every ratio, banks of several kernel blocks, k beyond one block's candidates.
+
+    Histograms of 4-pixel blocks take few values, so many entries lie at (nearly) equal distances and
+    rounding may order them differently: a correct top-k is checked instead of equal indices. Every
+    returned entry's reference distance equals the distance returned for it, the distances equal the
+    reference's k smallest, and no entry comes twice (tolerance 1e-5)."""
+    query, bank = _bank(q=q, r=r)
+    device = device_for(backend)
+    store = hk.HistogramBank.from_histograms(bank.to(device), 4)
+    dist, idx = hk.retrieve_topk(query.to(device), store, k, l_ratio=l_ratio, method=method, backend=backend)
+    dist, idx = dist.cpu(), idx.cpu()
+    every = reference.histogram_distances(query, bank, l_ratio, method)
+    ref_dist, _ = reference.retrieve_topk(query, bank, k, l_ratio=l_ratio, method=method)
+    assert torch.allclose(dist, ref_dist, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(every.gather(1, idx), dist, rtol=1e-5, atol=1e-5)
+    assert all(len(set(row)) == k for row in idx.tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_own_histogram_first_and_ties_by_index(backend):
     _, bank = _bank(r=12)
     bank = torch.cat([bank, bank[3:4]])  # entry 12 duplicates entry 3

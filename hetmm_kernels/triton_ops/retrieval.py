@@ -5,12 +5,13 @@ the block's pixels (the same ``sum((x - c)^2)`` as the reference, first centre o
 then the block's histogram of ids + 1 with padding in bin 0, in one pass over the features.
 
 ``_trimmed_topk_kernel``: one program per (query block, bank block) streams the compact
-bank (integer counts) once: per-block KL or L2 for every (query, entry) pair in registers,
-sorted along the blocks, the smallest ``keep`` summed; then each query keeps its best
-``CAND`` entries of the block as int64 keys ``(float bits << 32) | index`` (distances are
-non-negative, so integer order is (distance, index) order: ties go to the lower index).
-Only those candidates are written (never ``[Q, R, L]``, nor ``[Q, R]`` when k is small);
-one sort of the candidates gives the global top-K.
+bank (integer counts) once: per-block KL or L2 for every (query, entry) pair in registers, no
+logarithm or division per pair (a count's logarithm comes from a table, the query's own sum is
+computed once), summed over the blocks while the ``L - keep`` largest are kept aside and then
+subtracted (as the torch path does); then each query keeps its best ``CAND`` entries of the block
+as int64 keys ``(float bits << 32) | index`` (distances are non-negative, so integer order is
+(distance, index) order: ties go to the lower index). Only those candidates are written (never
+``[Q, R, L]``, nor ``[Q, R]`` when k is small); a top-k of the candidates gives the global top-K.
 """
 
 from __future__ import annotations
@@ -67,34 +68,47 @@ def _block_histogram_kernel(
 
 @triton.jit
 def _trimmed_topk_kernel(
-    query_ptr, bank_ptr, key_ptr, queries, entries, blocks, bins, keep, area, n_bank_blocks,
-    USE_KL: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_BINS: tl.constexpr, CAND: tl.constexpr,
+    query_ptr, own_ptr, table_ptr, bank_ptr, key_ptr, queries, entries, blocks, bins, drop, n_bank_blocks,
+    USE_KL: tl.constexpr, COUNTS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_BINS: tl.constexpr, CAND: tl.constexpr,
 ):
     pid_r = tl.program_id(1)
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     col = tl.arange(0, BLOCK_R)
     r = pid_r * BLOCK_R + col
     k = tl.arange(0, BLOCK_BINS)
-    lanes = tl.arange(0, BLOCK_L)
+    lanes = tl.arange(0, BLOCK_D)
     q_ok, r_ok, k_ok = q < queries, r < entries, k < bins
-    per_block = tl.full((BLOCK_Q, BLOCK_R, BLOCK_L), float("inf"), dtype=tl.float32)
+    total = tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.float32)
+    # the ``drop`` largest block distances so far (unused lanes +inf: never the smallest, never summed)
+    largest = tl.where(lanes[None, None, :] < drop, float("-inf"), float("inf")) + \
+        tl.zeros((BLOCK_Q, BLOCK_R, BLOCK_D), dtype=tl.float32)
     for l in range(blocks):
         qh = tl.load(query_ptr + (q[:, None].to(tl.int64) * blocks + l) * bins + k[None, :],
                      mask=q_ok[:, None] & k_ok[None, :], other=0.0)
-        counts = tl.load(bank_ptr + (r[:, None].to(tl.int64) * blocks + l) * bins + k[None, :],
-                         mask=r_ok[:, None] & k_ok[None, :], other=0)
-        rh = counts.to(tl.float32) / area
-        p, t = qh[:, None, :], rh[None, :, :]
+        data = tl.load(bank_ptr + (r[:, None].to(tl.int64) * blocks + l) * bins + k[None, :],
+                       mask=r_ok[:, None] & k_ok[None, :], other=0)
         if USE_KL:
-            term = (p + _EPS) * tl.log((p + _EPS) / (t + _EPS))
-            d = tl.sum(tl.where(k_ok[None, None, :], term, 0.0), axis=2)
+            # KL(q || r) = sum (q+eps) log(q+eps) - sum (q+eps) log(r+eps): the first sum per query
+            # (own), the logarithms of a count from a table (counts are integers up to a block's area)
+            if COUNTS:
+                log_r = tl.load(table_ptr + data.to(tl.int32))
+            else:
+                log_r = tl.log(data + _EPS)
+            cross = tl.sum(tl.where(k_ok[None, None, :], qh[:, None, :] * log_r[None, :, :], 0.0), axis=2)
+            own = tl.load(own_ptr + q.to(tl.int64) * blocks + l, mask=q_ok, other=0.0)
+            d = own[:, None] - cross
         else:
-            diff = p - t
+            rh = tl.load(table_ptr + data.to(tl.int32)) if COUNTS else data  # count / area, from the table
+            diff = qh[:, None, :] - rh[None, :, :]
             d = tl.sqrt(tl.sum(diff * diff, axis=2))
-        per_block = tl.where(lanes[None, None, :] == l, d[:, :, None], per_block)
-    ordered = tl.sort(per_block, dim=2)  # ascending; unused lanes are +inf
-    trimmed = tl.sum(tl.where(lanes[None, None, :] < keep, ordered, 0.0), axis=2)
+        total += d
+        # d replaces the smallest of the kept largest when it is larger (ties: any one of equal values)
+        smallest = tl.min(largest, axis=2)
+        lane = tl.argmin(largest, axis=2)
+        swap = (lanes[None, None, :] == lane[:, :, None]) & (d > smallest)[:, :, None]
+        largest = tl.where(swap, d[:, :, None], largest)
+    trimmed = total - tl.sum(tl.where(lanes[None, None, :] < drop, largest, 0.0), axis=2)
     trimmed = tl.where(r_ok[None, :], tl.maximum(trimmed, 0.0), float("inf"))  # rounding may dip below 0
     bits = trimmed.to(tl.int32, bitcast=True).to(tl.int64)
     keys = tl.sort((bits << 32) | r[None, :].to(tl.int64), dim=1)
@@ -151,8 +165,9 @@ def topk_problem(queries: int, entries: int, blocks: int, bins: int, k: int, met
 def topk_valid(config: dict, blocks: int) -> bool:
     bq, br = config["BLOCK_Q"], config["BLOCK_R"]
     pow2 = all(isinstance(v, int) and v >= 1 and v & (v - 1) == 0 for v in (bq, br))
-    # registers: the [BLOCK_Q, BLOCK_R, BLOCK_L] block distances
-    return pow2 and br >= 16 and bq * br * triton.next_power_of_2(blocks) <= 16384 and _warps_valid(config)
+    # registers: the [BLOCK_Q, BLOCK_R, BLOCK_D] largest block distances and the [BLOCK_Q, BLOCK_R, BLOCK_BINS]
+    # products of one block
+    return pow2 and br >= 16 and bq * br <= 1024 and _warps_valid(config)
 
 
 def topk_default(queries: int) -> dict:
@@ -175,15 +190,33 @@ def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, me
     n_bank_blocks = triton.cdiv(entries, block_r)
     keys = torch.empty(queries, n_bank_blocks * cand, dtype=torch.int64, device=query_hist.device)
     grid = (triton.cdiv(queries, block_q), n_bank_blocks)
+    query, own, table, counts = _topk_operands(query_hist, bank_counts, area, method)
+    drop = blocks - int(blocks * l_ratio)
     _trimmed_topk_kernel[grid](
-        query_hist.float().contiguous(), bank_counts.contiguous(), keys, queries, entries, blocks, bins,
-        int(blocks * l_ratio), float(area), n_bank_blocks,
-        USE_KL=method == "kl", BLOCK_L=triton.next_power_of_2(blocks), BLOCK_BINS=triton.next_power_of_2(bins),
-        CAND=cand, **cfg,
+        query, own, table, bank_counts.contiguous(), keys, queries, entries, blocks, bins, drop, n_bank_blocks,
+        USE_KL=method == "kl", COUNTS=counts, BLOCK_D=triton.next_power_of_2(max(drop, 1)),
+        BLOCK_BINS=triton.next_power_of_2(bins), CAND=cand, **cfg,
     )
-    best = keys.sort(dim=1).values[:, :k]  # (distance, index) order
+    best = torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False).values  # (distance, index) order
     distances = (best >> 32).to(torch.int32).view(torch.float32)
     return distances, best & 0xFFFFFFFF
+
+
+def _topk_operands(query_hist, bank_counts, area: int, method: str):
+    """What the kernel reads besides the bank: the query (plus eps for KL), its own sum per block
+    (KL), and the per-count table (log(count / area + eps) for KL, count / area for L2) when the bank
+    holds integer counts."""
+    query = query_hist.float()
+    counts = not bank_counts.is_floating_point()
+    own = query.new_zeros(1)
+    if method == "kl":
+        query = query + KL_EPS
+        own = (query * torch.log(query)).sum(dim=2).contiguous()  # [Q, L]
+    table = query.new_zeros(1)
+    if counts:
+        values = torch.arange(max(256, area + 1), device=query.device, dtype=torch.float32) / area
+        table = torch.log(values + KL_EPS) if method == "kl" else values
+    return query.contiguous(), own, table, counts
 
 
 def _same_ranking(expected, got) -> bool:
