@@ -59,6 +59,18 @@ def _layer_weights(alphas: tuple, ldas: tuple, device: torch.device) -> torch.Te
     return torch.tensor([[a, l] for a, l in zip(alphas, ldas)], dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _padded_operators(shapes: tuple, height: int, width: int, map_h: int, map_w: int, blur, device: torch.device):
+    """Every layer's row and column operators, zero-padded to the common map size: built once per
+    shape (read-only; on the device, so a CUDA graph replays without host-to-device copies)."""
+    rows = torch.zeros(len(shapes), height, map_h, device=device)
+    cols = torch.zeros(len(shapes), width, map_w, device=device)
+    for layer, (h, w) in enumerate(shapes):
+        rows[layer, :, :h] = axis_matrix(height, h, blur, device)
+        cols[layer, :, :w] = axis_matrix(width, w, blur, device)
+    return rows, cols
+
+
 def default_config(height: int, width: int) -> dict:
     return dict(BLOCK_H=32 if height > 16 else 16, BLOCK_W=32 if width > 16 else 16, num_warps=4, num_stages=3)
 
@@ -92,14 +104,13 @@ def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=
     layers = len(fores)
     fore_pad = torch.zeros(layers, batch, map_h, map_w, device=device)
     back_pad = torch.zeros(layers, batch, map_h, map_w, device=device)
-    rows = torch.zeros(layers, height, map_h, device=device)
-    cols = torch.zeros(layers, width, map_w, device=device)
     for layer, (fore, back) in enumerate(zip(fores, backs)):
         h, w = fore.shape[-2:]
         fore_pad[layer, :, :h, :w] = fore
         back_pad[layer, :, :h, :w] = back
-        rows[layer, :, :h] = axis_matrix(height, h, blur, device)
-        cols[layer, :, :w] = axis_matrix(width, w, blur, device)
+    shapes = tuple(tuple(f.shape[-2:]) for f in fores)
+    rows, cols = _padded_operators(shapes, height, width, map_h, map_w,
+                                   None if blur is None else (float(blur[0]), int(blur[1])), device)
     weights = _layer_weights(tuple(map(float, alphas)), tuple(map(float, ldas)), device)
     out = torch.empty(batch, 1, height, width, device=device)
     scores = torch.full((batch,), float("-inf"), device=device)
