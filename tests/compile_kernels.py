@@ -90,7 +90,8 @@ def configurations():
         yield "aggregate", aggregate._aggregate_kernel, "fp32", shape, None
     for dtype in ("fp16", "fp32"):
         yield "block_histogram", retrieval._block_histogram_kernel, dtype, \
-            dict(BLOCK_PIX=256, BLOCK_C=64, BLOCK_BINS=16, WRITE_CODES=True), {"hist_ptr": "*fp32", "code_ptr": "*i64"}
+            dict(BLOCK_PIX=64, BLOCK_C=32, BLOCK_BINS=16, BLOCK_K=16, WRITE_CODES=True), \
+            {"hist_ptr": "*fp32", "code_ptr": "*i64"}, {"num_warps": 8}
     for use_kl in (True, False):
         for counts in (True, False):  # a compact bank of counts, or float histograms
             yield "trimmed_topk", retrieval._trimmed_topk_kernel, "fp32", \

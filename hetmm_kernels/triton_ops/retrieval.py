@@ -1,8 +1,9 @@
 """CPR global retrieval in Triton.
 
 ``_block_histogram_kernel``: one program per (image, block): the nearest centre of each of
-the block's pixels (the same ``sum((x - c)^2)`` as the reference, first centre on ties),
-then the block's histogram of ids + 1 with padding in bin 0, in one pass over the features.
+the block's pixels (the same ``sum((x - c)^2)`` as the reference, first centre on ties; every
+centre's distance from one read of each feature chunk), then the block's histogram of ids + 1
+with padding in bin 0, in one pass over the features.
 
 ``_trimmed_topk_kernel``: one program per (query block, bank block) streams the compact
 bank (integer counts) once: per-block KL or L2 for every (query, entry) pair in registers, no
@@ -32,7 +33,8 @@ def _block_histogram_kernel(
     feat_ptr, center_ptr, hist_ptr, code_ptr,
     channels, height, width, centers, blocks_w, blocks,
     block_h, block_w, pad_h, pad_w,
-    BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_BINS: tl.constexpr, WRITE_CODES: tl.constexpr,
+    BLOCK_PIX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_K: tl.constexpr,
+    WRITE_CODES: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -42,21 +44,23 @@ def _block_histogram_kernel(
     x = (block % blocks_w) * block_w + i % block_w - pad_w
     inside = in_block & (y >= 0) & (y < height) & (x >= 0) & (x < width)
     pixel = (y * width + x).to(tl.int64)
-    best = tl.full((BLOCK_PIX,), float("inf"), dtype=tl.float32)
-    code = tl.zeros((BLOCK_PIX,), dtype=tl.int32)
-    for j in range(centers):
-        dist = tl.zeros((BLOCK_PIX,), dtype=tl.float32)
-        for c0 in range(0, channels, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = c < channels
-            feats = tl.load(feat_ptr + (b * channels + c[None, :]) * height * width + pixel[:, None],
-                            mask=inside[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            centre = tl.load(center_ptr + j * channels + c, mask=c_ok, other=0.0).to(tl.float32)
+    column = tl.arange(0, BLOCK_K)
+    # every centre's distance at once, so each feature chunk is read once (not once per centre); each
+    # (pixel, centre) sum still grows chunk by chunk in the same order: the same floats as centre by centre
+    dist = tl.zeros((BLOCK_PIX, BLOCK_K), dtype=tl.float32)
+    for c0 in range(0, channels, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < channels
+        feats = tl.load(feat_ptr + (b * channels + c[None, :]) * height * width + pixel[:, None],
+                        mask=inside[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        for j in tl.static_range(BLOCK_K):
+            centre = tl.load(center_ptr + j * channels + c, mask=c_ok & (j < centers), other=0.0).to(tl.float32)
             diff = tl.where(c_ok[None, :], feats - centre[None, :], 0.0)
-            dist += tl.sum(diff * diff, axis=1)
-        closer = dist < best  # strict: the first centre wins ties
-        code = tl.where(closer, j, code)
-        best = tl.where(closer, dist, best)
+            dist = tl.where(column[None, :] == j, dist + tl.sum(diff * diff, axis=1)[:, None], dist)
+    dist = tl.where(column[None, :] < centers, dist, float("inf"))
+    best = tl.min(dist, axis=1)
+    # the first centre at the smallest distance (ties to the first, as the reference)
+    code = tl.min(tl.where(dist == best[:, None], column[None, :], BLOCK_K), axis=1)
     value = tl.where(inside, code + 1, 0)  # padding counts in bin 0
     bins = tl.arange(0, BLOCK_BINS)
     counts = tl.sum(((value[:, None] == bins[None, :]) & in_block[:, None]).to(tl.float32), axis=0)
@@ -132,11 +136,15 @@ def histogram_space(channels: int) -> list:
 
 
 def histogram_default(channels: int) -> dict:
-    return dict(BLOCK_C=min(64, triton.next_power_of_2(channels)), num_warps=4)
+    # sm_90, a 7x7 block (64 pixels), 12 centres: 80 registers, no spill (BLOCK_C 64 with 4 warps spilled 112 bytes)
+    return dict(BLOCK_C=min(32, triton.next_power_of_2(channels)), num_warps=8)
 
 
-def _histogram_valid(config: dict) -> bool:
-    return _warps_valid(config) and config["BLOCK_C"] in (16, 32, 64, 128)
+def _histogram_valid(config: dict, block_pix: int = 64) -> bool:
+    # registers: the [BLOCK_PIX, BLOCK_C] feature chunk per thread, beside the [BLOCK_PIX, BLOCK_K] distances
+    # (kstats, sm_90, 64 pixels: 16 values a thread compile to 168-190 registers, 32 spill)
+    per_thread = block_pix * config["BLOCK_C"] // (32 * config["num_warps"])
+    return _warps_valid(config) and config["BLOCK_C"] in (16, 32, 64, 128) and per_thread <= 16
 
 
 def block_histograms(features, centers, S: int = 5, return_codes: bool = False, config: dict | None = None):
@@ -147,12 +155,13 @@ def block_histograms(features, centers, S: int = 5, return_codes: bool = False, 
     codes = torch.empty(batch, height, width, dtype=torch.int64, device=features.device)
     grid = (batch, blocks_h * blocks_w)
     cfg = config or autotune.choose("block_histograms", histogram_problem(features, centers), features.device,
-                                    histogram_default(channels), _histogram_valid)
+                                    histogram_default(channels),
+                                    lambda c: _histogram_valid(c, triton.next_power_of_2(block_h * block_w)))
     _block_histogram_kernel[grid](
         features.contiguous(), centers.contiguous(), hist, codes,
         channels, height, width, count, blocks_w, blocks_h * blocks_w, block_h, block_w, pad_h, pad_w,
         BLOCK_PIX=triton.next_power_of_2(block_h * block_w), BLOCK_BINS=triton.next_power_of_2(count + 1),
-        WRITE_CODES=return_codes, **cfg,
+        BLOCK_K=triton.next_power_of_2(count), WRITE_CODES=return_codes, **cfg,
     )
     return (hist, codes) if return_codes else hist
 
@@ -238,7 +247,9 @@ def tune_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float = 0.8, 
 def tune_histograms(features, centers, S: int = 5, space: list | None = None, save: bool = True, timer=None):
     """Tune ``block_histograms`` for this feature shape (the codes must not change)."""
     default = histogram_default(features.shape[1])
-    space = [c for c in (space or histogram_space(features.shape[1])) if c != default]
+    block_h, block_w, *_ = block_layout(*features.shape[2:], S)
+    pixels = triton.next_power_of_2(block_h * block_w)
+    space = [c for c in (space or histogram_space(features.shape[1])) if c != default and _histogram_valid(c, pixels)]
     return autotune.tune("block_histograms", histogram_problem(features, centers), features.device, space, default,
                          lambda cfg: block_histograms(features, centers, S, True, cfg),
                          lambda e, g: torch.equal(e[1], g[1]) and torch.allclose(e[0], g[0]), timer=timer, save=save)
