@@ -75,8 +75,8 @@ def configurations():
     # the largest aggregation and retrieval tiles of their spaces, with their warps
     big_tile = max(aggregate.config_space(256, 256, 64, 64), key=lambda c: (c["BLOCK_H"] * c["BLOCK_W"], c["num_warps"]))
     yield "aggregate-tuned", aggregate._aggregate_kernel, "fp32", dict(
-        MAP_H=64, MAP_W=64, BLOCK_H=big_tile["BLOCK_H"], BLOCK_W=big_tile["BLOCK_W"], SCORE_MAX=True), None, \
-        {k: big_tile[k] for k in ("num_warps", "num_stages")}
+        MAP_H=64, MAP_W=64, BLOCK_H=big_tile["BLOCK_H"], BLOCK_W=big_tile["BLOCK_W"], SCORE_MAX=True, CHUNK=16), \
+        {"extent_ptr": "*i32"}, {k: big_tile[k] for k in ("num_warps", "num_stages")}
     big_block = max(retrieval.topk_space(32, 25), key=lambda c: (c["BLOCK_Q"] * c["BLOCK_R"], c["num_warps"]))
     yield "trimmed_topk-tuned", retrieval._trimmed_topk_kernel, "fp32", dict(
         USE_KL=True, COUNTS=True, BLOCK_Q=big_block["BLOCK_Q"], BLOCK_R=big_block["BLOCK_R"], BLOCK_D=8, BLOCK_BINS=16,
@@ -86,8 +86,8 @@ def configurations():
     yield "naive-baseline", naive_atm._naive_window_max_kernel, "fp16", dict(RADIUS=6, BLOCK=256), \
         {"out_ptr": "*fp32"}
     for map_side, block in ((16, 16), (64, 32)):
-        shape = dict(MAP_H=map_side, MAP_W=map_side, BLOCK_H=block, BLOCK_W=block, SCORE_MAX=True)
-        yield "aggregate", aggregate._aggregate_kernel, "fp32", shape, None
+        shape = dict(MAP_H=map_side, MAP_W=map_side, BLOCK_H=block, BLOCK_W=block, SCORE_MAX=True, CHUNK=16)
+        yield "aggregate", aggregate._aggregate_kernel, "fp32", shape, {"extent_ptr": "*i32"}
     for dtype in ("fp16", "fp32"):
         yield "block_histogram", retrieval._block_histogram_kernel, dtype, \
             dict(BLOCK_PIX=64, BLOCK_C=32, BLOCK_BINS=16, BLOCK_K=16, WRITE_CODES=True), \

@@ -23,34 +23,52 @@ from ..torch_ops.aggregate import axis_matrix, image_scores
 
 @triton.jit
 def _aggregate_kernel(
-    fore_ptr, back_ptr, weight_ptr, rows_ptr, cols_ptr, out_ptr, score_ptr,
+    fore_ptr, back_ptr, weight_ptr, extent_ptr, rows_ptr, cols_ptr, out_ptr, score_ptr,
     layers, batch, height, width, n_tiles_w,
     MAP_H: tl.constexpr, MAP_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    SCORE_MAX: tl.constexpr,
+    SCORE_MAX: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_tile = tl.program_id(0)
     b = tl.program_id(1)
     y = (pid_tile // n_tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
     x = (pid_tile % n_tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    i = tl.arange(0, MAP_H)
-    j = tl.arange(0, MAP_W)
+    span = tl.arange(0, CHUNK)
     acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     for layer in range(layers):
         alpha = tl.load(weight_ptr + 2 * layer)
         lda = tl.load(weight_ptr + 2 * layer + 1)
-        offs = ((layer * batch + b).to(tl.int64) * MAP_H + i[:, None]) * MAP_W + j[None, :]
-        fore = tl.load(fore_ptr + offs)
-        back = tl.load(back_ptr + offs)
-        low = lda * (1.0 - alpha * fore - (1.0 - alpha) * back)  # padding meets zero operator columns
-        a_y = tl.load(rows_ptr + (layer * height + y[:, None]) * MAP_H + i[None, :], mask=y[:, None] < height, other=0.0)
-        a_x = tl.load(cols_ptr + (layer * width + x[None, :]) * MAP_W + j[:, None], mask=x[None, :] < width, other=0.0)
-        partial = tl.dot(a_y, low, input_precision="ieee")
-        acc = tl.dot(partial, a_x, acc, input_precision="ieee")
+        # the layer's own map size (rounded up to CHUNK), not the padded common one: smaller layers cost less
+        extent_h = tl.load(extent_ptr + 2 * layer)
+        extent_w = tl.load(extent_ptr + 2 * layer + 1)
+        base = (layer * batch + b).to(tl.int64) * MAP_H
+        for j0 in range(0, extent_w, CHUNK):
+            j = j0 + span
+            partial = tl.zeros((BLOCK_H, CHUNK), dtype=tl.float32)
+            for i0 in range(0, extent_h, CHUNK):
+                i = i0 + span
+                offs = (base + i[:, None]) * MAP_W + j[None, :]
+                fore = tl.load(fore_ptr + offs)
+                back = tl.load(back_ptr + offs)
+                low = lda * (1.0 - alpha * fore - (1.0 - alpha) * back)  # padding meets zero operator columns
+                a_y = tl.load(rows_ptr + (layer * height + y[:, None]) * MAP_H + i[None, :],
+                              mask=y[:, None] < height, other=0.0)
+                partial = tl.dot(a_y, low, partial, input_precision="ieee")
+            a_x = tl.load(cols_ptr + (layer * width + x[None, :]) * MAP_W + j[:, None], mask=x[None, :] < width, other=0.0)
+            acc = tl.dot(partial, a_x, acc, input_precision="ieee")
     valid = (y[:, None] < height) & (x[None, :] < width)
     out_offs = (b.to(tl.int64) * height + y[:, None]) * width + x[None, :]
     tl.store(out_ptr + out_offs, acc, mask=valid)
     if SCORE_MAX:
         tl.atomic_max(score_ptr + b, tl.max(tl.max(tl.where(valid, acc, float("-inf")), axis=1), axis=0))
+
+
+CHUNK = 16  # the map side a product step covers (tl.dot's smallest)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_extents(shapes: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor([[triton.cdiv(h, CHUNK) * CHUNK, triton.cdiv(w, CHUNK) * CHUNK] for h, w in shapes],
+                        dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,8 +97,8 @@ def valid_config(config: dict, map_h: int, map_w: int) -> bool:
     blocks = (config["BLOCK_H"], config["BLOCK_W"])
     if not all(isinstance(b, int) and 16 <= b <= 128 and b & (b - 1) == 0 for b in blocks):
         return False
-    # registers: the output tile and the [BLOCK_H, MAP_W] partial product
-    return (blocks[0] * blocks[1] <= 4096 and blocks[0] * map_w <= 8192
+    # registers: the output tile (the partial product is [BLOCK_H, CHUNK])
+    return (blocks[0] * blocks[1] <= 4096
             and config["num_warps"] in (1, 2, 4, 8, 16) and 1 <= config["num_stages"] <= 5)
 
 
@@ -119,8 +137,8 @@ def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=
     n_tiles_w = triton.cdiv(width, cfg["BLOCK_W"])
     grid = (triton.cdiv(height, cfg["BLOCK_H"]) * n_tiles_w, batch)
     _aggregate_kernel[grid](
-        fore_pad, back_pad, weights, rows, cols, out, scores, layers, batch, height, width, n_tiles_w,
-        MAP_H=map_h, MAP_W=map_w, SCORE_MAX=image_score == "max", **cfg,
+        fore_pad, back_pad, weights, _layer_extents(shapes, device), rows, cols, out, scores, layers, batch, height,
+        width, n_tiles_w, MAP_H=map_h, MAP_W=map_w, SCORE_MAX=image_score == "max", CHUNK=CHUNK, **cfg,
     )
     if image_score == "max":
         return out, scores
