@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from collections.abc import Sequence
@@ -366,8 +367,8 @@ class HETMM:
         parts = []
         for fold in range(int(folds.max()) + 1):
             held_out, rest = folds == fold, folds != fold
-            helper = HETMM.__new__(HETMM)  # this detector's network and options, a bank of the other folds
-            helper.__dict__.update(self.__dict__, _retrieval_cache=None, _graphs={})
+            helper = copy.copy(self)  # this detector's network and options, with a bank of the other folds
+            helper._retrieval_cache, helper._graphs = None, {}
             helper.bank = TemplateBank({k: compress(v[rest], self.tsize).cpu() for k, v in features.items()}, self.config)
             helper._ensure_isolation()
             parts.append(helper._score_features({k: v[held_out] for k, v in features.items()}))
