@@ -31,6 +31,15 @@ BLURRED_IMAGE = "img_AUC:blur_s=4.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:clean"
 
 CHOSEN_LAYERS = "L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5"
 SCORES = DEFAULT.split(";")[1]  # DEFAULT's image, pixel and PRO post-processing
+
+
+def layers(l1: str = "5x3_a=0.5_l=1", l2: str = "9x3_a=0.5_l=0.8", l3: str = "7x3_a=0.3_l=0.5",
+           isolation: float | None = None) -> str:
+    """A layer string: ``CHOSEN_LAYERS``'s windows and weights unless given, each with ``_i=<isolation>``."""
+    suffix = "" if isolation is None else f"_i={isolation:g}"
+    return f"L1:{l1}{suffix}|L2:{l2}{suffix}|L3:{l3}{suffix}"
+
+
 CANDIDATES = {
     # the first round (choose set): what the image score, the neighbourhood and the windows contribute
     # (neighbourhood=1 spelled out: the default for strings that are not the paper's is now 3)
@@ -76,17 +85,17 @@ CANDIDATES = {
     "L1-half-L23-wide": dict(params="L1:5x3_a=0.5_l=0.5|L2:31x31_a=0.5_l=1|L3:31x31_a=0.5_l=0.8;" + SCORES),
     # the fifth round: isolation (each template pixel's leave-one-out dissimilarity added to its similarities)
     "no-isolation": dict(params=CHOSEN_LAYERS + ";" + SCORES),
-    "isolation-0.5": dict(params=CHOSEN_LAYERS.replace("|", "_i=0.5|") + "_i=0.5;" + SCORES),
-    "isolation-1.5": dict(params=CHOSEN_LAYERS.replace("|", "_i=1.5|") + "_i=1.5;" + SCORES),
-    "isolation-2": dict(params=CHOSEN_LAYERS.replace("|", "_i=2|") + "_i=2;" + SCORES),
+    "isolation-0.5": dict(params=layers(isolation=0.5) + ";" + SCORES),
+    "isolation-1.5": dict(params=layers(isolation=1.5) + ";" + SCORES),
+    "isolation-2": dict(params=layers(isolation=2) + ";" + SCORES),
     # the sixth round: wider windows again, now with isolation (round 3 measured them without)
-    "wide-isolation": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:17x17_a=0.5_l=0.8_i=1|L3:31x31_a=0.5_l=0.8_i=1;" + SCORES),
-    "L3-wide-isolation": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:31x31_a=0.3_l=0.5_i=1;" + SCORES),
+    "wide-isolation": dict(params=layers(l2="17x17_a=0.5_l=0.8", l3="31x31_a=0.5_l=0.8", isolation=1) + ";" + SCORES),
+    "L3-wide-isolation": dict(params=layers(l3="31x31_a=0.3_l=0.5", isolation=1) + ";" + SCORES),
     # the seventh round (choose set with the two nearly featureless categories): the deep layer's weight
-    "L3-l1": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:7x3_a=0.3_l=1_i=1;" + SCORES),
-    "L3-l1-a05": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:7x3_a=0.5_l=1_i=1;" + SCORES),
-    "L1-half-L3-l1": dict(params="L1:5x3_a=0.5_l=0.5_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:7x3_a=0.3_l=1_i=1;" + SCORES),
-    "L3-l2": dict(params="L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:7x3_a=0.3_l=2_i=1;" + SCORES),
+    "L3-l1": dict(params=layers(l3="7x3_a=0.3_l=1", isolation=1) + ";" + SCORES),
+    "L3-l1-a05": dict(params=layers(l3="7x3_a=0.5_l=1", isolation=1) + ";" + SCORES),
+    "L1-half-L3-l1": dict(params=layers(l1="5x3_a=0.5_l=0.5", l3="7x3_a=0.3_l=1", isolation=1) + ";" + SCORES),
+    "L3-l2": dict(params=layers(l3="7x3_a=0.3_l=2", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")

@@ -22,7 +22,7 @@ from .clustering import compress
 from .retrieval import Codebook
 from .data import prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
-from .scoring import LayerMatches, template_isolation
+from .scoring import LayerMatches, leave_one_out, template_isolation
 
 
 # precision -> (backbone dtype, matching dtype); products always accumulate in float32
@@ -356,8 +356,7 @@ class HETMM:
                 return None
             neighbours = self._neighbours()
             if neighbours is None:
-                others = torch.arange(len(bank) - 1).expand(len(bank), -1)
-                neighbours = others + (others >= torch.arange(len(bank))[:, None])
+                neighbours = leave_one_out(len(bank))
             scores, maps = self._score_features(bank.features, neighbours)
             return Calibration.from_scores(scores, maps)
         count = len(features[LAYERS[0]])
@@ -640,7 +639,8 @@ class HETMM:
             size = anomaly[0].numel()
             host_maps = [packed[:, 1 + i * size:1 + (i + 1) * size].view_as(anomaly) for i in range(len(maps))]
             host = (packed[:, 0], host_maps[0], host_maps[-1])
-        if not all(torch.isfinite(t).all() for t in host):  # what the ops' value checks would have caught
+        checked = host if pro is not anomaly else host[:2]  # (the PRO map is often the pixel map itself)
+        if not all(torch.isfinite(t).all() for t in checked):  # what the ops' value checks would have caught
             raise FloatingPointError("predict produced NaN or inf scores (non-finite images, features or bank; "
                                      "with precision='fp16', values beyond its range)")
         return host

@@ -20,6 +20,12 @@ from .parameters import PostProcess, parse_params
 ISOLATION_CHUNK = 8  # templates matched against the others per call
 
 
+def leave_one_out(count: int, device=None) -> torch.Tensor:
+    """``[count, count - 1]``: row ``t`` holds every index but ``t``, in order."""
+    others = torch.arange(count - 1, device=device).expand(count, -1)
+    return others + (others >= torch.arange(count, device=device)[:, None])
+
+
 def template_isolation(temp, fore: int, neighbours: torch.Tensor | None = None) -> torch.Tensor:
     """``[T, h, w]`` float32: ``1 - `` each template pixel's best similarity to the *other* templates
     within the ``fore x fore`` window (forward matching, leave-one-out), floored at 0; 0 for one template.
@@ -32,8 +38,7 @@ def template_isolation(temp, fore: int, neighbours: torch.Tensor | None = None) 
     if neighbours is None:
         if count < 2:
             return torch.zeros(count, height, width)
-        others = torch.arange(count - 1, device=bank.device).expand(count, -1)
-        neighbours = others + (others >= torch.arange(count, device=bank.device)[:, None])
+        neighbours = leave_one_out(count, bank.device)
     elif (neighbours == torch.arange(count, device=neighbours.device)[:, None]).any():
         raise ValueError("neighbours: a template may not be its own neighbour (leave-one-out)")
     parts = []
