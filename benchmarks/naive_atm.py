@@ -20,7 +20,7 @@ def _naive_window_max_kernel(x_ptr, y_ptr, out_ptr, count_a, count_n, channels, 
                              RADIUS: tl.constexpr, BLOCK: tl.constexpr):
     # one lane = one output (a, n, i, j): max over the window of y[n] around (i, j) of <x[a, :, i, j], y[n, :, .., ..]>
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    total = count_a.to(tl.int64) * count_n * height * width
+    total = count_a * count_n * height * width  # (count_a may arrive as the constant 1: no .to())
     valid = offs < total
     j = offs % width
     i = (offs // width) % height

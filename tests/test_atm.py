@@ -168,3 +168,25 @@ def test_empty_query_batch():
     assert hk.forward_ATM(query, temp, 3).shape == (0, 2, 3, 3)
     fore, back = hk.mutual_match(query, temp, 3, 3)
     assert fore.shape == back.shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("b,t,c,h,w,kf,kb", SHAPES)
+def test_triton_kernels_and_union_parts(dtype, b, t, c, h, w, kf, kb):
+    """Both matching kernels (streaming; resident, its union split into 16- and 32-position parts)."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend on this machine")
+    from hetmm_kernels.triton_ops import atm as triton_atm
+
+    query, temp = _inputs("triton", dtype, b, t, c, h, w)
+    ref_fore, ref_back = reference.mutual_match(query.cpu(), temp.cpu(), kf, kb)
+    reach = max(kf // 2, kb // 2)
+    stream = triton_atm.tile_config(h, w, reach, b, c, dtype=dtype)
+    configs = [stream] + [dict(KERNEL="resident", TILE_H=stream["TILE_H"], TILE_W=stream["TILE_W"],
+                               BLOCK=stream["BLOCK"], BLOCK_U=part, num_warps=4, num_stages=2) for part in (16, 32)]
+    q, t_pm = triton_atm.pixel_major(query), triton_atm.pixel_major(temp)
+    for config in configs:
+        for per_program in (None, 1):
+            fore, back = triton_atm.mutual_max(q, t_pm, kf // 2, kb // 2, per_program, config=config)
+            assert_matches(fore.to(dtype), ref_fore, c)
+            assert_matches(back.to(dtype), ref_back, c)

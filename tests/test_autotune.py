@@ -66,12 +66,26 @@ SMALL = dict(TILE_H=2, TILE_W=2, BLOCK=4, BLOCK_C=16, num_warps=4, num_stages=2)
 
 def test_space_is_valid_and_ordered():
     space = atm.config_space(64, 64, 2, 32, 256)
-    assert len(space) > 50 and all(atm.valid_config(c, 64, 64, 2) for c in space)
+    assert len(space) > 50 and all(atm.valid_config(c, 64, 64, 2, False, 256) for c in space)
+    assert {c.get("KERNEL", "stream") for c in space} == {"stream", "resident"}
     assert atm.tile_config(64, 64, 2, 32, 256) == dict(TILE_H=4, TILE_W=4, BLOCK=4, BLOCK_C=64, num_warps=4,
                                                        num_stages=3)
+    # 16-bit at layer 1, batch 32: the resident kernel, 128 rows a program; float32 streams (IEEE, no tensor cores)
+    assert atm.mutual_default(64, 64, 6, 32, 256, torch.float16) == dict(
+        KERNEL="resident", TILE_H=4, TILE_W=4, BLOCK=8, BLOCK_U=64, num_warps=8, num_stages=3)
+    assert "KERNEL" not in atm.mutual_default(64, 64, 6, 32, 256, torch.float32)
+    assert not any(c.get("KERNEL") for c in atm.config_space(64, 64, 2, 32, 256, dtype=torch.float32))
     assert all(c["BLOCK"] == 1 for c in atm.config_space(64, 64, 2, 8, 256, one_map=True))
     assert not atm.valid_config(dict(SMALL, TILE_H=3), 8, 8, 2)  # not a power of two
     assert not atm.valid_config(dict(SMALL, BLOCK=1), 8, 8, 2)  # 4 rows: tl.dot needs 16
+    assert not atm.valid_config(dict(SMALL, KERNEL="other"), 8, 8, 2)
+    # registers: a float32 product tile of 64 x 256 at 4 warps spills; shared memory: the resident query
+    # tile and three template parts must fit the GPU's
+    assert not atm.valid_config(dict(TILE_H=4, TILE_W=4, BLOCK=4, BLOCK_C=16, num_warps=4, num_stages=2), 64, 64, 6,
+                                False, 256, torch.float32)
+    resident = dict(KERNEL="resident", TILE_H=4, TILE_W=4, BLOCK=8, BLOCK_U=64, num_warps=8, num_stages=3)
+    assert atm.valid_config(resident, 64, 64, 6, False, 256, torch.float16, atm.SHARED_BYTES[(9, 0)])
+    assert not atm.valid_config(resident, 64, 64, 6, False, 512, torch.float16, atm.SHARED_BYTES[(8, 0)])
 
 
 def test_tuned_config_is_recorded_and_used(private_cache):

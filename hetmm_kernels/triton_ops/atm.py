@@ -42,14 +42,14 @@ def _tile_rows(pid_tile, pid_block, n_tiles_w, count, height, width,
 
 
 @triton.jit
-def _tile_union(pid_tile, n_tiles_w, height, width, reach, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                UNION_H: tl.constexpr, UNION_W: tl.constexpr, BLOCK_U: tl.constexpr):
-    """Map coordinates of the union of a tile's windows, flattened to ``[BLOCK_U]``."""
-    # origin clamped into the map: [origin, origin + UNION) still covers every window
-    uy0 = tl.minimum(tl.maximum((pid_tile // n_tiles_w) * TILE_H - reach, 0), height - UNION_H)
-    ux0 = tl.minimum(tl.maximum((pid_tile % n_tiles_w) * TILE_W - reach, 0), width - UNION_W)
-    u = tl.arange(0, BLOCK_U)
-    return uy0 + u // UNION_W, ux0 + u % UNION_W, u < UNION_H * UNION_W
+def _tile_union(pid_tile, n_tiles_w, height, width, reach, union_h, union_w, first,
+                TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Map coordinates of union positions ``first .. first + BLOCK_U`` (row-major) of a tile's windows."""
+    # origin clamped into the map: [origin, origin + union) still covers every window
+    uy0 = tl.minimum(tl.maximum((pid_tile // n_tiles_w) * TILE_H - reach, 0), height - union_h)
+    ux0 = tl.minimum(tl.maximum((pid_tile % n_tiles_w) * TILE_W - reach, 0), width - union_w)
+    u = first + tl.arange(0, BLOCK_U)
+    return uy0 + u // union_w, ux0 + u % union_w, u < union_h * union_w
 
 
 @triton.jit
@@ -66,12 +66,11 @@ def _union_products(x_ptr, y_ptr, x_rows, x_valid, y_cols, y_valid, channels,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["radius", "union_h", "union_w"])
 def _window_max_kernel(
     x_ptr, y_ptr, out_ptr,
-    count_a, count_n, height, width, channels, n_tiles_w,
-    RADIUS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    UNION_H: tl.constexpr, UNION_W: tl.constexpr,
+    count_a, count_n, height, width, channels, n_tiles_w, radius, union_h, union_w,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -80,14 +79,14 @@ def _window_max_kernel(
     n = tl.program_id(2).to(tl.int64)
     a, row_y, row_x, row_valid = _tile_rows(pid_tile, pid_a, n_tiles_w, count_a, height, width,
                                             TILE_H, TILE_W, BLOCK_A)
-    uy, ux, u_valid = _tile_union(pid_tile, n_tiles_w, height, width, RADIUS,
-                                  TILE_H, TILE_W, UNION_H, UNION_W, BLOCK_U)
+    uy, ux, u_valid = _tile_union(pid_tile, n_tiles_w, height, width, radius, union_h, union_w, 0,
+                                  TILE_H, TILE_W, BLOCK_U)
     pixel = (row_y * width + row_x).to(tl.int64)
     hw = height * width
     x_rows = (a.to(tl.int64) * hw + pixel) * channels
     y_cols = (n * hw + (uy * width + ux).to(tl.int64)) * channels
     sims = _union_products(x_ptr, y_ptr, x_rows, row_valid, y_cols, u_valid, channels, BLOCK_C, DOT_PRECISION)
-    in_window = (tl.abs(row_y[:, None] - uy[None, :]) <= RADIUS) & (tl.abs(row_x[:, None] - ux[None, :]) <= RADIUS)
+    in_window = (tl.abs(row_y[:, None] - uy[None, :]) <= radius) & (tl.abs(row_x[:, None] - ux[None, :]) <= radius)
     in_window = in_window & u_valid[None, :]
     best = tl.max(tl.where(in_window, sims, float("-inf")), axis=1)
     best = tl.maximum(best, _FLOOR)
@@ -96,55 +95,111 @@ def _window_max_kernel(
 
 
 @triton.jit
+def _template_at(t_ptr, index_ptr, pid_b, count_t, i, first, map_size, HAS_INDEX: tl.constexpr):
+    """Start of the ``i``-th template of this program's query (``index[pid_b, i]`` with per-query sets)."""
+    if HAS_INDEX:
+        return t_ptr + tl.load(index_ptr + pid_b.to(tl.int64) * count_t + i).to(tl.int64) * map_size
+    # int64 offsets: a large bank passes 2**31 elements
+    return t_ptr + (first.to(tl.int64) + (i - first)) * map_size
+
+
+@triton.jit
+def _merge_windows(best, b, row_y, row_x, row_valid, uy, ux, u_valid, pid_b, batch, width, hw,
+                   fore_ptr, back_ptr, fore_r, back_r, BLOCK_B: tl.constexpr, P: tl.constexpr):
+    """Reduce ``best [BLOCK_B * P, U]`` inside the windows; merge into ``fore``/``back`` (atomic max)."""
+    dy = tl.abs(row_y[:, None] - uy[None, :])
+    dx = tl.abs(row_x[:, None] - ux[None, :])
+    pair_valid = row_valid[:, None] & u_valid[None, :]
+    # forward: each query pixel's best template position inside its window.
+    # Relaxed atomics: a maximum needs atomicity, not ordering with other memory.
+    fore_win = (dy <= fore_r) & (dx <= fore_r) & pair_valid
+    fore = tl.max(tl.where(fore_win, best, float("-inf")), axis=1)
+    pixel = (row_y * width + row_x).to(tl.int64)
+    tl.atomic_max(fore_ptr + b.to(tl.int64) * hw + pixel, fore, mask=row_valid, sem="relaxed")
+    # backward: each template position's best query pixel (of this tile) inside its window
+    back_win = (dy <= back_r) & (dx <= back_r) & pair_valid
+    back = tl.where(back_win, best, float("-inf"))
+    back = tl.max(tl.reshape(back, (BLOCK_B, P, best.shape[1])), axis=1)
+    b_block = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    back_offs = b_block.to(tl.int64)[:, None] * hw + (uy * width + ux).to(tl.int64)[None, :]
+    tl.atomic_max(back_ptr + back_offs, back, mask=(b_block < batch)[:, None] & u_valid[None, :], sem="relaxed")
+
+
+# Window radii and union sizes are run-time values: the paper's 15 window pairs share compilations.
+_RUN_TIME = ["fore_r", "back_r", "reach", "union_h", "union_w", "n_parts"]
+
+
+@triton.jit(do_not_specialize=_RUN_TIME[:5])
 def _mutual_kernel(
     q_ptr, t_ptr, fore_ptr, back_ptr, index_ptr,
     batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
-    FORE_R: tl.constexpr, BACK_R: tl.constexpr, REACH: tl.constexpr,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr, UNION_H: tl.constexpr, UNION_W: tl.constexpr,
+    fore_r, back_r, reach, union_h, union_w,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_INDEX: tl.constexpr,
 ):
+    """Streaming: per template, the query tile and the template's union stream through in channel blocks."""
     # HAS_INDEX: query b is matched only against templates index[b, :count_t] (BLOCK_B == 1)
     pid_tile = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_t = tl.program_id(2)
-    P: tl.constexpr = TILE_H * TILE_W
     b, row_y, row_x, row_valid = _tile_rows(pid_tile, pid_b, n_tiles_w, batch, height, width,
                                             TILE_H, TILE_W, BLOCK_B)
-    uy, ux, u_valid = _tile_union(pid_tile, n_tiles_w, height, width, REACH,
-                                  TILE_H, TILE_W, UNION_H, UNION_W, BLOCK_U)
-    pixel = (row_y * width + row_x).to(tl.int64)
+    uy, ux, u_valid = _tile_union(pid_tile, n_tiles_w, height, width, reach, union_h, union_w, 0,
+                                  TILE_H, TILE_W, BLOCK_U)
     hw = height * width
-    q_rows = (b.to(tl.int64) * hw + pixel) * channels
-    union_pixel = (uy * width + ux).to(tl.int64)
+    q_rows = (b.to(tl.int64) * hw + (row_y * width + row_x).to(tl.int64)) * channels
+    t_cols = (uy * width + ux).to(tl.int64) * channels
 
-    best = tl.full((BLOCK_B * P, BLOCK_U), float("-inf"), dtype=tl.float32)
+    best = tl.full((BLOCK_B * TILE_H * TILE_W, BLOCK_U), float("-inf"), dtype=tl.float32)
     t_start = pid_t * templates_per_program
-    t_stop = tl.minimum(t_start + templates_per_program, count_t)
-    t_cols = union_pixel * channels
-    template = t_ptr + t_start.to(tl.int64) * hw * channels
-    for i in range(t_start, t_stop):
-        if HAS_INDEX:
-            template = t_ptr + tl.load(index_ptr + pid_b.to(tl.int64) * count_t + i).to(tl.int64) * hw * channels
+    for i in range(t_start, tl.minimum(t_start + templates_per_program, count_t)):
+        template = _template_at(t_ptr, index_ptr, pid_b, count_t, i, t_start, hw * channels, HAS_INDEX)
         sims = _union_products(q_ptr, template, q_rows, row_valid, t_cols, u_valid, channels, BLOCK_C, DOT_PRECISION)
         best = tl.maximum(best, sims)
-        if not HAS_INDEX:
-            template += hw * channels
+    _merge_windows(best, b, row_y, row_x, row_valid, uy, ux, u_valid, pid_b, batch, width, hw,
+                   fore_ptr, back_ptr, fore_r, back_r, BLOCK_B, TILE_H * TILE_W)
 
-    dy = tl.abs(row_y[:, None] - uy[None, :])
-    dx = tl.abs(row_x[:, None] - ux[None, :])
-    pair_valid = row_valid[:, None] & u_valid[None, :]
-    # forward: each query pixel's best template position inside its window
-    fore_win = (dy <= FORE_R) & (dx <= FORE_R) & pair_valid
-    fore = tl.max(tl.where(fore_win, best, float("-inf")), axis=1)
-    tl.atomic_max(fore_ptr + b.to(tl.int64) * hw + pixel, fore, mask=row_valid)
-    # backward: each template position's best query pixel (of this tile) inside its window
-    back_win = (dy <= BACK_R) & (dx <= BACK_R) & pair_valid
-    back = tl.where(back_win, best, float("-inf"))
-    back = tl.max(tl.reshape(back, (BLOCK_B, P, BLOCK_U)), axis=1)
-    b_block = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    back_offs = b_block.to(tl.int64)[:, None] * hw + union_pixel[None, :]
-    tl.atomic_max(back_ptr + back_offs, back, mask=(b_block < batch)[:, None] & u_valid[None, :])
+
+@triton.jit(do_not_specialize=_RUN_TIME)
+def _mutual_resident_kernel(
+    q_ptr, t_ptr, fore_ptr, back_ptr, index_ptr,
+    batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
+    fore_r, back_r, reach, union_h, union_w, n_parts,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_U: tl.constexpr, CHANNELS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_INDEX: tl.constexpr,
+):
+    """Resident query tile: loaded once (all ``CHANNELS``), then the templates stream past it.
+
+    The union of the tile's windows is split into ``n_parts`` parts of ``BLOCK_U`` positions
+    (one per program), so each template part read serves all ``BLOCK_B * P`` rows and the
+    query tile is never re-read: global traffic per template is the part alone.
+    """
+    pid_tile = tl.program_id(0)
+    pid_b = tl.program_id(1) // n_parts
+    part = tl.program_id(1) % n_parts
+    pid_t = tl.program_id(2)
+    b, row_y, row_x, row_valid = _tile_rows(pid_tile, pid_b, n_tiles_w, batch, height, width,
+                                            TILE_H, TILE_W, BLOCK_B)
+    uy, ux, u_valid = _tile_union(pid_tile, n_tiles_w, height, width, reach, union_h, union_w, part * BLOCK_U,
+                                  TILE_H, TILE_W, BLOCK_U)
+    hw = height * width
+    c = tl.arange(0, CHANNELS)
+    c_valid = c < channels
+    q_rows = (b.to(tl.int64) * hw + (row_y * width + row_x).to(tl.int64)) * channels
+    query = tl.load(q_ptr + q_rows[:, None] + c[None, :], mask=row_valid[:, None] & c_valid[None, :], other=0.0)
+    t_offs = (uy * width + ux).to(tl.int64)[None, :] * channels + c[:, None]
+    t_mask = u_valid[None, :] & c_valid[:, None]
+
+    best = tl.full((BLOCK_B * TILE_H * TILE_W, BLOCK_U), float("-inf"), dtype=tl.float32)
+    t_start = pid_t * templates_per_program
+    for i in range(t_start, tl.minimum(t_start + templates_per_program, count_t)):
+        template = _template_at(t_ptr, index_ptr, pid_b, count_t, i, t_start, hw * channels, HAS_INDEX)
+        part_tile = tl.load(template + t_offs, mask=t_mask, other=0.0)
+        best = tl.maximum(best, tl.dot(query, part_tile, input_precision=DOT_PRECISION))
+    _merge_windows(best, b, row_y, row_x, row_valid, uy, ux, u_valid, pid_b, batch, width, hw,
+                   fore_ptr, back_ptr, fore_r, back_r, BLOCK_B, TILE_H * TILE_W)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -159,54 +214,170 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return min(cap, triton.next_power_of_2(max(1, n)))
 
 
-# Registers: the fp32 [rows, BLOCK_U] product tile and running maximum live in the program's
-# registers; past ~192 of them per thread they spill. 2 arrays / (32 * warps) threads <= 192.
-TILE_ELEMENTS_PER_WARP = 3072
+# Budgets of one program on the GPU. Registers: past 255 a thread, or its share of the SM's
+# 65,536 (128 at 16 warps), ptxas spills. Estimated per thread: the fp32 [rows, BLOCK_U] product
+# tile and running maximum, the operand fragments, and a fixed part (addresses, masks, indices)
+# measured with the compile check (tests/kernel_stats.py) on sm_80 and sm_90.
+REGISTERS_PER_SM = 65536
+FIXED_REGISTERS = 80
+SHARED_BYTES = {(9, 0): 232448, (8, 0): 166912}  # opt-in shared memory per block
+DEFAULT_SHARED_BYTES = 101376  # sm_86/sm_89 and unknown GPUs
 
 
-def _warps_for(elements: int) -> int:
-    """The fewest warps (4, 8 or 16) that hold a ``[rows, BLOCK_U]`` tile without spilling."""
-    return next((w for w in (4, 8) if elements <= TILE_ELEMENTS_PER_WARP * w), 16)
+def thread_registers(config: dict, block_u: int, channels: int, element_bytes: int) -> float:
+    """Estimated registers a thread needs for ``config`` (streaming or resident)."""
+    threads = 32 * config["num_warps"]
+    rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
+    arrays = 2 * rows * block_u / threads
+    if element_bytes > 2:
+        # IEEE float32 products run on the CUDA cores with both operands in registers: each thread holds
+        # the channel block of its rows and columns (sm_90: 16 products a thread compile without spills,
+        # 32 already spill at 16 x 256)
+        return arrays + FIXED_REGISTERS if rows * block_u <= 16 * threads else float("inf")
+    if config.get("KERNEL") == "resident":
+        # the template part comes from shared memory a k-step at a time; the resident query tile may be
+        # held in registers as mma.sync's A fragments (sm_80: 128 rows x 256 channels at 4 warps spilled)
+        query = rows * max(16, triton.next_power_of_2(channels)) * element_bytes / 4 / threads
+        return arrays + query + FIXED_REGISTERS
+    operands = (rows + block_u) * config["BLOCK_C"] * element_bytes / 4 / threads
+    return arrays + operands + FIXED_REGISTERS
 
 
-def tile_config(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False) -> dict:
-    """The heuristic config of one problem (tl.dot needs every dimension >= 16).
+def register_limit(warps: int) -> int:
+    return min(255, REGISTERS_PER_SM // (32 * warps))
+
+
+def shared_bytes(config: dict, block_u: int, channels: int, element_bytes: int) -> int:
+    """Shared memory of ``config``: pipelined operand buffers (and the resident query tile)."""
+    rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
+    if config.get("KERNEL") == "resident":
+        padded = max(16, triton.next_power_of_2(channels))
+        return (rows + config["num_stages"] * block_u) * padded * element_bytes
+    return config["num_stages"] * (rows + block_u) * config["BLOCK_C"] * element_bytes
+
+
+def device_shared_bytes(device: torch.device) -> int:
+    """Shared memory a block may use on ``device`` (the interpreter plays an H100/H200)."""
+    if device.type != "cuda":
+        return SHARED_BYTES[(9, 0)]
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    return optin or SHARED_BYTES.get((props.major, props.minor), DEFAULT_SHARED_BYTES)
+
+
+def _element_bytes(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
+
+
+def _warps_for(config: dict, block_u: int, channels: int, element_bytes: int) -> int | None:
+    """The fewest warps (4, 8 or 16) whose registers hold ``config`` without spilling."""
+    for warps in (4, 8, 16):
+        if thread_registers(dict(config, num_warps=warps), block_u, channels, element_bytes) <= register_limit(warps):
+            return warps
+    return None
+
+
+def tile_config(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False,
+                dtype: torch.dtype = torch.float16) -> dict:
+    """The streaming kernel's heuristic config of one problem (tl.dot needs every dimension >= 16).
 
     ``one_map``: one query map per program (per-query template sets), so the tile alone
-    must supply the 16 rows.
+    must supply the 16 rows. float32 (IEEE products on the CUDA cores, operands in
+    registers) takes narrower channel blocks than 16-bit types.
     """
+    element_bytes = _element_bytes(dtype)
     tile_h = 4 if one_map else _pow2_at_most(height, 4)
     tile_w = 4 if one_map else _pow2_at_most(width, 4)
     pixels = tile_h * tile_w
     block_a = 1 if one_map else max(16 // pixels, min(_pow2_at_most(count_a, 4), max(1, 64 // pixels)))
-    config = dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block_a, BLOCK_C=max(16, _pow2_at_most(channels, 64)))
+    block_c = max(16, _pow2_at_most(channels, 64 if element_bytes <= 2 else 16))
+    config = dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block_a, BLOCK_C=block_c, num_stages=3)
     block_u = union_shape(config, height, width, reach)["BLOCK_U"]
-    while config["BLOCK"] * pixels >= 32 and config["BLOCK"] * pixels * block_u > TILE_ELEMENTS_PER_WARP * 16:
-        config["BLOCK"] //= 2  # wide windows: fewer maps per program rather than spilled registers
-    return dict(config, num_warps=_warps_for(config["BLOCK"] * pixels * block_u), num_stages=3)
+    # wide windows: fewer maps per program, then narrower channel blocks, rather than spilled registers
+    while _warps_for(config, block_u, channels, element_bytes) is None:
+        if config["BLOCK"] * pixels > 16:
+            config["BLOCK"] //= 2
+        elif config["BLOCK_C"] > 16:
+            config["BLOCK_C"] //= 2
+        else:
+            break
+    warps = _warps_for(config, block_u, channels, element_bytes) or 16
+    return dict(config, num_warps=warps)
+
+
+def resident_config(height: int, width: int, reach: int, batch: int, channels: int, dtype: torch.dtype,
+                    one_map: bool = False, shared: int = SHARED_BYTES[(9, 0)]) -> dict | None:
+    """The resident kernel's heuristic config, or None where it does not fit (or is float32)."""
+    element_bytes = _element_bytes(dtype)
+    if element_bytes > 2:
+        return None  # IEEE float32 products run on the CUDA cores: operands in registers, not resident
+    tile_h = 4 if one_map else _pow2_at_most(height, 4)
+    tile_w = 4 if one_map else _pow2_at_most(width, 4)
+    pixels = tile_h * tile_w
+    block = 1 if one_map else max(max(1, 16 // pixels), min(_pow2_at_most(batch, 8), max(1, 128 // pixels)))
+    # below 64 rows a template part serves too few rows to beat streaming (the traffic model's order),
+    # except with per-query template sets, where every program has one map's 16 rows either way
+    min_rows = 16 if one_map else min(64, block * pixels)
+    while block * pixels >= min_rows:
+        for block_u, stages in ((64, 3), (64, 2), (32, 3), (32, 2)):
+            config = dict(KERNEL="resident", TILE_H=tile_h, TILE_W=tile_w, BLOCK=block, BLOCK_U=block_u,
+                          num_stages=stages)
+            if shared_bytes(config, block_u, channels, element_bytes) <= shared:
+                warps = _warps_for(config, block_u, channels, element_bytes)
+                if warps is not None:
+                    return dict(config, num_warps=warps)
+        if block == 1:
+            break
+        block //= 2
+    return None
+
+
+def mutual_default(height: int, width: int, reach: int, batch: int, channels: int, dtype: torch.dtype,
+                   one_map: bool = False, shared: int = SHARED_BYTES[(9, 0)]) -> dict:
+    """The heuristic config of ``mutual_max``: the resident kernel where it fits, else streaming."""
+    return (resident_config(height, width, reach, batch, channels, dtype, one_map, shared)
+            or tile_config(height, width, reach, batch, channels, one_map, dtype))
 
 
 def union_shape(config: dict, height: int, width: int, reach: int) -> dict:
-    """The union of a tile's windows, clamped to the map, and its power-of-two block."""
+    """The union of a tile's windows, clamped to the map; its block (a power of two) or its parts."""
     union_h = min(config["TILE_H"] + 2 * reach, height)
     union_w = min(config["TILE_W"] + 2 * reach, width)
-    return dict(UNION_H=union_h, UNION_W=union_w, BLOCK_U=max(16, triton.next_power_of_2(union_h * union_w)))
+    if config.get("KERNEL") == "resident":
+        return dict(union_h=union_h, union_w=union_w, BLOCK_U=config["BLOCK_U"],
+                    n_parts=triton.cdiv(union_h * union_w, config["BLOCK_U"]))
+    return dict(union_h=union_h, union_w=union_w, BLOCK_U=max(16, triton.next_power_of_2(union_h * union_w)))
 
 
-def valid_config(config: dict, height: int, width: int, reach: int, one_map: bool = False) -> bool:
-    """Whether ``config`` compiles and fits for this problem (also checks cached entries)."""
-    pow2 = all(isinstance(config[k], int) and config[k] >= 1 and config[k] & (config[k] - 1) == 0
-               for k in ("TILE_H", "TILE_W", "BLOCK", "BLOCK_C", "num_warps"))
-    if not pow2 or not 1 <= config["num_stages"] <= 5 or config["num_warps"] > 16 or config["BLOCK_C"] < 16:
+def valid_config(config: dict, height: int, width: int, reach: int, one_map: bool = False, channels: int = 64,
+                 dtype: torch.dtype = torch.float16, shared: int | None = None) -> bool:
+    """Whether ``config`` compiles, fits and does not spill for this problem (also checks cached entries)."""
+    resident = config.get("KERNEL") == "resident"
+    keys = ("TILE_H", "TILE_W", "BLOCK", "BLOCK_U" if resident else "BLOCK_C", "num_warps")
+    if set(config) - set(keys) - {"KERNEL", "num_stages"} or config.get("KERNEL", "resident") != "resident":
+        return False
+    pow2 = all(isinstance(config.get(k), int) and config[k] >= 1 and config[k] & (config[k] - 1) == 0 for k in keys)
+    if not pow2 or not isinstance(config.get("num_stages"), int) or not 1 <= config["num_stages"] <= 5:
+        return False
+    if config["num_warps"] > 16 or (config["BLOCK_U"] if resident else config["BLOCK_C"]) < 16:
+        return False
+    element_bytes = _element_bytes(dtype)
+    if resident and element_bytes > 2:
         return False
     rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
     block_u = union_shape(config, height, width, reach)["BLOCK_U"]
-    fits = rows * block_u <= TILE_ELEMENTS_PER_WARP * config["num_warps"]
+    # 16-byte loads: more than 4 warps only where every thread still gets 16 bytes of each operand tile
+    depth = max(16, triton.next_power_of_2(channels)) if resident else config["BLOCK_C"]
+    if config["num_warps"] > 4 and min(rows, block_u) * depth * element_bytes < 16 * 32 * config["num_warps"]:
+        return False
+    fits = thread_registers(config, block_u, channels, element_bytes) <= register_limit(config["num_warps"])
+    fits = fits and shared_bytes(config, block_u, channels, element_bytes) <= (shared or SHARED_BYTES[(9, 0)])
     return rows >= 16 and fits and (config["BLOCK"] == 1 or not one_map)
 
 
-def config_space(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False) -> list:
-    """The search space of one problem: tile shape, query block, channel block, warps, stages.
+def config_space(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False,
+                 dtype: torch.dtype = torch.float16, shared: int | None = None, kernels=("stream", "resident")) -> list:
+    """The search space of one problem: kernel, tile shape, query block, channel or union block, warps, stages.
 
     Ordered most promising first (a static estimate), so a tuning budget of the first few
     configs spends its time where the winners usually are.
@@ -219,22 +390,30 @@ def config_space(height: int, width: int, reach: int, count_a: int, channels: in
             for block in ((1,) if one_map else (1, 2, 4, 8, 16)):
                 if block > 1 and block > triton.next_power_of_2(count_a):
                     continue
-                for block_c in (32, 64):
-                    if block_c > max(16, triton.next_power_of_2(channels)):
-                        continue
+                shapes = []
+                if "stream" in kernels:
+                    shapes += [dict(BLOCK_C=block_c) for block_c in (16, 32, 64)
+                               if block_c <= max(16, triton.next_power_of_2(channels))]
+                if "resident" in kernels:
+                    shapes += [dict(KERNEL="resident", BLOCK_U=block_u) for block_u in (32, 64, 128)]
+                for shape in shapes:
                     for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (16, 2)):
-                        config = dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block, BLOCK_C=block_c,
-                                      num_warps=warps, num_stages=stages)
-                        if valid_config(config, height, width, reach, one_map):
+                        config = dict(shape, TILE_H=tile_h, TILE_W=tile_w, BLOCK=block, num_warps=warps,
+                                      num_stages=stages)
+                        if valid_config(config, height, width, reach, one_map, channels, dtype, shared):
                             space.append(config)
-    return sorted(space, key=lambda c: -_estimated_efficiency(c, height, width, reach))
+    return sorted(space, key=lambda c: -_estimated_efficiency(c, height, width, reach, channels))
 
 
-def _estimated_efficiency(config: dict, height: int, width: int, reach: int) -> float:
-    """Useful share of the products (window area over the union block) times tensor-core fill (rows/64)."""
+def _estimated_efficiency(config: dict, height: int, width: int, reach: int, channels: int) -> float:
+    """Useful share of the products, times tensor-core fill (rows/64), times reuse of each byte read."""
     window = min(2 * reach + 1, height) * min(2 * reach + 1, width)
+    union = union_shape(config, height, width, reach)
+    issued = union.get("n_parts", 1) * union["BLOCK_U"]
     rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
-    return window / union_shape(config, height, width, reach)["BLOCK_U"] * min(1.0, rows / 64)
+    # bytes per product: the query tile and union each read once per template (resident: the part only)
+    reads = 1 / rows if config.get("KERNEL") == "resident" else 1 / rows + 1 / union["BLOCK_U"]
+    return window / issued * min(1.0, rows / 64) / (1 + 64 * reads)
 
 
 def mutual_problem(q_shape, count_t: int, fore_radius: int, back_radius: int, dtype, one_map: bool) -> str:
@@ -257,9 +436,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def window_config(x: torch.Tensor, count_n: int, radius: int) -> dict:
     count_a, height, width, channels = x.shape
-    default = tile_config(height, width, radius, count_a, channels)
+    default = tile_config(height, width, radius, count_a, channels, dtype=x.dtype)
+    shared = device_shared_bytes(x.device)
     return autotune.choose("window_max", window_problem(x.shape, count_n, radius, x.dtype), x.device, default,
-                           lambda c: valid_config(c, height, width, radius))
+                           lambda c: "KERNEL" not in c and valid_config(c, height, width, radius, False, channels,
+                                                                        x.dtype, shared))
 
 
 def window_max(x: torch.Tensor, y: torch.Tensor, radius: int, out_dtype: torch.dtype, config: dict | None = None):
@@ -271,10 +452,11 @@ def window_max(x: torch.Tensor, y: torch.Tensor, radius: int, out_dtype: torch.d
     _, options = autotune.launch_options(cfg)
     n_tiles_w = triton.cdiv(width, cfg["TILE_W"])
     grid = (triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w, triton.cdiv(count_a, cfg["BLOCK"]), count_n)
+    union = union_shape(cfg, height, width, radius)
     _window_max_kernel[grid](
-        x, y, out, count_a, count_n, height, width, channels, n_tiles_w,
-        RADIUS=radius, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_A=cfg["BLOCK"], BLOCK_C=cfg["BLOCK_C"],
-        DOT_PRECISION=_dot_precision(x.dtype), **union_shape(cfg, height, width, radius), **options,
+        x, y, out, count_a, count_n, height, width, channels, n_tiles_w, radius, union["union_h"], union["union_w"],
+        TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_A=cfg["BLOCK"], BLOCK_U=union["BLOCK_U"],
+        BLOCK_C=cfg["BLOCK_C"], DOT_PRECISION=_dot_precision(x.dtype), **options,
     )
     return out
 
@@ -282,9 +464,11 @@ def window_max(x: torch.Tensor, y: torch.Tensor, radius: int, out_dtype: torch.d
 def mutual_config(q: torch.Tensor, count_t: int, fore_radius: int, back_radius: int, one_map: bool) -> dict:
     batch, height, width, channels = q.shape
     reach = max(fore_radius, back_radius)
-    default = tile_config(height, width, reach, batch, channels, one_map=one_map)
+    shared = device_shared_bytes(q.device)
+    default = mutual_default(height, width, reach, batch, channels, q.dtype, one_map, shared)
     return autotune.choose("mutual", mutual_problem(q.shape, count_t, fore_radius, back_radius, q.dtype, one_map),
-                           q.device, default, lambda c: valid_config(c, height, width, reach, one_map))
+                           q.device, default,
+                           lambda c: valid_config(c, height, width, reach, one_map, channels, q.dtype, shared))
 
 
 def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: int,
@@ -293,7 +477,7 @@ def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: 
     """Pixel-major ``q [B, H, W, C]``, ``t [T, H, W, C]`` -> float32 ``(fore, back)``, each ``[B, H, W]``.
 
     ``indices [B, K]``: query b is matched only against templates ``indices[b]``.
-    ``config``: tile shape, blocks, warps and stages (default: tuned for this GPU, else heuristic).
+    ``config``: kernel, tile shape, blocks, warps and stages (default: tuned for this GPU, else heuristic).
     """
     batch, height, width, channels = q.shape
     count_t = t.shape[0] if indices is None else indices.shape[1]
@@ -302,22 +486,25 @@ def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: 
     back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=torch.float32)
     cfg = config or mutual_config(q, count_t, fore_radius, back_radius, indices is not None)
     _, options = autotune.launch_options(cfg)
+    union = union_shape(cfg, height, width, reach)
     n_tiles_w = triton.cdiv(width, cfg["TILE_W"])
     n_tiles = triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w
-    n_b = triton.cdiv(batch, cfg["BLOCK"])
+    n_programs = n_tiles * triton.cdiv(batch, cfg["BLOCK"]) * union.get("n_parts", 1)
     if templates_per_program is None:
         # split the templates only as far as needed to give every multiprocessor work
-        target = 4 * _multiprocessors(q.device)
-        chunks = max(1, min(count_t, target // max(1, n_tiles * n_b)))
+        chunks = max(1, min(count_t, 4 * _multiprocessors(q.device) // max(1, n_programs)))
         templates_per_program = triton.cdiv(count_t, chunks)
-    grid = (n_tiles, n_b, triton.cdiv(count_t, templates_per_program))
+    grid = (n_tiles, n_programs // n_tiles, triton.cdiv(count_t, templates_per_program))
     index = indices.contiguous() if indices is not None else fore  # any pointer when unused
-    _mutual_kernel[grid](
-        q, t, fore, back, index, batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
-        FORE_R=fore_radius, BACK_R=back_radius, REACH=reach, TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"],
-        BLOCK_B=cfg["BLOCK"], BLOCK_C=cfg["BLOCK_C"], DOT_PRECISION=_dot_precision(q.dtype),
-        HAS_INDEX=indices is not None, **union_shape(cfg, height, width, reach), **options,
-    )
+    common = (q, t, fore, back, index, batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
+              fore_radius, back_radius, reach, union["union_h"], union["union_w"])
+    blocks = dict(TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_B=cfg["BLOCK"], BLOCK_U=union["BLOCK_U"],
+                  DOT_PRECISION=_dot_precision(q.dtype), HAS_INDEX=indices is not None, **options)
+    if cfg.get("KERNEL") == "resident":
+        _mutual_resident_kernel[grid](*common, union["n_parts"], CHANNELS=max(16, triton.next_power_of_2(channels)),
+                                      **blocks)
+    else:
+        _mutual_kernel[grid](*common, BLOCK_C=cfg["BLOCK_C"], **blocks)
     return fore, back
 
 
@@ -334,9 +521,10 @@ def tune_mutual(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius:
     batch, height, width, channels = q.shape
     count_t = t.shape[0] if indices is None else indices.shape[1]
     reach, one_map = max(fore_radius, back_radius), indices is not None
+    shared = device_shared_bytes(q.device)
     if space is None:
-        space = config_space(height, width, reach, batch, channels, one_map)
-    default = tile_config(height, width, reach, batch, channels, one_map=one_map)
+        space = config_space(height, width, reach, batch, channels, one_map, q.dtype, shared)
+    default = mutual_default(height, width, reach, batch, channels, q.dtype, one_map, shared)
     space = [c for c in space if c != default][:limit]
     return autotune.tune(
         "mutual", mutual_problem(q.shape, count_t, fore_radius, back_radius, q.dtype, one_map), q.device, space,
@@ -349,8 +537,9 @@ def tune_window(x: torch.Tensor, y: torch.Tensor, radius: int, space: list | Non
     """Tune ``window_max`` (``forward_ATM``/``backward_ATM``) on pixel-major ``x``/``y``."""
     count_a, height, width, channels = x.shape
     if space is None:
-        space = config_space(height, width, radius, count_a, channels)
-    default = tile_config(height, width, radius, count_a, channels)
+        space = config_space(height, width, radius, count_a, channels, dtype=x.dtype,
+                             shared=device_shared_bytes(x.device), kernels=("stream",))
+    default = tile_config(height, width, radius, count_a, channels, dtype=x.dtype)
     space = [c for c in space if c != default][:limit]
     return autotune.tune(
         "window_max", window_problem(x.shape, y.shape[0], radius, x.dtype), x.device, space, default,
