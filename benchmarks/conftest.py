@@ -80,15 +80,17 @@ def matmul_rate() -> dict[str, float]:
     return ROOFLINE
 
 
-def record(benchmark, flops: float, rate: dict[str, float], dtype: torch.dtype, **key) -> None:
+def record(benchmark, flops: float, rate: dict[str, float], dtype: torch.dtype, model_ms: float | None = None,
+           **key) -> None:
     """Attach GFLOP/s and the roofline fraction to a finished benchmark and keep it for the table.
 
     The fraction is of the matmul rate in the same dtype (float32 on the CPU paths,
-    which compute float16 in float32).
+    which compute float16 in float32). ``model_ms``: the traffic model's prediction
+    (``hetmm_kernels.traffic``) for this launch on this GPU, printed beside the time.
     """
     seconds = benchmark.stats.stats.median
     roofline = rate.get(str(dtype).replace("torch.", ""), rate["float32"])
-    row = dict(key, dtype=str(dtype).replace("torch.", ""), ms=seconds * 1e3,
+    row = dict(key, dtype=str(dtype).replace("torch.", ""), ms=seconds * 1e3, model_ms=model_ms,
                gflops=flops / seconds / 1e9 if flops else None, fraction=flops / seconds / roofline if flops else None)
     benchmark.extra_info.update(row)
     RESULTS.append(row)
@@ -102,7 +104,8 @@ def _table() -> list[str]:
     if not RESULTS:
         return []
     def key_of(r):
-        return tuple((k, v) for k, v in r.items() if k not in ("backend", "ms", "gflops", "fraction", "mode"))
+        return tuple((k, v) for k, v in r.items()
+                     if k not in ("backend", "ms", "gflops", "fraction", "mode", "model_ms"))
 
     # speed-ups are against the slow implementations of the same problem in the same run
     ref_ms = {key_of(r): r["ms"] for r in RESULTS if r["backend"] == "reference"}
@@ -111,8 +114,9 @@ def _table() -> list[str]:
         f"matmul roofline: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in ROOFLINE.items())
         + f" on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
         "",
-        "| op | layer | windows | B | T | dtype | backend | mode | ms | GFLOP/s | of matmul | vs reference | vs naive |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | layer | windows | B | T | dtype | backend | mode | ms | model ms | GFLOP/s | of matmul | vs reference "
+        "| vs naive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(RESULTS, key=lambda r: (r["op"], r["layer"], r["windows"], r["batch"], r["backend"], r["mode"])):
         key = key_of(r)
@@ -120,9 +124,10 @@ def _table() -> list[str]:
         over_naive = f"{naive_ms[key] / r['ms']:.1f}x" if key in naive_ms and r["backend"] != "naive" else ""
         gflops = "-" if r["gflops"] is None else f"{r['gflops']:.1f}"
         fraction = "-" if r["fraction"] is None else f"{r['fraction']:.3f}"
+        model = "-" if r.get("model_ms") is None else f"{r['model_ms']:.3f}"
         lines.append(
             f"| {r['op']} | {r['layer']} | {r['windows']} | {r['batch']} | {r['templates']} | {r['dtype']} | "
-            f"{r['backend']} | {r['mode']} | {r['ms']:.2f} | {gflops} | {fraction} | {speedup} | {over_naive} |"
+            f"{r['backend']} | {r['mode']} | {r['ms']:.2f} | {model} | {gflops} | {fraction} | {speedup} | {over_naive} |"
         )
     return lines
 

@@ -28,6 +28,20 @@ def _dtype_for(backend):
     return torch.float16 if backend == "triton" else torch.float32
 
 
+def _model_ms(backend, query, fore_window, back_window):
+    """The traffic model's time for the Triton launch ``mutual_match`` makes here (GPU runs only)."""
+    if backend != "triton" or query.device.type != "cuda":
+        return None
+    from hetmm_kernels import traffic
+    from hetmm_kernels.triton_ops import atm
+
+    batch, channels, height, width = query.shape
+    fore, back = fore_window // 2, back_window // 2
+    config = atm.mutual_config(query.permute(0, 2, 3, 1), TEMPLATES, fore, back, False)
+    return traffic.matching(config, batch, height, width, channels, TEMPLATES, fore, back, query.dtype,
+                            traffic.gpu_for(query.device)).seconds * 1e3
+
+
 def _rounds(backend):
     return 1 if backend == "reference" else 3
 
@@ -47,8 +61,9 @@ def test_mutual_match(benchmark, matmul_rate, backend, layer, window, batch):
     run(benchmark, lambda: hk.mutual_match(query, bank, window, BACK_WINDOW, backend=backend), _rounds(backend))
     k = max(window, BACK_WINDOW)
     flops = 2 * batch * TEMPLATES * side * side * (k | 1) ** 2 * channels
-    record(benchmark, flops, matmul_rate, dtype, op="mutual_match", layer=layer, windows=f"{window}x{BACK_WINDOW}",
-           batch=batch, templates=TEMPLATES, backend=backend, mode="steady")
+    record(benchmark, flops, matmul_rate, dtype, _model_ms(backend, query, window, BACK_WINDOW), op="mutual_match",
+           layer=layer, windows=f"{window}x{BACK_WINDOW}", batch=batch, templates=TEMPLATES, backend=backend,
+           mode="steady")
 
 
 @pytest.mark.parametrize("layer,window", [("layer1", 5), ("layer2", 7), ("layer3", 7)])
@@ -61,8 +76,8 @@ def test_mutual_match_cold(benchmark, matmul_rate, backend, layer, window):
     temp = _features(TEMPLATES, channels, side, dtype, 1)
     run(benchmark, lambda: hk.mutual_match(query, temp, window, BACK_WINDOW, backend=backend), _rounds(backend))
     flops = 2 * 8 * TEMPLATES * side * side * window**2 * channels
-    record(benchmark, flops, matmul_rate, dtype, op="mutual_match", layer=layer, windows=f"{window}x{BACK_WINDOW}",
-           batch=8, templates=TEMPLATES, backend=backend, mode="cold")
+    record(benchmark, flops, matmul_rate, dtype, _model_ms(backend, query, window, BACK_WINDOW), op="mutual_match",
+           layer=layer, windows=f"{window}x{BACK_WINDOW}", batch=8, templates=TEMPLATES, backend=backend, mode="cold")
 
 
 @pytest.mark.parametrize("layer,window", [("layer1", 5), ("layer2", 7), ("layer3", 7)])
@@ -74,8 +89,9 @@ def test_mutual_match_bfloat16(benchmark, matmul_rate, backend, layer, window):
     bank = hk.prepare_templates(_features(TEMPLATES, channels, side, torch.bfloat16, 1))
     run(benchmark, lambda: hk.mutual_match(query, bank, window, BACK_WINDOW, backend=backend), _rounds(backend))
     flops = 2 * 8 * TEMPLATES * side * side * window**2 * channels
-    record(benchmark, flops, matmul_rate, torch.bfloat16, op="mutual_match", layer=layer,
-           windows=f"{window}x{BACK_WINDOW}", batch=8, templates=TEMPLATES, backend=backend, mode="steady")
+    record(benchmark, flops, matmul_rate, torch.bfloat16, _model_ms(backend, query, window, BACK_WINDOW),
+           op="mutual_match", layer=layer, windows=f"{window}x{BACK_WINDOW}", batch=8, templates=TEMPLATES,
+           backend=backend, mode="steady")
 
 
 @pytest.mark.parametrize("op,window", [("forward_ATM", 5), ("backward_ATM", 3)])
@@ -113,8 +129,9 @@ def test_goal_shape(benchmark, matmul_rate, backend):
         fn = lambda: hk.mutual_match(query, bank, window, window, backend="triton")  # noqa: E731
     run(benchmark, fn, 3)
     flops = 2 * GOAL["batch"] * TEMPLATES * side * side * window**2 * channels
-    record(benchmark, flops, matmul_rate, torch.float16, op="mutual_match", layer=GOAL["layer"],
-           windows=f"{window}x{window}", batch=GOAL["batch"], templates=TEMPLATES, backend=backend, mode="steady")
+    record(benchmark, flops, matmul_rate, torch.float16, _model_ms(backend, query, window, window),
+           op="mutual_match", layer=GOAL["layer"], windows=f"{window}x{window}", batch=GOAL["batch"],
+           templates=TEMPLATES, backend=backend, mode="steady")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

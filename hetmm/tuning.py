@@ -51,7 +51,7 @@ def _check_device(device: torch.device) -> None:
 
 
 def run(args) -> int:
-    from hetmm_kernels import autotune
+    from hetmm_kernels import autotune, traffic
     from hetmm_kernels.triton_ops import atm
 
     from .parameters import params_for
@@ -68,20 +68,29 @@ def run(args) -> int:
     generator = torch.Generator().manual_seed(0)
     fores: dict[int, list] = {}  # batch -> the layers' map sizes, for the aggregation
     indexed = args.retrieval_k is not None  # each query against its K retrieved templates
+    shared, gpu = atm.device_shared_bytes(device), traffic.gpu_for(device)
     for problem in found:
         batch, height, width, channels = problem.shape
         reach = max(problem.fore, problem.back)
-        space = atm.config_space(height, width, reach, batch, channels, indexed)[:args.max_configs]
-        default = atm.tile_config(height, width, reach, batch, channels, one_map=indexed)
+        space = atm.config_space(height, width, reach, batch, channels, indexed, dtype, shared)[:args.max_configs]
+        default = atm.mutual_default(height, width, reach, batch, channels, dtype, indexed, shared)
         per_query = args.retrieval_k if indexed else problem.templates
+
+        def model(config):
+            return traffic.matching(config, batch, height, width, channels, problem.templates, problem.fore,
+                                    problem.back, dtype, gpu, per_query=args.retrieval_k if indexed else None)
+
         key = atm.mutual_problem(problem.shape, per_query, problem.fore, problem.back, dtype, indexed)
         fores.setdefault(batch, []).append((height, width))
         title = (f"{problem.op} {problem.layer} batch {batch}: [{height}x{width}x{channels}], windows "
                  f"{2 * problem.fore + 1}x{2 * problem.back + 1}")
         if args.dry_run:
-            print(f"{title}\n  key {key}\n  default {_show(default)}\n  {len(space)} configs to try:")
+            print(f"{title}\n  key {key}\n  default {_show(default)}\n    model: {model(default).line()}\n"
+                  f"  {len(space)} configs to try (fastest predicted first):")
             for config in space:
-                print(f"    {_show(config)}")
+                estimate = model(config)
+                print(f"    {_show(config)}  -> {estimate.seconds * 1e3:.3f} ms predicted, "
+                      f"{estimate.fraction_of_peak:.0%} of peak, {estimate.bound}-bound")
             continue
         q = F.normalize(torch.randn(problem.shape, generator=generator), dim=-1).to(device, dtype)
         t = F.normalize(torch.randn((problem.templates, height, width, channels), generator=generator), dim=-1)
@@ -91,8 +100,9 @@ def run(args) -> int:
         best, failed = result.best, sum(trial.ms is None for trial in result.trials)
         flops = 2 * batch * per_query * height * width * (2 * reach + 1) ** 2 * channels
         print(f"{title}: {len(result.trials) + 1} configs ({failed} rejected)\n"
-              f"  default {_show(default)}: {result.default.ms:.3f} ms\n"
-              f"  best    {_show(best.config)}: {best.ms:.3f} ms "
+              f"  default {_show(default)}: {result.default.ms:.3f} ms "
+              f"(model {model(default).seconds * 1e3:.3f} ms)\n"
+              f"  best    {_show(best.config)}: {best.ms:.3f} ms (model {model(best.config).seconds * 1e3:.3f} ms) "
               f"({result.default.ms / best.ms:.2f}x the default, {flops / best.ms / 1e6:.1f} GFLOP/s useful)")
     if args.dry_run:
         from hetmm_kernels.triton_ops import aggregate

@@ -70,9 +70,11 @@ def test_space_is_valid_and_ordered():
     assert {c.get("KERNEL", "stream") for c in space} == {"stream", "resident"}
     assert atm.tile_config(64, 64, 2, 32, 256) == dict(TILE_H=4, TILE_W=4, BLOCK=4, BLOCK_C=64, num_warps=4,
                                                        num_stages=3)
-    # 16-bit at layer 1, batch 32: the resident kernel, 128 rows a program; float32 streams (IEEE, no tensor cores)
-    assert atm.mutual_default(64, 64, 6, 32, 256, torch.float16) == dict(
-        KERNEL="resident", TILE_H=4, TILE_W=4, BLOCK=8, BLOCK_U=64, num_warps=8, num_stages=3)
+    # 16-bit at layer 1, batch 32: the space's first (the traffic model's fastest), the resident kernel with
+    # 128 rows a program; float32 streams (IEEE, no tensor cores)
+    default = atm.mutual_default(64, 64, 6, 32, 256, torch.float16)
+    assert default == atm.config_space(64, 64, 6, 32, 256, dtype=torch.float16)[0]
+    assert default["KERNEL"] == "resident" and default["BLOCK"] * default["TILE_H"] * default["TILE_W"] >= 128
     assert "KERNEL" not in atm.mutual_default(64, 64, 6, 32, 256, torch.float32)
     assert not any(c.get("KERNEL") for c in atm.config_space(64, 64, 2, 32, 256, dtype=torch.float32))
     assert all(c["BLOCK"] == 1 for c in atm.config_space(64, 64, 2, 8, 256, one_map=True))
@@ -99,7 +101,7 @@ def test_tuned_config_is_recorded_and_used(private_cache):
 
     autotune.forget()  # a new process: reads the file
     assert atm.mutual_config(q, 3, 2, 1, False) == SMALL
-    assert atm.mutual_config(q, 3, 3, 1, False) == atm.tile_config(8, 8, 3, 2, 16)  # other windows: not tuned
+    assert atm.mutual_config(q, 3, 3, 1, False) == atm.mutual_default(8, 8, 3, 2, 16, q.dtype)  # other windows: not tuned
     assert default != SMALL
     # the tuned launch still matches the reference
     fore, back = hk.mutual_match(atm_to_nchw(q), atm_to_nchw(t), 5, 3, backend="triton")
@@ -141,7 +143,7 @@ def test_corrupt_cache_warns_and_falls_back(private_cache):
     private_cache.parent.mkdir(parents=True)
     private_cache.write_text("{ half a json")
     with pytest.warns(RuntimeWarning, match="ignoring the tuning cache"):
-        assert atm.mutual_config(q, 3, 2, 1, False) == atm.tile_config(8, 8, 2, 2, 16)
+        assert atm.mutual_config(q, 3, 2, 1, False) == atm.mutual_default(8, 8, 2, 2, 16, q.dtype)
     fore, _ = hk.mutual_match(atm_to_nchw(q), atm_to_nchw(t), 5, 3, backend="triton")  # still runs
     assert fore.shape == (2, 8, 8)
     with pytest.warns(RuntimeWarning, match="ignoring the tuning cache"):
@@ -158,7 +160,7 @@ def test_foreign_cache_file_is_ignored(private_cache, content):
     private_cache.parent.mkdir(parents=True)
     private_cache.write_text(json.dumps(content))
     with pytest.warns(RuntimeWarning, match="ignoring the tuning cache"):
-        assert atm.mutual_config(q, 3, 2, 1, False) == atm.tile_config(8, 8, 2, 2, 16)
+        assert atm.mutual_config(q, 3, 2, 1, False) == atm.mutual_default(8, 8, 2, 2, 16, q.dtype)
 
 
 def test_other_gpus_and_invalid_entries_are_not_used(private_cache):
@@ -171,7 +173,7 @@ def test_other_gpus_and_invalid_entries_are_not_used(private_cache):
     private_cache.parent.mkdir(parents=True)
     private_cache.write_text(json.dumps({"format": autotune.FORMAT, "devices": devices}))
     with pytest.warns(RuntimeWarning, match="not a valid config"):
-        assert atm.mutual_config(q, 3, 2, 1, False) == atm.tile_config(8, 8, 2, 2, 16)
+        assert atm.mutual_config(q, 3, 2, 1, False) == atm.mutual_default(8, 8, 2, 2, 16, q.dtype)
     _tune(q, t=_problem()[1], space=[SMALL])  # tuning here keeps the other GPU's entries
     kept = json.loads(private_cache.read_text())["devices"]
     assert kept["NVIDIA H200|sm_90|triton-3.6.0"]["mutual"][problem]["config"] == SMALL
@@ -182,7 +184,7 @@ def test_lookups_can_be_switched_off(private_cache, monkeypatch):
     _tune(q, t, [SMALL])
     autotune.forget()
     monkeypatch.setenv("HETMM_AUTOTUNE", "0")
-    assert atm.mutual_config(q, 3, 2, 1, False) == atm.tile_config(8, 8, 2, 2, 16)
+    assert atm.mutual_config(q, 3, 2, 1, False) == atm.mutual_default(8, 8, 2, 2, 16, q.dtype)
 
 
 def test_default_cache_path_follows_xdg(monkeypatch, tmp_path):
@@ -203,9 +205,11 @@ def test_cli_dry_run_prints_the_space(capsys):
     assert main(["tune", "--dry-run", "--backbone", "resnet18", "--image-size", "32", "--batch-sizes", "1", "4",
                  "--max-configs", "5", "--params", "L1:5x3_a=0.5_l=1|L2:0x0_a=0.5_l=1|L3:3x3_a=0.5_l=1"]) == 0
     out = capsys.readouterr().out
-    assert out.count("configs to try:") == 4  # two layers (layer2 is skipped) x two batch sizes
+    assert out.count("configs to try (fastest predicted first):") == 4  # two layers (layer2 skipped) x two batches
     assert out.count("aggregate batch") == 2
-    assert "mutual layer1 batch 4: [8x8x64], windows 5x3" in out and "default TILE_H=" in out
+    assert "mutual layer1 batch 4: [8x8x64], windows 5x3" in out and "default BLOCK_C=" in out
+    # the traffic model's prediction for the default and for every config of the space
+    assert out.count("    model: ") == 4 and out.count("ms predicted") >= 4
     assert not os.path.exists(os.environ["HETMM_TUNE_CACHE"])  # a dry run writes nothing
 
 
@@ -267,7 +271,7 @@ def test_misshapen_entries_are_ignored(private_cache):
     q, _ = _problem()
     problem = atm.mutual_problem(q.shape, 3, 2, 1, q.dtype, False)
     device = autotune.device_key(q.device)
-    default = atm.tile_config(8, 8, 2, 2, 16)
+    default = atm.mutual_default(8, 8, 2, 2, 16, q.dtype)
     for devices in ({device: "oops"}, {device: {"mutual": ["x"]}}, {device: {"mutual": {problem: 3}}}):
         private_cache.parent.mkdir(parents=True, exist_ok=True)
         private_cache.write_text(json.dumps({"format": autotune.FORMAT, "devices": devices}))

@@ -19,11 +19,13 @@ is contiguous. Offsets are int64.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import autotune
+from .. import autotune, traffic
 
 MATCH_FLOOR = -1.0
 _FLOOR = tl.constexpr(MATCH_FLOOR)  # kernels may only read constexpr globals
@@ -176,9 +178,10 @@ def _mutual_resident_kernel(
     (one per program), so each template part read serves all ``BLOCK_B * P`` rows and the
     query tile is never re-read: global traffic per template is the part alone.
     """
-    pid_tile = tl.program_id(0)
-    pid_b = tl.program_id(1) // n_parts
-    part = tl.program_id(1) % n_parts
+    # query block and union part innermost: the programs that share a tile's template parts run side by side
+    pid_b = tl.program_id(0) // n_parts
+    part = tl.program_id(0) % n_parts
+    pid_tile = tl.program_id(1)
     pid_t = tl.program_id(2)
     b, row_y, row_x, row_valid = _tile_rows(pid_tile, pid_b, n_tiles_w, batch, height, width,
                                             TILE_H, TILE_W, BLOCK_B)
@@ -215,25 +218,28 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 # Budgets of one program on the GPU. Registers: past 255 a thread, or its share of the SM's
-# 65,536 (128 at 16 warps), ptxas spills. Estimated per thread: the fp32 [rows, BLOCK_U] product
-# tile and running maximum, the operand fragments, and a fixed part (addresses, masks, indices)
-# measured with the compile check (tests/kernel_stats.py) on sm_80 and sm_90.
+# 65,536 (128 at 16 warps), ptxas spills. Estimated per thread: three fp32 values per element of
+# the [rows, BLOCK_U] tile (the products, the running maximum, the window masks' temporaries in
+# the epilogue), the operand fragments, and a fixed part (addresses, indices); calibrated with the
+# compile check (tests/kernel_stats.py) on sm_80 and sm_90 over the whole tuning space.
 REGISTERS_PER_SM = 65536
-FIXED_REGISTERS = 80
+FIXED_REGISTERS = 48
 SHARED_BYTES = {(9, 0): 232448, (8, 0): 166912}  # opt-in shared memory per block
 DEFAULT_SHARED_BYTES = 101376  # sm_86/sm_89 and unknown GPUs
+MAX_GRID_Y = 65535
 
 
 def thread_registers(config: dict, block_u: int, channels: int, element_bytes: int) -> float:
     """Estimated registers a thread needs for ``config`` (streaming or resident)."""
     threads = 32 * config["num_warps"]
     rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
-    arrays = 2 * rows * block_u / threads
+    arrays = 3 * rows * block_u / threads
     if element_bytes > 2:
         # IEEE float32 products run on the CUDA cores with both operands in registers: each thread holds
-        # the channel block of its rows and columns (sm_90: 16 products a thread compile without spills,
-        # 32 already spill at 16 x 256)
-        return arrays + FIXED_REGISTERS if rows * block_u <= 16 * threads else float("inf")
+        # the channel block of its rows and columns (16 products a thread over 16 channels compile without
+        # spills on sm_80 and sm_90; 32 products, or 64 channels, spill)
+        fits = rows * block_u <= 16 * threads and config.get("BLOCK_C", 16) <= 16
+        return arrays + FIXED_REGISTERS if fits else float("inf")
     if config.get("KERNEL") == "resident":
         # the template part comes from shared memory a k-step at a time; the resident query tile may be
         # held in registers as mma.sync's A fragments (sm_80: 128 rows x 256 channels at 4 warps spilled)
@@ -305,38 +311,17 @@ def tile_config(height: int, width: int, reach: int, count_a: int, channels: int
     return dict(config, num_warps=warps)
 
 
-def resident_config(height: int, width: int, reach: int, batch: int, channels: int, dtype: torch.dtype,
-                    one_map: bool = False, shared: int = SHARED_BYTES[(9, 0)]) -> dict | None:
-    """The resident kernel's heuristic config, or None where it does not fit (or is float32)."""
-    element_bytes = _element_bytes(dtype)
-    if element_bytes > 2:
-        return None  # IEEE float32 products run on the CUDA cores: operands in registers, not resident
-    tile_h = 4 if one_map else _pow2_at_most(height, 4)
-    tile_w = 4 if one_map else _pow2_at_most(width, 4)
-    pixels = tile_h * tile_w
-    block = 1 if one_map else max(max(1, 16 // pixels), min(_pow2_at_most(batch, 8), max(1, 128 // pixels)))
-    # below 64 rows a template part serves too few rows to beat streaming (the traffic model's order),
-    # except with per-query template sets, where every program has one map's 16 rows either way
-    min_rows = 16 if one_map else min(64, block * pixels)
-    while block * pixels >= min_rows:
-        for block_u, stages in ((64, 3), (64, 2), (32, 3), (32, 2)):
-            config = dict(KERNEL="resident", TILE_H=tile_h, TILE_W=tile_w, BLOCK=block, BLOCK_U=block_u,
-                          num_stages=stages)
-            if shared_bytes(config, block_u, channels, element_bytes) <= shared:
-                warps = _warps_for(config, block_u, channels, element_bytes)
-                if warps is not None:
-                    return dict(config, num_warps=warps)
-        if block == 1:
-            break
-        block //= 2
-    return None
-
-
 def mutual_default(height: int, width: int, reach: int, batch: int, channels: int, dtype: torch.dtype,
                    one_map: bool = False, shared: int = SHARED_BYTES[(9, 0)]) -> dict:
-    """The heuristic config of ``mutual_max``: the resident kernel where it fits, else streaming."""
-    return (resident_config(height, width, reach, batch, channels, dtype, one_map, shared)
-            or tile_config(height, width, reach, batch, channels, one_map, dtype))
+    """The untuned config of ``mutual_max``: the tuning space's first (the traffic model's fastest) config."""
+    return dict(_mutual_default(height, width, reach, batch, channels, dtype, one_map, shared))
+
+
+@functools.lru_cache(maxsize=512)
+def _mutual_default(height, width, reach, batch, channels, dtype, one_map, shared) -> tuple:
+    space = config_space(height, width, reach, batch, channels, one_map, dtype, shared)
+    chosen = space[0] if space else tile_config(height, width, reach, batch, channels, one_map, dtype)
+    return tuple(chosen.items())
 
 
 def union_shape(config: dict, height: int, width: int, reach: int) -> dict:
@@ -362,13 +347,16 @@ def valid_config(config: dict, height: int, width: int, reach: int, one_map: boo
     if config["num_warps"] > 16 or (config["BLOCK_U"] if resident else config["BLOCK_C"]) < 16:
         return False
     element_bytes = _element_bytes(dtype)
-    if resident and element_bytes > 2:
+    tiles = triton.cdiv(height, config["TILE_H"]) * triton.cdiv(width, config["TILE_W"])
+    if resident and (element_bytes > 2 or tiles > MAX_GRID_Y):
         return False
     rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
     block_u = union_shape(config, height, width, reach)["BLOCK_U"]
-    # 16-byte loads: more than 4 warps only where every thread still gets 16 bytes of each operand tile
+    # 16-byte loads (tensor-core path): more than 4 warps only where every thread still gets 16 bytes of
+    # each operand tile (float32 is bound by its CUDA-core products and needs the warps for its registers)
     depth = max(16, triton.next_power_of_2(channels)) if resident else config["BLOCK_C"]
-    if config["num_warps"] > 4 and min(rows, block_u) * depth * element_bytes < 16 * 32 * config["num_warps"]:
+    narrow = min(rows, block_u) * depth * element_bytes < 16 * 32 * config["num_warps"]
+    if element_bytes <= 2 and config["num_warps"] > 4 and narrow:
         return False
     fits = thread_registers(config, block_u, channels, element_bytes) <= register_limit(config["num_warps"])
     fits = fits and shared_bytes(config, block_u, channels, element_bytes) <= (shared or SHARED_BYTES[(9, 0)])
@@ -395,25 +383,24 @@ def config_space(height: int, width: int, reach: int, count_a: int, channels: in
                     shapes += [dict(BLOCK_C=block_c) for block_c in (16, 32, 64)
                                if block_c <= max(16, triton.next_power_of_2(channels))]
                 if "resident" in kernels:
-                    shapes += [dict(KERNEL="resident", BLOCK_U=block_u) for block_u in (32, 64, 128)]
+                    shapes += [dict(KERNEL="resident", BLOCK_U=block_u) for block_u in (16, 32, 64, 128)]
                 for shape in shapes:
                     for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (16, 2)):
                         config = dict(shape, TILE_H=tile_h, TILE_W=tile_w, BLOCK=block, num_warps=warps,
                                       num_stages=stages)
                         if valid_config(config, height, width, reach, one_map, channels, dtype, shared):
                             space.append(config)
-    return sorted(space, key=lambda c: -_estimated_efficiency(c, height, width, reach, channels))
+    # most promising first: the traffic model's predicted time (60 templates, the default GPU); among equals,
+    # deeper pipelines, then fewer warps
+    per_query = 10 if one_map else None
+    model_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float16
 
+    def predicted(config):
+        seconds = traffic.matching(config, count_a, height, width, channels, 60, reach, reach, model_dtype,
+                                   per_query=per_query).seconds
+        return round(seconds, 9), -config["num_stages"], config["num_warps"]
 
-def _estimated_efficiency(config: dict, height: int, width: int, reach: int, channels: int) -> float:
-    """Useful share of the products, times tensor-core fill (rows/64), times reuse of each byte read."""
-    window = min(2 * reach + 1, height) * min(2 * reach + 1, width)
-    union = union_shape(config, height, width, reach)
-    issued = union.get("n_parts", 1) * union["BLOCK_U"]
-    rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
-    # bytes per product: the query tile and union each read once per template (resident: the part only)
-    reads = 1 / rows if config.get("KERNEL") == "resident" else 1 / rows + 1 / union["BLOCK_U"]
-    return window / issued * min(1.0, rows / 64) / (1 + 64 * reads)
+    return sorted(space, key=predicted)
 
 
 def mutual_problem(q_shape, count_t: int, fore_radius: int, back_radius: int, dtype, one_map: bool) -> str:
@@ -495,6 +482,8 @@ def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: 
         chunks = max(1, min(count_t, 4 * _multiprocessors(q.device) // max(1, n_programs)))
         templates_per_program = triton.cdiv(count_t, chunks)
     grid = (n_tiles, n_programs // n_tiles, triton.cdiv(count_t, templates_per_program))
+    if cfg.get("KERNEL") == "resident":
+        grid = (grid[1], grid[0], grid[2])
     index = indices.contiguous() if indices is not None else fore  # any pointer when unused
     common = (q, t, fore, back, index, batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
               fore_radius, back_radius, reach, union["union_h"], union["union_w"])
