@@ -5,7 +5,8 @@
 # tune.log, tuning.json and logs.tar.gz (every benchmark's log, JSON and markdown table).
 #   1. the tests with the Triton kernels compiled for this GPU (no interpreter)        <= 170 s
 #   2. the targets with default configs: the fused kernel on layer 1, 13x13, batch 32,
-#      fp16, against the fp16 matmul roofline and the one-thread-per-output baseline;
+#      fp16, against the fp16 matmul roofline and the one-thread-per-output baseline, each
+#      Triton time beside the traffic model's prediction ("model ms": it calibrates the model);
 #      end-to-end predict (Wide-ResNet-101-2, 256 px, PTS-60 / N=200, batch 1 / 32)     <= 90 s
 #   3. hetmm tune for those problems (a cache in $OUT), then the targets again, tuned    <= 90 + 60 s
 #   4. every other kernel benchmark (reference / torch / triton, paper's shapes)        <= 60 s

@@ -97,7 +97,8 @@ class LayerMatches:
                     temp = isolated_templates(hk.prepare_templates(temp).temp, template_isolation(temp, p.fore),
                                               p.isolation)
                 query = with_unit_channel(query, temp.shape[1])
-            fore, back = hk.mutual_match(query, temp, p.fore, p.back, indices=indices)
+            # float32 maps: the products' float32 maxima, not rounded to a 16-bit query's dtype
+            fore, back = hk.mutual_match(query, temp, p.fore, p.back, indices=indices, out_dtype=torch.float32)
             if p.isolation:  # as close as a template's own neighbour or closer: 0, as an exact match scores
                 fore, back = fore.clamp_max(1), back.clamp_max(1)
             self.fores.append(fore)

@@ -91,7 +91,8 @@ def backward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backen
 
 
 def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back_patch: int, *,
-                 indices: torch.Tensor | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 indices: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Template mutual matching: ``(fore, back)``, each ``[B, H, W]`` in the query's dtype.
 
     ``fore = forward_ATM(query, temp, fore_patch).amax(1)`` and
@@ -101,6 +102,8 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
 
     ``indices [B, K]`` (optional): query ``b`` is matched only against templates
     ``indices[b]`` (the K retrieved for it), without gathering a copy of the bank.
+    ``out_dtype``: the maps' dtype (default the query's); ``torch.float32`` keeps the float32
+    accumulated maxima of 16-bit products unrounded (the detector asks for it).
 
     >>> q = torch.nn.functional.normalize(torch.randn(1, 32, 8, 8), dim=1)
     >>> fore, back = mutual_match(q, q, 5, 3)
@@ -112,26 +115,28 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     bank = _checked(query, temp)
     if indices is not None:
         _check_indices(indices, query.shape[0], len(bank), query.device)
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating torch.dtype or None; got {out_dtype!r}")
+    out_dtype = out_dtype or query.dtype
     impl = resolve(query.device, backend, query.dtype)
     if query.shape[0] == 0:
-        empty = query.new_empty((0, *query.shape[2:]))
+        empty = query.new_empty((0, *query.shape[2:]), dtype=out_dtype)
         return empty, empty.clone()
     if indices is not None:
         if impl == "reference":
-            return reference.mutual_match_subset(query, bank.temp, fore_patch, back_patch, indices)
-        if impl == "torch":
+            fore, back = reference.mutual_match_subset(query, bank.temp, fore_patch, back_patch, indices)
+        elif impl == "torch":
             fore, back = torch_atm.mutual_match_subset(query, bank, fore_patch, back_patch, indices)
         else:
             fore, back = _triton_atm().mutual_match(query, _triton_layout(bank), fore_patch, back_patch,
                                                     indices=indices.long())
-        return fore.to(query.dtype), back.to(query.dtype)
-    if impl == "reference":
-        return reference.mutual_match(query, bank.temp, fore_patch, back_patch)
-    if impl == "torch":
+    elif impl == "reference":
+        fore, back = reference.mutual_match(query, bank.temp, fore_patch, back_patch)
+    elif impl == "torch":
         fore, back = torch_atm.mutual_match(query, bank, fore_patch, back_patch)
     else:
         fore, back = _triton_atm().mutual_match(query, _triton_layout(bank), fore_patch, back_patch)
-    return fore.to(query.dtype), back.to(query.dtype)
+    return fore.to(out_dtype), back.to(out_dtype)
 
 
 def _check_indices(indices, batch: int, count: int, device) -> None:

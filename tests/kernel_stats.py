@@ -10,6 +10,7 @@ spills (ptxas ``-v``), shared memory, the MMA kind and the width of global loads
 
     TRITON_INTERPRET=0 python tests/kernel_stats.py 90 ci     # the CI subset: one JSON line per compilation
     TRITON_INTERPRET=0 python tests/kernel_stats.py 80 full   # + every config of the matching tuning space
+    TRITON_INTERPRET=0 python tests/kernel_stats.py 90 mvtec  # how many kernels a full MVTec AD run compiles
 
 Exits 1 if a launch breaks a rule (see ``problems``); ``tests/test_triton_compile.py`` runs it.
 Identical specialisations are compiled once: the count of compilations is what a run would JIT.
@@ -167,20 +168,50 @@ def extreme_cases():
         torch.empty(TEMPLATES, channels, side, side, dtype=torch.float16), 13)
 
 
-def space_cases():
-    """Every config of the matching tuning space, at the goal shape (layer 1, 13x13, batch 32, fp16)."""
+def space_cases(arch: int):
+    """Every config of the matching tuning space on ``arch``, at the goal shape (layer 1, 13x13, batch 32)."""
     channels, side = LAYERS["layer1"]
     query, templates = _maps(32, channels, side, torch.float16), _maps(TEMPLATES, channels, side, torch.float16)
     for dtype_name in ("fp16", "fp32"):
         dtype = DTYPES[dtype_name]
         q, t = query.to(dtype), templates.to(dtype)
-        for config in atm.config_space(side, side, 6, 32, channels, dtype=dtype):
+        for config in atm.config_space(side, side, 6, 32, channels, dtype=dtype, shared=GPUS[arch]["shared"]):
             yield f"space {dtype_name} {config}", lambda q=q, t=t, c=config: atm.mutual_max(q, t, 6, 6, config=c)
+
+
+# MVTec AD's test-set sizes: with batches of 32, each category ends on its own remainder
+MVTEC_TEST_IMAGES = dict(bottle=83, cable=150, capsule=132, carpet=117, grid=78, hazelnut=110, leather=124,
+                         metal_nut=115, pill=167, screw=160, tile=117, toothbrush=42, transistor=100, wood=79,
+                         zipper=151)
+
+
+def mvtec_compilations(arch: int, batch: int = 32) -> dict:
+    """How many matching kernels a full MVTec AD evaluation (15 strings, fp16, PTS 60) JIT-compiles.
+
+    ``before``: the count had window radii stayed compile-time constants (one kernel per layer,
+    window pair and batch specialisation), for comparison.
+    """
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    unique, before = set(), set()
+    with recording(arch) as launches:
+        for category, text in MVTEC_AD.items():
+            sizes = {batch, MVTEC_TEST_IMAGES[category] % batch or batch}
+            for layer, p in parse_params(text).layers.items():
+                channels, side = LAYERS[layer]
+                templates = _maps(TEMPLATES, channels, side, torch.float16)
+                for size in sizes:
+                    start = len(launches)
+                    atm.mutual_max(_maps(size, channels, side, torch.float16), templates, p.fore // 2, p.back // 2)
+                    for launch in launches[start:]:
+                        key = _specialisation(launch, backend)
+                        unique.add(key)
+                        before.add((key, p.fore // 2, p.back // 2))
+    return dict(arch=arch, mvtec_compilations=len(unique), with_constant_radii=len(before))
 
 
 def collect(arch: int, which: str) -> list:
     """Run the cases' launchers under the recorder; identical specialisations merged."""
-    cases = [*matching_cases(), *other_cases(), *extreme_cases()] + ([*space_cases()] if which == "full" else [])
+    cases = [*matching_cases(), *other_cases(), *extreme_cases()] + ([*space_cases(arch)] if which == "full" else [])
     backend = make_backend(GPUTarget("cuda", arch, 32))
     unique = {}
     with recording(arch) as launches:
@@ -270,6 +301,9 @@ def problems(row: dict) -> list:
 
 def main(argv) -> int:
     arch, which = int(argv[0]), (argv[1] if len(argv) > 1 else "ci")
+    if which == "mvtec":
+        print(json.dumps(mvtec_compilations(arch)))
+        return 0
     failures = 0
     launches = collect(arch, which)
     for launch in launches:

@@ -190,3 +190,19 @@ def test_triton_kernels_and_union_parts(dtype, b, t, c, h, w, kf, kb):
             fore, back = triton_atm.mutual_max(q, t_pm, kf // 2, kb // 2, per_program, config=config)
             assert_matches(fore.to(dtype), ref_fore, c)
             assert_matches(back.to(dtype), ref_back, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_dtype_keeps_float32_maxima(backend):
+    """16-bit features with out_dtype=float32: maps come back float32, as close to the reference as the
+    float32-accumulated products allow (no rounding to the query's dtype on the way out)."""
+    query, temp = _inputs(backend, torch.float16, 2, 3, 24, 7, 6)
+    fore, back = hk.mutual_match(query, temp, 5, 3, out_dtype=torch.float32, backend=backend)
+    ref_fore, ref_back = reference.mutual_match(query.cpu().float(), temp.cpu().float(), 5, 3)
+    assert fore.dtype == back.dtype == torch.float32
+    rounded, _ = hk.mutual_match(query, temp, 5, 3, backend=backend)
+    assert rounded.dtype == torch.float16 and torch.equal(rounded, fore.to(torch.float16))
+    if backend == "triton":  # fp32 accumulation of fp16 products: far below fp16's own rounding
+        assert (fore.cpu() - ref_fore).abs().max() < 1e-5 and (back.cpu() - ref_back).abs().max() < 1e-5
+    with pytest.raises(TypeError, match="out_dtype"):
+        hk.mutual_match(query, temp, 5, 3, out_dtype=torch.int32, backend=backend)

@@ -85,7 +85,7 @@ def test_space_is_valid_and_ordered():
     # tile and three template parts must fit the GPU's
     assert not atm.valid_config(dict(TILE_H=4, TILE_W=4, BLOCK=4, BLOCK_C=16, num_warps=4, num_stages=2), 64, 64, 6,
                                 False, 256, torch.float32)
-    resident = dict(KERNEL="resident", TILE_H=4, TILE_W=4, BLOCK=8, BLOCK_U=64, num_warps=8, num_stages=3)
+    resident = dict(KERNEL="resident", TILE_H=4, TILE_W=4, BLOCK=8, BLOCK_U=32, num_warps=8, num_stages=3)
     assert atm.valid_config(resident, 64, 64, 6, False, 256, torch.float16, atm.SHARED_BYTES[(9, 0)])
     assert not atm.valid_config(resident, 64, 64, 6, False, 512, torch.float16, atm.SHARED_BYTES[(8, 0)])
 

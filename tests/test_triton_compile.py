@@ -62,4 +62,4 @@ def test_matching_on_tensor_cores_and_few_compilations(compiled, arch):
     # window radii are run-time values: the paper's 15 strings at one layer, batch and dtype share few kernels
     layer1 = [row for row in matching if any(c.startswith("mutual layer1 b32 fp16 ") for c in row["cases"])]
     windows = {case for row in layer1 for case in row["cases"] if case.startswith("mutual layer1 b32 fp16 ")}
-    assert len(windows) >= 7 and len(layer1) <= 2
+    assert len(windows) >= 7 and len(layer1) <= 3  # one kernel per config the model picks, not per window

@@ -1,17 +1,26 @@
 """Windowed pixel-to-patch matching in Triton: tensor-core tiles.
 
-Each program owns a tile of ``TILE_H x TILE_W`` query pixels for ``BLOCK_A`` maps of
-the query side and multiplies them with the union of their windows in one map of
-the other side: ``[BLOCK_A * P, C] x [C, U]`` with ``tl.dot`` (fp32 accumulation),
-then keeps each pixel's maximum inside its own window. The union is clamped to the
-map, so a window larger than the map costs no more than the map.
+Each program owns a tile of ``TILE_H x TILE_W`` query pixels for ``BLOCK`` maps of the query
+side and multiplies them with the union of their windows in one map of the other side:
+``[BLOCK * P, C] x [C, U]`` with ``tl.dot`` (fp32 accumulation), then keeps each pixel's
+maximum inside its own window. The union is clamped to the map, so a window larger than the
+map costs no more than the map.
 
 * ``_window_max_kernel``: one program per (tile, query block, template); writes the
   per-template map ``[A, N, H, W]`` (``forward_ATM``; ``backward_ATM`` swaps roles).
-* ``_mutual_kernel``: one program per (tile, query block, template chunk); reduces
-  over its templates in registers and computes each product once for both
-  directions. The forward maximum of a pixel and the backward maximum of a
-  template position are merged across programs with one ``atomic_max`` each.
+* ``_mutual_kernel`` (streaming): one program per (tile, query block, template chunk); per
+  template, the query tile and the whole union (a power-of-two block) stream in channel blocks.
+* ``_mutual_resident_kernel``: one program per (query block x union part, tile, template
+  chunk); the query tile is loaded once with all its channels, and every template's part of
+  the union (``BLOCK_U`` positions of it) streams past: each template byte read serves all
+  the program's rows, and the union is split into parts instead of rounded up to a power of two.
+
+Both fused kernels reduce over their templates in registers, compute each product once for
+both directions, and merge the forward maximum of a pixel and the backward maximum of a
+template position across programs with one relaxed ``atomic_max`` each. Window radii and
+union sizes are run-time arguments (the paper's window pairs share compilations). The config
+(which kernel, tiles, blocks, warps, stages) is sized to the register file and shared memory
+(``valid_config``) and ordered by the traffic model (``hetmm_kernels.traffic``).
 
 Feature maps are pixel-major ``[N, H, W, C]`` so that the ``C`` axis of every load
 is contiguous. Offsets are int64.
@@ -227,13 +236,16 @@ FIXED_REGISTERS = 48
 SHARED_BYTES = {(9, 0): 232448, (8, 0): 166912}  # opt-in shared memory per block
 DEFAULT_SHARED_BYTES = 101376  # sm_86/sm_89 and unknown GPUs
 MAX_GRID_Y = 65535
+SHARED_MARGIN = 16384
 
 
-def thread_registers(config: dict, block_u: int, channels: int, element_bytes: int) -> float:
-    """Estimated registers a thread needs for ``config`` (streaming or resident)."""
+def thread_registers(config: dict, block_u: int, channels: int, element_bytes: int,
+                     running_max: bool = True) -> float:
+    """Estimated registers a thread needs for ``config`` (streaming or resident; ``running_max`` False:
+    the per-template window kernel, which keeps no maximum across templates)."""
     threads = 32 * config["num_warps"]
     rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
-    arrays = 3 * rows * block_u / threads
+    arrays = (3 if running_max else 2) * rows * block_u / threads
     if element_bytes > 2:
         # IEEE float32 products run on the CUDA cores with both operands in registers: each thread holds
         # the channel block of its rows and columns (16 products a thread over 16 channels compile without
@@ -250,7 +262,9 @@ def thread_registers(config: dict, block_u: int, channels: int, element_bytes: i
 
 
 def register_limit(warps: int) -> int:
-    return min(255, REGISTERS_PER_SM // (32 * warps))
+    """Registers a thread may plan for: its share of the SM, and at most 200 of ptxas's 255 (ptxas
+    sometimes settles lower: sm_80 capped a 208-register estimate at 128 and spilled)."""
+    return min(200, REGISTERS_PER_SM // (32 * warps))
 
 
 def shared_bytes(config: dict, block_u: int, channels: int, element_bytes: int) -> int:
@@ -275,16 +289,8 @@ def _element_bytes(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
 
 
-def _warps_for(config: dict, block_u: int, channels: int, element_bytes: int) -> int | None:
-    """The fewest warps (4, 8 or 16) whose registers hold ``config`` without spilling."""
-    for warps in (4, 8, 16):
-        if thread_registers(dict(config, num_warps=warps), block_u, channels, element_bytes) <= register_limit(warps):
-            return warps
-    return None
-
-
 def tile_config(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False,
-                dtype: torch.dtype = torch.float16) -> dict:
+                dtype: torch.dtype = torch.float16, running_max: bool = True) -> dict:
     """The streaming kernel's heuristic config of one problem (tl.dot needs every dimension >= 16).
 
     ``one_map``: one query map per program (per-query template sets), so the tile alone
@@ -297,18 +303,23 @@ def tile_config(height: int, width: int, reach: int, count_a: int, channels: int
     pixels = tile_h * tile_w
     block_a = 1 if one_map else max(16 // pixels, min(_pow2_at_most(count_a, 4), max(1, 64 // pixels)))
     block_c = max(16, _pow2_at_most(channels, 64 if element_bytes <= 2 else 16))
-    config = dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block_a, BLOCK_C=block_c, num_stages=3)
-    block_u = union_shape(config, height, width, reach)["BLOCK_U"]
     # wide windows: fewer maps per program, then narrower channel blocks, rather than spilled registers
-    while _warps_for(config, block_u, channels, element_bytes) is None:
-        if config["BLOCK"] * pixels > 16:
-            config["BLOCK"] //= 2
-        elif config["BLOCK_C"] > 16:
-            config["BLOCK_C"] //= 2
+    # or loads narrower than 16 bytes
+    candidates = []
+    while True:
+        candidates.append(dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK=block_a, BLOCK_C=block_c, num_stages=3))
+        if block_a * pixels > 16:
+            block_a //= 2
+        elif block_c > 16:
+            block_c //= 2
         else:
             break
-    warps = _warps_for(config, block_u, channels, element_bytes) or 16
-    return dict(config, num_warps=warps)
+    for config in candidates:
+        for warps in (4, 8, 16):
+            if valid_config(dict(config, num_warps=warps), height, width, reach, one_map, channels, dtype,
+                            running_max=running_max):
+                return dict(config, num_warps=warps)
+    return dict(candidates[-1], num_warps=4)  # nothing fits the budgets: the smallest tile
 
 
 def mutual_default(height: int, width: int, reach: int, batch: int, channels: int, dtype: torch.dtype,
@@ -335,7 +346,7 @@ def union_shape(config: dict, height: int, width: int, reach: int) -> dict:
 
 
 def valid_config(config: dict, height: int, width: int, reach: int, one_map: bool = False, channels: int = 64,
-                 dtype: torch.dtype = torch.float16, shared: int | None = None) -> bool:
+                 dtype: torch.dtype = torch.float16, shared: int | None = None, running_max: bool = True) -> bool:
     """Whether ``config`` compiles, fits and does not spill for this problem (also checks cached entries)."""
     resident = config.get("KERNEL") == "resident"
     keys = ("TILE_H", "TILE_W", "BLOCK", "BLOCK_U" if resident else "BLOCK_C", "num_warps")
@@ -358,13 +369,17 @@ def valid_config(config: dict, height: int, width: int, reach: int, one_map: boo
     narrow = min(rows, block_u) * depth * element_bytes < 16 * 32 * config["num_warps"]
     if element_bytes <= 2 and config["num_warps"] > 4 and narrow:
         return False
-    fits = thread_registers(config, block_u, channels, element_bytes) <= register_limit(config["num_warps"])
-    fits = fits and shared_bytes(config, block_u, channels, element_bytes) <= (shared or SHARED_BYTES[(9, 0)])
+    fits = thread_registers(config, block_u, channels, element_bytes, running_max) <= register_limit(
+        config["num_warps"])
+    # shared memory: the estimate is what Triton 3.8 allocates; 16 KB are left for other versions' scratch
+    budget = (shared or SHARED_BYTES[(9, 0)]) - SHARED_MARGIN
+    fits = fits and shared_bytes(config, block_u, channels, element_bytes) <= budget
     return rows >= 16 and fits and (config["BLOCK"] == 1 or not one_map)
 
 
 def config_space(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False,
-                 dtype: torch.dtype = torch.float16, shared: int | None = None, kernels=("stream", "resident")) -> list:
+                 dtype: torch.dtype = torch.float16, shared: int | None = None, kernels=("stream", "resident"),
+                 running_max: bool = True) -> list:
     """The search space of one problem: kernel, tile shape, query block, channel or union block, warps, stages.
 
     Ordered most promising first (a static estimate), so a tuning budget of the first few
@@ -388,7 +403,8 @@ def config_space(height: int, width: int, reach: int, count_a: int, channels: in
                     for warps, stages in ((4, 2), (4, 3), (8, 2), (8, 3), (16, 2)):
                         config = dict(shape, TILE_H=tile_h, TILE_W=tile_w, BLOCK=block, num_warps=warps,
                                       num_stages=stages)
-                        if valid_config(config, height, width, reach, one_map, channels, dtype, shared):
+                        if valid_config(config, height, width, reach, one_map, channels, dtype, shared,
+                                        running_max):
                             space.append(config)
     # most promising first: the traffic model's predicted time (60 templates, the default GPU); among equals,
     # deeper pipelines, then fewer warps
@@ -423,11 +439,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def window_config(x: torch.Tensor, count_n: int, radius: int) -> dict:
     count_a, height, width, channels = x.shape
-    default = tile_config(height, width, radius, count_a, channels, dtype=x.dtype)
+    default = tile_config(height, width, radius, count_a, channels, dtype=x.dtype, running_max=False)
     shared = device_shared_bytes(x.device)
     return autotune.choose("window_max", window_problem(x.shape, count_n, radius, x.dtype), x.device, default,
                            lambda c: "KERNEL" not in c and valid_config(c, height, width, radius, False, channels,
-                                                                        x.dtype, shared))
+                                                                        x.dtype, shared, running_max=False))
 
 
 def window_max(x: torch.Tensor, y: torch.Tensor, radius: int, out_dtype: torch.dtype, config: dict | None = None):
@@ -527,8 +543,8 @@ def tune_window(x: torch.Tensor, y: torch.Tensor, radius: int, space: list | Non
     count_a, height, width, channels = x.shape
     if space is None:
         space = config_space(height, width, radius, count_a, channels, dtype=x.dtype,
-                             shared=device_shared_bytes(x.device), kernels=("stream",))
-    default = tile_config(height, width, radius, count_a, channels, dtype=x.dtype)
+                             shared=device_shared_bytes(x.device), kernels=("stream",), running_max=False)
+    default = tile_config(height, width, radius, count_a, channels, dtype=x.dtype, running_max=False)
     space = [c for c in space if c != default][:limit]
     return autotune.tune(
         "window_max", window_problem(x.shape, y.shape[0], radius, x.dtype), x.device, space, default,
