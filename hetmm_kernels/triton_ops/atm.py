@@ -363,12 +363,13 @@ def valid_config(config: dict, height: int, width: int, reach: int, one_map: boo
         return False
     rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
     block_u = union_shape(config, height, width, reach)["BLOCK_U"]
-    # 16-byte loads (tensor-core path): more than 4 warps only where every thread still gets 16 bytes of
-    # each operand tile (float32 is bound by its CUDA-core products and needs the warps for its registers)
+    # 16-byte loads (tensor-core path): every thread gets at least 16 bytes of each operand tile a step
+    # (float32 is bound by its CUDA-core products and needs the warps for its registers)
     depth = max(16, triton.next_power_of_2(channels)) if resident else config["BLOCK_C"]
-    narrow = min(rows, block_u) * depth * element_bytes < 16 * 32 * config["num_warps"]
-    if element_bytes <= 2 and config["num_warps"] > 4 and narrow:
+    if element_bytes <= 2 and min(rows, block_u) * depth * element_bytes < 16 * 32 * config["num_warps"]:
         return False
+    if element_bytes > 2 and (config["num_warps"], config["num_stages"]) == (8, 2):
+        return False  # ptxas settles at 128 registers and spills (sm_90, the whole-space compile check)
     fits = thread_registers(config, block_u, channels, element_bytes, running_max) <= register_limit(
         config["num_warps"])
     # shared memory: the estimate is what Triton 3.8 allocates; 16 KB are left for other versions' scratch
