@@ -96,6 +96,11 @@ CANDIDATES = {
     "L3-l1-a05": dict(params=layers(l3="7x3_a=0.5_l=1", isolation=1) + ";" + SCORES),
     "L1-half-L3-l1": dict(params=layers(l1="5x3_a=0.5_l=0.5", l3="7x3_a=0.3_l=1", isolation=1) + ";" + SCORES),
     "L3-l2": dict(params=layers(l3="7x3_a=0.3_l=2", isolation=1) + ";" + SCORES),
+    # the eighth round: wide forward windows only (a query pixel may find its structure anywhere nearby in
+    # a template), the backward windows kept narrow (a template pixel's best match stays local: localisation)
+    "wide-fore": dict(params=layers(l2="17x3_a=0.5_l=0.8", l3="31x3_a=0.3_l=0.5", isolation=1) + ";" + SCORES),
+    "L2-wide-fore": dict(params=layers(l2="17x3_a=0.5_l=0.8", isolation=1) + ";" + SCORES),
+    "L3-wide-fore": dict(params=layers(l3="31x3_a=0.3_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")

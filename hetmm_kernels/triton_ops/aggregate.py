@@ -5,8 +5,9 @@ it combines the layer's fore and back similarities into ``lda * (1 - alpha*fore 
 (1-alpha)*back)`` in registers and applies the separable resample-and-blur operators
 (``A_y @ M @ A_x^T``, see ``torch_ops.aggregate``) with two ``tl.dot``; the layers
 accumulate in place, the tile is written once, and the image maximum is merged across
-tiles with one ``atomic_max``. The operators and the padded layer maps are tiny and
-built by the launcher.
+tiles with one ``atomic_max``. The layers' maps arrive packed end to end (no padding to a
+common size: each is read at its own size, masked); the row and column operators are
+zero-padded to the largest map and cached per shape on the device.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..torch_ops.aggregate import axis_matrix, image_scores
 
 @triton.jit
 def _aggregate_kernel(
-    fore_ptr, back_ptr, weight_ptr, extent_ptr, rows_ptr, cols_ptr, out_ptr, score_ptr,
+    fore_ptr, back_ptr, weight_ptr, extent_ptr, start_ptr, rows_ptr, cols_ptr, out_ptr, score_ptr,
     layers, batch, height, width, n_tiles_w,
     MAP_H: tl.constexpr, MAP_W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     SCORE_MAX: tl.constexpr, CHUNK: tl.constexpr,
@@ -37,19 +38,20 @@ def _aggregate_kernel(
     for layer in range(layers):
         alpha = tl.load(weight_ptr + 2 * layer)
         lda = tl.load(weight_ptr + 2 * layer + 1)
-        # the layer's own map size (rounded up to CHUNK), not the padded common one: smaller layers cost less
-        extent_h = tl.load(extent_ptr + 2 * layer)
-        extent_w = tl.load(extent_ptr + 2 * layer + 1)
-        base = (layer * batch + b).to(tl.int64) * MAP_H
-        for j0 in range(0, extent_w, CHUNK):
+        # the layer's own map size, not the largest one: smaller layers cost less
+        map_h = tl.load(extent_ptr + 2 * layer)
+        map_w = tl.load(extent_ptr + 2 * layer + 1)
+        base = tl.load(start_ptr + layer) + b.to(tl.int64) * map_h * map_w  # this image's map in the packing
+        for j0 in range(0, map_w, CHUNK):
             j = j0 + span
             partial = tl.zeros((BLOCK_H, CHUNK), dtype=tl.float32)
-            for i0 in range(0, extent_h, CHUNK):
+            for i0 in range(0, map_h, CHUNK):
                 i = i0 + span
-                offs = (base + i[:, None]) * MAP_W + j[None, :]
-                fore = tl.load(fore_ptr + offs)
-                back = tl.load(back_ptr + offs)
-                low = lda * (1.0 - alpha * fore - (1.0 - alpha) * back)  # padding meets zero operator columns
+                inside = (i[:, None] < map_h) & (j[None, :] < map_w)
+                offs = base + i[:, None] * map_w + j[None, :]
+                fore = tl.load(fore_ptr + offs, mask=inside, other=0.0)
+                back = tl.load(back_ptr + offs, mask=inside, other=0.0)
+                low = lda * (1.0 - alpha * fore - (1.0 - alpha) * back)  # outside: zero operator columns
                 a_y = tl.load(rows_ptr + (layer * height + y[:, None]) * MAP_H + i[None, :],
                               mask=y[:, None] < height, other=0.0)
                 partial = tl.dot(a_y, low, partial, input_precision="ieee")
@@ -68,8 +70,14 @@ CHUNK = 16  # the map side a product step covers (tl.dot's smallest)
 
 @functools.lru_cache(maxsize=64)
 def _layer_extents(shapes: tuple, device: torch.device) -> torch.Tensor:
-    return torch.tensor([[triton.cdiv(h, CHUNK) * CHUNK, triton.cdiv(w, CHUNK) * CHUNK] for h, w in shapes],
-                        dtype=torch.int32, device=device)
+    return torch.tensor(shapes, dtype=torch.int32, device=device).reshape(-1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_starts(shapes: tuple, batch: int, device: torch.device) -> torch.Tensor:
+    """Where each layer's ``[B, h, w]`` block starts in the packed maps (int64: cached on the device)."""
+    sizes = [0] + [batch * h * w for h, w in shapes[:-1]]
+    return torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,12 +130,9 @@ def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=
     map_h = max(16, triton.next_power_of_2(max(f.shape[-2] for f in fores)))
     map_w = max(16, triton.next_power_of_2(max(f.shape[-1] for f in fores)))
     layers = len(fores)
-    fore_pad = torch.zeros(layers, batch, map_h, map_w, device=device)
-    back_pad = torch.zeros(layers, batch, map_h, map_w, device=device)
-    for layer, (fore, back) in enumerate(zip(fores, backs)):
-        h, w = fore.shape[-2:]
-        fore_pad[layer, :, :h, :w] = fore
-        back_pad[layer, :, :h, :w] = back
+    # packed end to end, each at its own size: one copy each, no zero padding
+    fore_packed = torch.cat([f.reshape(-1) for f in fores]) if layers > 1 else fores[0].reshape(-1)
+    back_packed = torch.cat([b.reshape(-1) for b in backs]) if layers > 1 else backs[0].reshape(-1)
     shapes = tuple(tuple(f.shape[-2:]) for f in fores)
     rows, cols = _padded_operators(shapes, height, width, map_h, map_w,
                                    None if blur is None else (float(blur[0]), int(blur[1])), device)
@@ -139,7 +144,8 @@ def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=
     n_tiles_w = triton.cdiv(width, cfg["BLOCK_W"])
     grid = (triton.cdiv(height, cfg["BLOCK_H"]) * n_tiles_w, batch)
     _aggregate_kernel[grid](
-        fore_pad, back_pad, weights, _layer_extents(shapes, device), rows, cols, out, scores, layers, batch, height,
+        fore_packed, back_packed, weights, _layer_extents(shapes, device), _layer_starts(shapes, batch, device), rows,
+        cols, out, scores, layers, batch, height,
         width, n_tiles_w, MAP_H=map_h, MAP_W=map_w, SCORE_MAX=image_score == "max", CHUNK=CHUNK, **cfg,
     )
     if image_score == "max":
