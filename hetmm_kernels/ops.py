@@ -287,6 +287,15 @@ class HistogramBank:
     def histograms(self) -> torch.Tensor:
         return self.counts.float() / self.area
 
+    def padded_counts(self) -> torch.Tensor:
+        """The counts with each block's bins padded to a power of two (zeros), as the Triton top-K
+        streams them (one aligned vector load a block): built once per bank, on its device."""
+        from .triton_ops.retrieval import padded_counts
+
+        if getattr(self, "_padded", None) is None or self._padded[0] is not self.counts:
+            self._padded = (self.counts, padded_counts(self.counts))
+        return self._padded[1]
+
     def __len__(self) -> int:
         return self.counts.shape[0]
 
@@ -367,4 +376,6 @@ def retrieve_topk(query_hist: torch.Tensor, bank_hist, k: int, l_ratio: float = 
         return torch_retrieval.retrieve_topk(query_hist, data, area, k, l_ratio, method)
     from .triton_ops import retrieval as triton_retrieval
 
+    if bank is not None:
+        data = bank.padded_counts()
     return triton_retrieval.retrieve_topk(query_hist, data, area, k, l_ratio, method)

@@ -135,7 +135,8 @@ def other_cases():
             torch.empty(32, 272, 32, 32, dtype=d), torch.empty(12, 272, dtype=d), 5)
     for method in ("kl", "l2"):
         for queries in (1, 32):
-            for bank in (torch.empty(200_000, 25, 13, dtype=torch.uint8), torch.empty(4096, 25, 13)):
+            # a compact bank as the launcher streams it (bins padded to 16: one vector load a block), floats
+            for bank in (torch.empty(200_000, 25, 16, dtype=torch.uint8), torch.empty(4096, 25, 13)):
                 yield f"retrieve_topk q{queries} {method} {bank.dtype}", \
                     lambda q=queries, b=bank, m=method: retrieval.retrieve_topk(torch.empty(q, 25, 13), b, 49, 10,
                                                                                0.8, m)
@@ -162,7 +163,7 @@ def extreme_cases():
                                                                     (4.0, 33), "max", config=big_tile)
     big_block = max(retrieval.topk_space(32, 25), key=lambda c: (c["BLOCK_Q"] * c["BLOCK_R"], c["num_warps"]))
     yield "retrieve_topk space largest", lambda: retrieval.retrieve_topk(
-        torch.empty(32, 25, 13), torch.empty(200_000, 25, 13, dtype=torch.uint8), 49, 10, 0.8, "kl", config=big_block)
+        torch.empty(32, 25, 13), torch.empty(200_000, 25, 16, dtype=torch.uint8), 49, 10, 0.8, "kl", config=big_block)
     yield "naive baseline layer1 b1 fp16 13x13", lambda: naive_atm.naive_window_max(
         torch.empty(1, channels, side, side, dtype=torch.float16),
         torch.empty(TEMPLATES, channels, side, side, dtype=torch.float16), 13)

@@ -74,8 +74,10 @@ def _block_histogram_kernel(
 def _trimmed_topk_kernel(
     query_ptr, own_ptr, table_ptr, bank_ptr, key_ptr, queries, entries, blocks, bins, drop, n_bank_blocks,
     USE_KL: tl.constexpr, COUNTS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_BINS: tl.constexpr, CAND: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_BINS: tl.constexpr, CAND: tl.constexpr, PADDED: tl.constexpr,
 ):
+    # PADDED: every block of a bank entry is BLOCK_BINS wide in memory (zero counts past ``bins``), so a
+    # block's bins are one aligned vector load (16 bytes of uint8 counts) instead of ``bins`` single bytes
     pid_r = tl.program_id(1)
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     col = tl.arange(0, BLOCK_R)
@@ -90,8 +92,12 @@ def _trimmed_topk_kernel(
     for l in range(blocks):
         qh = tl.load(query_ptr + (q[:, None].to(tl.int64) * blocks + l) * bins + k[None, :],
                      mask=q_ok[:, None] & k_ok[None, :], other=0.0)
-        data = tl.load(bank_ptr + (r[:, None].to(tl.int64) * blocks + l) * bins + k[None, :],
-                       mask=r_ok[:, None] & k_ok[None, :], other=0)
+        if PADDED:
+            data = tl.load(bank_ptr + (r[:, None].to(tl.int64) * blocks + l) * BLOCK_BINS + k[None, :],
+                           mask=r_ok[:, None], other=0)
+        else:
+            data = tl.load(bank_ptr + (r[:, None].to(tl.int64) * blocks + l) * bins + k[None, :],
+                           mask=r_ok[:, None] & k_ok[None, :], other=0)
         if USE_KL:
             # KL(q || r) = sum (q+eps) log(q+eps) - sum (q+eps) log(r+eps): the first sum per query
             # (own), the logarithms of a count from a table (counts are integers up to a block's area)
@@ -189,9 +195,18 @@ def topk_space(queries: int, blocks: int) -> list:
     return [c for c in space if topk_valid(c, blocks)]
 
 
+def padded_counts(counts: torch.Tensor) -> torch.Tensor:
+    """``[R, L, bins]`` counts laid out ``[R, L, next_pow2(bins)]`` with zero counts past ``bins``: each
+    block's bins one aligned vector load (13 bins: 16 bytes; the bank grows by 23%)."""
+    width = triton.next_power_of_2(counts.shape[2])
+    return torch.nn.functional.pad(counts, (0, width - counts.shape[2])).contiguous()
+
+
 def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, method: str, config: dict | None = None):
+    """``bank_counts [R, L, bins]``, or ``[R, L, next_pow2(bins)]`` as ``padded_counts`` lays it out."""
     queries, blocks, bins = query_hist.shape
     entries = bank_counts.shape[0]
+    padded = bank_counts.shape[2] != bins
     cfg = config or autotune.choose("retrieve_topk", topk_problem(queries, entries, blocks, bins, k, method),
                                     query_hist.device, topk_default(queries), lambda c: topk_valid(c, blocks))
     block_q, block_r = cfg["BLOCK_Q"], cfg["BLOCK_R"]
@@ -204,7 +219,7 @@ def retrieve_topk(query_hist, bank_counts, area: int, k: int, l_ratio: float, me
     _trimmed_topk_kernel[grid](
         query, own, table, bank_counts.contiguous(), keys, queries, entries, blocks, bins, drop, n_bank_blocks,
         USE_KL=method == "kl", COUNTS=counts, BLOCK_D=triton.next_power_of_2(max(drop, 1)),
-        BLOCK_BINS=triton.next_power_of_2(bins), CAND=cand, **cfg,
+        BLOCK_BINS=triton.next_power_of_2(bins), CAND=cand, PADDED=padded, **cfg,
     )
     best = torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False).values  # (distance, index) order
     distances = (best >> 32).to(torch.int32).view(torch.float32)
