@@ -253,18 +253,20 @@ def thread_registers(config: dict, block_u: int, channels: int, element_bytes: i
         fits = rows * block_u <= 16 * threads and config.get("BLOCK_C", 16) <= 16
         return arrays + FIXED_REGISTERS if fits else float("inf")
     if config.get("KERNEL") == "resident":
-        # the template part comes from shared memory a k-step at a time; the resident query tile may be
-        # held in registers as mma.sync's A fragments (sm_80: 128 rows x 256 channels at 4 warps spilled)
-        query = rows * max(16, triton.next_power_of_2(channels)) * element_bytes / 4 / threads
+        # the template part comes from shared memory a k-step at a time; part of the resident query tile
+        # may stay in registers as mma.sync's A fragments (counted at half its size: sm_80 held 128 rows x
+        # 256 channels at 4 warps in 72 registers, at 8 warps in 80-136)
+        query = rows * max(16, triton.next_power_of_2(channels)) * element_bytes / 8 / threads
         return arrays + query + FIXED_REGISTERS
     operands = (rows + block_u) * config["BLOCK_C"] * element_bytes / 4 / threads
     return arrays + operands + FIXED_REGISTERS
 
 
 def register_limit(warps: int) -> int:
-    """Registers a thread may plan for: its share of the SM, and at most 200 of ptxas's 255 (ptxas
-    sometimes settles lower: sm_80 capped a 208-register estimate at 128 and spilled)."""
-    return min(200, REGISTERS_PER_SM // (32 * warps))
+    """Registers a thread may plan for. 4 warps: 200 of ptxas's 255; 8 warps: 128, as ptxas may settle
+    there to fit two blocks an SM (sm_80 capped a 176-register estimate at 128 and spilled); 16 warps:
+    the SM's share, 128."""
+    return 200 if warps <= 4 else 128
 
 
 def shared_bytes(config: dict, block_u: int, channels: int, element_bytes: int) -> int:
@@ -368,8 +370,11 @@ def valid_config(config: dict, height: int, width: int, reach: int, one_map: boo
     depth = max(16, triton.next_power_of_2(channels)) if resident else config["BLOCK_C"]
     if element_bytes <= 2 and min(rows, block_u) * depth * element_bytes < 16 * 32 * config["num_warps"]:
         return False
+    # what the whole-space compile check found ptxas to do below these estimates:
     if element_bytes > 2 and (config["num_warps"], config["num_stages"]) == (8, 2):
-        return False  # ptxas settles at 128 registers and spills (sm_90, the whole-space compile check)
+        return False  # float32: settles at 128 registers and spills (sm_90)
+    if resident and config["BLOCK_U"] == 16 and config["num_warps"] >= 8:
+        return False  # 16-position parts over 8 warps: settles at 64 registers and spills (sm_80)
     fits = thread_registers(config, block_u, channels, element_bytes, running_max) <= register_limit(
         config["num_warps"])
     # shared memory: the estimate is what Triton 3.8 allocates; 16 KB are left for other versions' scratch
