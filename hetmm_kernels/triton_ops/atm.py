@@ -258,15 +258,17 @@ def thread_registers(config: dict, block_u: int, channels: int, element_bytes: i
         # 256 channels at 4 warps in 72 registers, at 8 warps in 80-136)
         query = rows * max(16, triton.next_power_of_2(channels)) * element_bytes / 8 / threads
         return arrays + query + FIXED_REGISTERS
-    operands = (rows + block_u) * config["BLOCK_C"] * element_bytes / 4 / threads
+    # the operand tiles pass through registers a k-step at a time (counted at half their size: the window
+    # kernel's 16 x 64 and 256 x 64 tiles at 4 warps compiled to 148-152 registers, not the 180 in full)
+    operands = (rows + block_u) * config["BLOCK_C"] * element_bytes / 8 / threads
     return arrays + operands + FIXED_REGISTERS
 
 
 def register_limit(warps: int) -> int:
-    """Registers a thread may plan for. 4 warps: 200 of ptxas's 255; 8 warps: 128, as ptxas may settle
-    there to fit two blocks an SM (sm_80 capped a 176-register estimate at 128 and spilled); 16 warps:
-    the SM's share, 128."""
-    return 200 if warps <= 4 else 128
+    """Registers a thread may plan for. ptxas may settle below its 255 (or the SM's share) and spill a
+    few bytes rather than use them: at 4 warps the whole-space compile check saw sm_80 stop at 168
+    (a 176-register estimate), at 8 warps at 128 (to fit two blocks an SM); 16 warps get 128 at most."""
+    return 160 if warps <= 4 else 128
 
 
 def shared_bytes(config: dict, block_u: int, channels: int, element_bytes: int) -> int:
@@ -373,8 +375,8 @@ def valid_config(config: dict, height: int, width: int, reach: int, one_map: boo
     # what the whole-space compile check found ptxas to do below these estimates:
     if element_bytes > 2 and (config["num_warps"], config["num_stages"]) == (8, 2):
         return False  # float32: settles at 128 registers and spills (sm_90)
-    if resident and config["BLOCK_U"] == 16 and config["num_warps"] >= 8:
-        return False  # 16-position parts over 8 warps: settles at 64 registers and spills (sm_80)
+    if resident and config["BLOCK_U"] == 16 and (config["num_warps"], config["num_stages"]) != (4, 3):
+        return False  # 16-position parts: sm_80 settled at 64-72 registers and spilled, but at 4 warps, 3 stages
     fits = thread_registers(config, block_u, channels, element_bytes, running_max) <= register_limit(
         config["num_warps"])
     # shared memory: the estimate is what Triton 3.8 allocates; 16 KB are left for other versions' scratch
