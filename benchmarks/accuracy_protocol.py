@@ -101,6 +101,10 @@ CANDIDATES = {
     "wide-fore": dict(params=layers(l2="17x3_a=0.5_l=0.8", l3="31x3_a=0.3_l=0.5", isolation=1) + ";" + SCORES),
     "L2-wide-fore": dict(params=layers(l2="17x3_a=0.5_l=0.8", isolation=1) + ";" + SCORES),
     "L3-wide-fore": dict(params=layers(l3="31x3_a=0.3_l=0.5", isolation=1) + ";" + SCORES),
+    # the ninth round: the forward map's weight (a query pixel with no match: distorted or foreign texture)
+    "L3-a05": dict(params=layers(l3="7x3_a=0.5_l=0.5", isolation=1) + ";" + SCORES),
+    "L3-a07": dict(params=layers(l3="7x3_a=0.7_l=0.5", isolation=1) + ";" + SCORES),
+    "L23-a07": dict(params=layers(l2="9x3_a=0.7_l=0.8", l3="7x3_a=0.7_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")
