@@ -105,6 +105,14 @@ CANDIDATES = {
     "L3-a05": dict(params=layers(l3="7x3_a=0.5_l=0.5", isolation=1) + ";" + SCORES),
     "L3-a07": dict(params=layers(l3="7x3_a=0.7_l=0.5", isolation=1) + ";" + SCORES),
     "L23-a07": dict(params=layers(l2="9x3_a=0.7_l=0.8", l3="7x3_a=0.7_l=0.5", isolation=1) + ";" + SCORES),
+    "all-a07": dict(params=layers(l1="5x3_a=0.7_l=1", l2="9x3_a=0.7_l=0.8", l3="7x3_a=0.7_l=0.5", isolation=1)
+                    + ";" + SCORES),
+    "L23-a09": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
+    "all-a09": dict(params=layers(l1="5x3_a=0.9_l=1", l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1)
+                    + ";" + SCORES),
+    "L23-a1": dict(params=layers(l2="9x3_a=1_l=0.8", l3="7x3_a=1_l=0.5", isolation=1) + ";" + SCORES),
+    "L1-a07-L23-a09": dict(params=layers(l1="5x3_a=0.7_l=1", l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5",
+                                         isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")

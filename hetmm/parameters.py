@@ -49,8 +49,10 @@ MVTEC_AD = {
 # (benchmarks/accuracy_protocol.py; lite0 features with the 3x3 neighbourhood, DEFAULT_NEIGHBOURHOOD):
 # a 5x5 forward window at layer 1 (13x13 scored no better there and costs 4x), the image score the
 # maximum of the map blurred with sigma 8 (one noisy pixel no longer decides), PRO on the pixel map,
-# and isolation 1 on every layer (rare but normal structure is no longer an anomaly; the fifth round).
-DEFAULT = ("L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.5_l=0.8_i=1|L3:7x3_a=0.3_l=0.5_i=1;"
+# isolation 1 on every layer (rare but normal structure is no longer an anomaly; the fifth round), and
+# layers 2 and 3 weighted mostly by their forward maps, alpha 0.9 (a query pixel with no match in any
+# template is the defect; the ninth round).
+DEFAULT = ("L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.9_l=0.8_i=1|L3:7x3_a=0.9_l=0.5_i=1;"
            "img_AUC:blur_s=8.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33")
 # Locally aware features (PatchCore's 3x3 average before normalising) for DEFAULT; the paper's strings keep 1.
 DEFAULT_NEIGHBOURHOOD = 3
