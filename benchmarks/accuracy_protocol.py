@@ -113,6 +113,10 @@ CANDIDATES = {
     "L23-a1": dict(params=layers(l2="9x3_a=1_l=0.8", l3="7x3_a=1_l=0.5", isolation=1) + ";" + SCORES),
     "L1-a07-L23-a09": dict(params=layers(l1="5x3_a=0.7_l=1", l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5",
                                          isolation=1) + ";" + SCORES),
+    # the tenth round, from round 9's DEFAULT (layers 2 and 3 at alpha 0.9)
+    "a09-L3-l08": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.8", isolation=1) + ";" + SCORES),
+    "a09-L2-13x3": dict(params=layers(l2="13x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
+    "a09-i1.5": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1.5) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")
