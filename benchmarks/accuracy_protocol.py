@@ -117,6 +117,8 @@ CANDIDATES = {
     "a09-L3-l08": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.8", isolation=1) + ";" + SCORES),
     "a09-L2-13x3": dict(params=layers(l2="13x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "a09-i1.5": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1.5) + ";" + SCORES),
+    "a09-L3-31x3": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="31x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
+    "a09-wide-fore": dict(params=layers(l2="17x3_a=0.9_l=0.8", l3="31x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")
