@@ -231,7 +231,6 @@ def _pow2_at_most(n: int, cap: int) -> int:
 # the [rows, BLOCK_U] tile (the products, the running maximum, the window masks' temporaries in
 # the epilogue), the operand fragments, and a fixed part (addresses, indices); calibrated with the
 # compile check (tests/kernel_stats.py) on sm_80 and sm_90 over the whole tuning space.
-REGISTERS_PER_SM = 65536
 FIXED_REGISTERS = 48
 SHARED_BYTES = {(9, 0): 232448, (8, 0): 166912}  # opt-in shared memory per block
 DEFAULT_SHARED_BYTES = 101376  # sm_86/sm_89 and unknown GPUs
