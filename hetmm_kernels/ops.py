@@ -273,6 +273,7 @@ class HistogramBank:
         if counts.shape[0] == 0:
             raise ValueError("the histogram bank is empty: it needs at least one reference image")
         self.counts, self.area = counts, int(area)
+        self._padded = None  # (counts, their padded layout), built on first Triton use
 
     @classmethod
     def from_histograms(cls, hist: torch.Tensor, area: int) -> "HistogramBank":
@@ -292,7 +293,7 @@ class HistogramBank:
         streams them (one aligned vector load a block): built once per bank, on its device."""
         from .triton_ops.retrieval import padded_counts
 
-        if getattr(self, "_padded", None) is None or self._padded[0] is not self.counts:
+        if self._padded is None or self._padded[0] is not self.counts:
             self._padded = (self.counts, padded_counts(self.counts))
         return self._padded[1]
 

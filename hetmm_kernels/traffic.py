@@ -68,17 +68,13 @@ class Estimate:
                 f"GFLOP, {self.l2_bytes / 1e9:.2f} GB L2->SM, {self.dram_bytes / 1e9:.2f} GB DRAM")
 
 
-def _element_bytes(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def matching(config: dict, batch: int, height: int, width: int, channels: int, templates: int, fore_r: int,
              back_r: int, dtype=torch.float16, gpu: GPU | None = None, per_query: int | None = None) -> Estimate:
     """``mutual_max`` with ``config`` (streaming or resident); ``per_query``: each query's K templates."""
     from .triton_ops import atm
 
     gpu = gpu or GPUS[DEFAULT_GPU]
-    element = _element_bytes(dtype)
+    element = dtype.itemsize
     reach = max(fore_r, back_r)
     count_t = per_query if per_query is not None else templates
     window = min(2 * reach + 1, height) * min(2 * reach + 1, width)

@@ -137,10 +137,10 @@ def _merge_windows(best, b, row_y, row_x, row_valid, uy, ux, u_valid, pid_b, bat
 
 
 # Window radii and union sizes are run-time values: the paper's 15 window pairs share compilations.
-_RUN_TIME = ["fore_r", "back_r", "reach", "union_h", "union_w", "n_parts"]
+_WINDOW_ARGS = ["fore_r", "back_r", "reach", "union_h", "union_w"]
 
 
-@triton.jit(do_not_specialize=_RUN_TIME[:5])
+@triton.jit(do_not_specialize=_WINDOW_ARGS)
 def _mutual_kernel(
     q_ptr, t_ptr, fore_ptr, back_ptr, index_ptr,
     batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
@@ -172,7 +172,7 @@ def _mutual_kernel(
                    fore_ptr, back_ptr, fore_r, back_r, BLOCK_B, TILE_H * TILE_W)
 
 
-@triton.jit(do_not_specialize=_RUN_TIME)
+@triton.jit(do_not_specialize=_WINDOW_ARGS + ["n_parts"])
 def _mutual_resident_kernel(
     q_ptr, t_ptr, fore_ptr, back_ptr, index_ptr,
     batch, count_t, templates_per_program, height, width, channels, n_tiles_w,
@@ -288,10 +288,6 @@ def device_shared_bytes(device: torch.device) -> int:
     return optin or SHARED_BYTES.get((props.major, props.minor), DEFAULT_SHARED_BYTES)
 
 
-def _element_bytes(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 2
-
-
 def tile_config(height: int, width: int, reach: int, count_a: int, channels: int, one_map: bool = False,
                 dtype: torch.dtype = torch.float16, running_max: bool = True) -> dict:
     """The streaming kernel's heuristic config of one problem (tl.dot needs every dimension >= 16).
@@ -300,7 +296,7 @@ def tile_config(height: int, width: int, reach: int, count_a: int, channels: int
     must supply the 16 rows. float32 (IEEE products on the CUDA cores, operands in
     registers) takes narrower channel blocks than 16-bit types.
     """
-    element_bytes = _element_bytes(dtype)
+    element_bytes = dtype.itemsize
     tile_h = 4 if one_map else _pow2_at_most(height, 4)
     tile_w = 4 if one_map else _pow2_at_most(width, 4)
     pixels = tile_h * tile_w
@@ -360,7 +356,7 @@ def valid_config(config: dict, height: int, width: int, reach: int, one_map: boo
         return False
     if config["num_warps"] > 16 or (config["BLOCK_U"] if resident else config["BLOCK_C"]) < 16:
         return False
-    element_bytes = _element_bytes(dtype)
+    element_bytes = dtype.itemsize
     tiles = triton.cdiv(height, config["TILE_H"]) * triton.cdiv(width, config["TILE_W"])
     if resident and (element_bytes > 2 or tiles > MAX_GRID_Y):
         return False
@@ -416,10 +412,9 @@ def config_space(height: int, width: int, reach: int, count_a: int, channels: in
     # most promising first: the traffic model's predicted time (60 templates, the default GPU); among equals,
     # deeper pipelines, then fewer warps
     per_query = 10 if one_map else None
-    model_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float16
 
     def predicted(config):
-        seconds = traffic.matching(config, count_a, height, width, channels, 60, reach, reach, model_dtype,
+        seconds = traffic.matching(config, count_a, height, width, channels, 60, reach, reach, dtype,
                                    per_query=per_query).seconds
         return round(seconds, 9), -config["num_stages"], config["num_warps"]
 
