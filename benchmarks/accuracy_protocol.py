@@ -119,6 +119,10 @@ CANDIDATES = {
     "a09-i1.5": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1.5) + ";" + SCORES),
     "a09-L3-31x3": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="31x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "a09-wide-fore": dict(params=layers(l2="17x3_a=0.9_l=0.8", l3="31x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
+    # the eleventh round: the image score from layers 2 and 3 only (L=23); round 9's DEFAULT scored images
+    # on every layer
+    "round9": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";"
+                   "img_AUC:blur_s=8.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")

@@ -10,13 +10,15 @@ A string has two parts separated by ``;``:
   the templates than the templates are from each other there. A window of 0 skips that layer.
 * per metric, ``img_AUC:...|pix_AUC:...|PRO:...``, each ``clean``, ``blur_s=<sigma>_k=<size>``
   (Gaussian blur) or ``mp_k=<size>`` (mean of a ``k x k`` max-pool, for the image score).
-  The image score is the maximum of the (post-processed) map unless ``mp`` is given.
+  The image score is the maximum of the (post-processed) map unless ``mp`` is given. Any of them may
+  end with ``_L=<digits>``: that metric's map sums only those layers (``_L=23``: layers 2 and 3, with
+  their own alpha and lambda); without it, every active layer.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # The published MVTec AD configuration (Wide-ResNet-101-2, 256x256 output), one string per category.
 MVTEC_AD = {
@@ -51,9 +53,10 @@ MVTEC_AD = {
 # maximum of the map blurred with sigma 8 (one noisy pixel no longer decides), PRO on the pixel map,
 # isolation 1 on every layer (rare but normal structure is no longer an anomaly; the fifth round), and
 # layers 2 and 3 weighted mostly by their forward maps, alpha 0.9 (a query pixel with no match in any
-# template is the defect; the ninth round).
+# template is the defect; the ninth round), and the image score from layers 2 and 3 only (layer 1's
+# fine texture localises defects but its normal variation decides too many image scores; the eleventh).
 DEFAULT = ("L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.9_l=0.8_i=1|L3:7x3_a=0.9_l=0.5_i=1;"
-           "img_AUC:blur_s=8.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33")
+           "img_AUC:blur_s=8.0_k=33_L=23|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33")
 # Locally aware features (PatchCore's 3x3 average before normalising) for DEFAULT; the paper's strings keep 1.
 DEFAULT_NEIGHBOURHOOD = 3
 
@@ -69,11 +72,13 @@ class LayerParams:
 
 @dataclass(frozen=True)
 class PostProcess:
-    """``clean`` (nothing), ``blur`` (Gaussian, ``sigma``, size ``k``) or ``mp`` (mean of a k x k max-pool)."""
+    """``clean`` (nothing), ``blur`` (Gaussian, ``sigma``, size ``k``) or ``mp`` (mean of a k x k max-pool),
+    of the map summed over ``layers`` (names such as ``"layer2"``; empty: every active layer)."""
 
     kind: str = "clean"
     sigma: float = 0.0
     k: int = 0
+    layers: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -105,8 +110,21 @@ def _bad(text: str, why: str) -> ValueError:
     return ParamsError(f"params: cannot read {text!r}: {why}; expected e.g. {DEFAULT!r}")
 
 
+def _parse_layer_choice(text: str, digits: str) -> tuple:
+    if not digits.isdigit() or any(not 1 <= int(d) <= LAYER_COUNT for d in digits) or len(set(digits)) < len(digits):
+        raise _bad(text, f"L= names layers by their digits once each, 1 to {LAYER_COUNT} (e.g. L=23); got {digits!r}")
+    return tuple(f"layer{d}" for d in sorted(digits))
+
+
 def _parse_post(text: str) -> PostProcess:
     items = text.split("_")
+    layers = ()
+    if len(items) > 1 and items[-1].startswith("L="):
+        layers = _parse_layer_choice(text, items.pop()[2:])
+    return replace(_parse_post_process(text, items), layers=layers)
+
+
+def _parse_post_process(text: str, items: list) -> PostProcess:
     if items == ["clean"]:
         return PostProcess()
     values = {}
@@ -119,7 +137,7 @@ def _parse_post(text: str) -> PostProcess:
         except ValueError:
             raise _bad(text, f"{value!r} is not a number") from None
     if not (items[0] == "blur" and set(values) == {"s", "k"}) and not (items[0] == "mp" and set(values) == {"k"}):
-        raise _bad(text, "a post-process is clean, blur_s=<sigma>_k=<size> or mp_k=<size>")
+        raise _bad(text, "a post-process is clean, blur_s=<sigma>_k=<size> or mp_k=<size>, then optionally _L=<layers>")
     k = values["k"]
     if not (math.isfinite(k) and k == int(k) and 1 <= k <= MAX_KERNEL):
         raise _bad(text, f"the size k must be a whole number from 1 to {MAX_KERNEL}; got {value_text(k)}")
@@ -179,6 +197,10 @@ def parse_params(text: str) -> ScoringParams:
                            post.get("PRO", PostProcess()))
     if not params.active_layers:
         raise _bad(text, "every layer is skipped (a window of 0)")
+    for metric, chosen in post.items():
+        skipped = [name for name in chosen.layers if name not in params.active_layers]
+        if skipped:
+            raise _bad(text, f"{metric} sums {', '.join('L' + n[5:] for n in skipped)}, which the string skips or lacks")
     return params
 
 

@@ -87,7 +87,7 @@ class LayerMatches:
 
     def __init__(self, query_feats: dict, temp_feats: dict, params, indices: torch.Tensor | None = None):
         params = parse_params(params)
-        self.fores, self.backs, self.alphas, self.ldas = [], [], [], []
+        self.layers, self.fores, self.backs, self.alphas, self.ldas = [], [], [], [], []
         for layer, p in params.active_layers.items():
             if layer not in query_feats or layer not in temp_feats:
                 raise KeyError(f"params use {layer}, but the features have {sorted(query_feats)} / {sorted(temp_feats)}")
@@ -101,21 +101,27 @@ class LayerMatches:
             fore, back = hk.mutual_match(query, temp, p.fore, p.back, indices=indices, out_dtype=torch.float32)
             if p.isolation:  # as close as a template's own neighbour or closer: 0, as an exact match scores
                 fore, back = fore.clamp_max(1), back.clamp_max(1)
+            self.layers.append(layer)
             self.fores.append(fore)
             self.backs.append(back)
             self.alphas.append(p.alpha)
             self.ldas.append(p.lda)
 
     def aggregate(self, out_size, post: PostProcess = PostProcess(), image_score=None) -> hk.Aggregated:
-        """The anomaly map at ``out_size``, blurred as ``post`` says, with an optional image score."""
+        """The anomaly map at ``out_size`` of the layers ``post`` names (all when it names none), blurred
+        as ``post`` says, with an optional image score."""
         blur = (post.sigma, post.k) if post.kind == "blur" else None
-        return hk.aggregate_maps(self.fores, self.backs, self.alphas, self.ldas, out_size,
-                                 blur=blur, image_score=image_score)
+        if any(layer not in self.layers for layer in post.layers):
+            raise KeyError(f"the map sums {list(post.layers)}, but the matches are of {self.layers}")
+        chosen = [i for i, layer in enumerate(self.layers) if not post.layers or layer in post.layers]
+        return hk.aggregate_maps(*([values[i] for i in chosen] for values in (self.fores, self.backs, self.alphas,
+                                                                               self.ldas)),
+                                 out_size, blur=blur, image_score=image_score)
 
     def image_scores(self, out_size, post: PostProcess) -> torch.Tensor:
         """``[B]``: the maximum of the post-processed map, or for ``mp`` the mean of its k x k max-pool."""
         if post.kind == "mp":
-            return self.aggregate(out_size, PostProcess(), image_score=post.k).scores
+            return self.aggregate(out_size, PostProcess(layers=post.layers), image_score=post.k).scores
         return self.aggregate(out_size, post, image_score="max").scores
 
 

@@ -106,3 +106,44 @@ def test_detector_post_processing_per_metric():
     assert torch.allclose(mp, F.max_pool2d(raw, 4).mean(dim=(1, 2, 3)))
     blurred = matches.image_scores(16, PostProcess("blur", 2.0, 9))
     assert torch.allclose(blurred, reference.gaussian_blur(raw, 2.0, 9).amax(dim=(1, 2, 3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("text,layers", [
+    ("L1:5x3_a=0.5_l=1|L2:3x3_a=0.5_l=1;img_AUC:blur_s=4_k=9_L=2", ("layer2",)),
+    ("L1:5x3_a=0.5_l=1|L2:3x3_a=0.5_l=1;img_AUC:clean_L=21", ("layer1", "layer2")),
+    ("L1:5x3_a=0.5_l=1|L2:3x3_a=0.5_l=1;img_AUC:mp_k=3_L=1", ("layer1",)),
+])
+def test_a_metric_may_sum_some_layers(text, layers):
+    params = parse_params(text)
+    assert params.image.layers == layers and params.pixel.layers == ()
+
+
+@pytest.mark.parametrize("text,words", [
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=2", "img_AUC sums L2, which the string skips or lacks"),
+    ("L1:5x3_a=0.5_l=1|L2:0x0_a=0.5_l=1;pix_AUC:clean_L=12", "pix_AUC sums L2"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=4", "L= names layers by their digits"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=11", "once each"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=", "L= names layers"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=1_L=1", "then optionally _L=<layers>"),
+])
+def test_bad_layer_choices(text, words):
+    with pytest.raises(ValueError, match=words):
+        parse_params(text)
+
+
+@pytest.mark.parametrize("post", [PostProcess(), PostProcess("blur", 2.0, 9), PostProcess("mp", 0, 4)])
+def test_an_image_score_of_some_layers_equals_the_score_of_a_string_without_the_others(post):
+    from dataclasses import replace
+
+    from hetmm.scoring import LayerMatches
+
+    shapes = {"layer1": (8, 12, 12), "layer2": (12, 6, 6), "layer3": (16, 3, 3)}
+    query = {k: features(2, *s, seed=i) for i, (k, s) in enumerate(shapes.items())}
+    temp = {k: features(4, *s, seed=10 + i) for i, (k, s) in enumerate(shapes.items())}
+    every = LayerMatches(query, temp, "L1:5x3_a=0.5_l=1|L2:3x3_a=0.9_l=0.8|L3:3x1_a=0.7_l=0.5")
+    deep = LayerMatches(query, temp, "L2:3x3_a=0.9_l=0.8|L3:3x1_a=0.7_l=0.5")
+    chosen = every.image_scores(24, replace(post, layers=("layer2", "layer3")))
+    assert torch.equal(chosen, deep.image_scores(24, post))
+    assert not torch.equal(chosen, every.image_scores(24, post))
+    with pytest.raises(KeyError, match="layer4"):
+        every.aggregate(24, PostProcess(layers=("layer4",)))
