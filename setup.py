@@ -18,6 +18,7 @@ setup(
         "triton>=3.6,<3.9; platform_system == 'Linux'",
         "timm>=1.0",
         "numpy>=1.24",
+        "numba>=0.59",  # the compiled CPU retrieval scan (hetmm_kernels/cpu_ops)
         "scipy>=1.10",
         "scikit-learn>=1.3",
         "safetensors>=0.4",

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
+from .cpu_ops import retrieval as cpu_retrieval
 from .backend import resolve
 from .templates import PreparedTemplates, prepare_templates
 from .torch_ops import aggregate as torch_aggregate
@@ -274,6 +275,7 @@ class HistogramBank:
             raise ValueError("the histogram bank is empty: it needs at least one reference image")
         self.counts, self.area = counts, int(area)
         self._padded = None  # (counts, their padded layout), built on first Triton use
+        self._tiled = None  # (counts, their tiled layout), built on first compiled CPU use
 
     @classmethod
     def from_histograms(cls, hist: torch.Tensor, area: int) -> "HistogramBank":
@@ -296,6 +298,15 @@ class HistogramBank:
         if self._padded is None or self._padded[0] is not self.counts:
             self._padded = (self.counts, padded_counts(self.counts))
         return self._padded[1]
+
+    def tiled_counts(self) -> torch.Tensor:
+        """The counts in tiles of entries side by side (``cpu_ops.retrieval.tiled_counts``), as the
+        compiled CPU scan streams them: built once per bank, on the host."""
+        from .cpu_ops.retrieval import tiled_counts
+
+        if self._tiled is None or self._tiled[0] is not self.counts:
+            self._tiled = (self.counts, tiled_counts(self.counts, self.area))
+        return self._tiled[1]
 
     def __len__(self) -> int:
         return self.counts.shape[0]
@@ -374,6 +385,8 @@ def retrieve_topk(query_hist: torch.Tensor, bank_hist, k: int, l_ratio: float = 
     # a compact bank streams integer counts; float histograms stream as they are (area 1)
     data, area = (bank.counts, bank.area) if bank is not None else (bank_hist, 1)
     if impl == "torch":
+        if bank is not None and cpu_retrieval.available() and bank.counts.device.type == "cpu":
+            return cpu_retrieval.retrieve_topk(query_hist, bank.tiled_counts(), len(bank), area, k, l_ratio, method)
         return torch_retrieval.retrieve_topk(query_hist, data, area, k, l_ratio, method)
     from .triton_ops import retrieval as triton_retrieval
 

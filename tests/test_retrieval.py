@@ -158,3 +158,90 @@ def test_equal_centres_tie_to_the_first(backend):
     _, codes = hk.block_histograms(feats, centers, return_codes=True, backend=backend)
     assert bool((codes < 3).all())
     assert torch.equal(codes.cpu(), reference.nearest_codes(feats.cpu(), centers.cpu()))
+
+
+# ----------------------------------------------------------------------------- the compiled CPU scan
+
+needs_numba = pytest.mark.skipif(not __import__("hetmm_kernels.cpu_ops.retrieval").cpu_ops.retrieval.available(),
+                                 reason="numba is not installed: the elementwise torch path serves")
+
+
+def _count_bank(entries: int, blocks: int, bins: int, area: int, seed: int) -> hk.HistogramBank:
+    """Random integer histograms: each block's bins sum to ``area``."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randint(0, area + 1, (entries, blocks, bins - 1), generator=g).sort(dim=-1).values
+    edges = torch.cat([torch.zeros(entries, blocks, 1, dtype=torch.long), cuts,
+                       torch.full((entries, blocks, 1), area)], dim=-1)
+    return hk.HistogramBank(edges.diff(dim=-1).to(torch.uint8 if area <= 255 else torch.int16), area)
+
+
+def _scan(query_hist, bank, keep: int, method: str, first_tile: int = 0, tiles: int | None = None):
+    from hetmm_kernels.cpu_ops import retrieval as cpu
+    from hetmm_kernels.torch_ops.retrieval import query_terms
+
+    query, own = query_terms(query_hist.float(), method)
+    tiled = bank.tiled_counts()
+    tiles = tiled.shape[0] - first_tile if tiles is None else tiles
+    return cpu.trimmed_distances(query, own, tiled, cpu.count_table(bank.area, method), first_tile, tiles,
+                                 query_hist.shape[1] - keep, method)
+
+
+@needs_numba
+@pytest.mark.parametrize("method", ["kl", "l2"])
+@pytest.mark.parametrize("entries,queries,blocks,bins,area", [
+    (1, 1, 25, 13, 49), (63, 3, 25, 13, 49), (200, 32, 25, 13, 49), (130, 2, 4, 5, 4), (70, 5, 9, 7, 300)])
+@pytest.mark.parametrize("l_ratio", [1.0, 0.8, 0.3])
+def test_compiled_scan_equals_the_elementwise_path(method, entries, queries, blocks, bins, area, l_ratio):
+    """KL: bit for bit (the same operations in the same order, logarithms from the same float32 ops).
+    L2: the compiled square root is correctly rounded (torch's float32 one on AVX-512 CPUs is not
+    always): each block distance (at most sqrt 2) may differ by an ulp or two, 2.4e-7, so the sums of
+    up to 25 of them, trimmed, within 6e-6."""
+    from hetmm_kernels.torch_ops import retrieval as elementwise
+
+    bank = _count_bank(entries, blocks, bins, area, seed=entries)
+    query = _count_bank(queries, blocks, bins, area, seed=1000 + entries).histograms()
+    keep = int(blocks * l_ratio)
+    expected = elementwise.trimmed_distances(query, bank.counts.permute(1, 2, 0).float() / area, keep, method)
+    got = _scan(query, bank, keep, method)[:, :entries]
+    if method == "kl":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=6e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("method", ["kl", "l2"])
+def test_compiled_scan_is_the_same_in_every_lane_and_shard(method):
+    """A bank entry's distance does not depend on its tile or lane: a shard that starts 17 entries in
+    (every entry in another lane) and a scan that starts a tile in give the same floats."""
+    from hetmm_kernels.cpu_ops.retrieval import TILE
+
+    bank = _count_bank(3 * TILE + 5, 25, 13, 49, seed=3)
+    query = _count_bank(4, 25, 13, 49, seed=4).histograms()
+    whole = _scan(query, bank, 20, method)[:, :len(bank)]
+    shard = hk.HistogramBank(bank.counts[17:].clone(), bank.area)
+    assert torch.equal(_scan(query, shard, 20, method)[:, :len(shard)], whole[:, 17:])
+    assert torch.equal(_scan(query, bank, 20, method, first_tile=1, tiles=1), whole[:, TILE:2 * TILE])
+
+
+@needs_numba
+def test_compiled_top_k_across_scan_chunks(monkeypatch):
+    """Chunks of the bank (one tile each) merge to the one-call top-K, ties to the lower index."""
+    from hetmm_kernels.cpu_ops import retrieval as cpu
+
+    bank = _count_bank(300, 25, 13, 49, seed=5)
+    bank = hk.HistogramBank(torch.cat([bank.counts, bank.counts[:40]]), 49)  # exact ties: 300+ repeat 0..39
+    query = torch.cat([bank.histograms()[[7, 250]], _count_bank(3, 25, 13, 49, seed=6).histograms()])
+    one_call = hk.retrieve_topk(query, bank, 12, backend="torch")
+    monkeypatch.setattr(cpu, "SCAN_ELEMENTS", 1)
+    chunked = hk.retrieve_topk(query, bank, 12, backend="torch")
+    assert torch.equal(one_call[0], chunked[0]) and torch.equal(one_call[1], chunked[1])
+    assert one_call[1][0, :2].tolist() == [7, 307]  # itself, then its copy
+    ref_dist, ref_idx = reference.retrieve_topk(query, bank.histograms(), 12)
+    assert torch.equal(one_call[1], ref_idx)
+    torch.testing.assert_close(one_call[0], ref_dist, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_counts_refuse_counts_outside_the_area():
+    with pytest.raises(ValueError, match=r"bank counts must lie in \[0, area=300\]"):
+        hk.HistogramBank(torch.full((2, 3, 4), 301, dtype=torch.int16), 300).tiled_counts()

@@ -68,6 +68,15 @@ def _bin_sum(terms) -> torch.Tensor:
     return total
 
 
+def query_terms(query: torch.Tensor, method: str):
+    """``(query [Q, L, bins], own [Q, L])``: for KL the query plus eps and its own sum
+    ``sum_b q_b log q_b`` (bin by bin), for L2 the query and zeros."""
+    if method != "kl":
+        return query, query.new_zeros(query.shape[:2])
+    query = query + KL_EPS
+    return query, _bin_sum(query[..., b] * torch.log(query[..., b]) for b in range(query.shape[2]))
+
+
 def trimmed_distances(query: torch.Tensor, bank: torch.Tensor, keep: int, method: str) -> torch.Tensor:
     """``[Q, R]`` for float histograms ``query [Q, L, n+1]`` and ``bank [L, n+1, R]`` (bank-minor:
     each bin's row over the bank is contiguous).
@@ -81,10 +90,9 @@ def trimmed_distances(query: torch.Tensor, bank: torch.Tensor, keep: int, method
     are then subtracted from the total.
     """
     blocks, bins = query.shape[1:]
-    q = query.permute(1, 2, 0)  # [L, bins, Q]
+    q, own = query_terms(query, method)
+    q, own = q.permute(1, 2, 0), own.t()  # [L, bins, Q], [L, Q]
     if method == "kl":
-        q = q + KL_EPS
-        own = _bin_sum(q[:, b] * torch.log(q[:, b]) for b in range(bins))  # [L, Q]
         r = torch.log(bank + KL_EPS)  # [L, bins, R]
         cross = _bin_sum(q[:, b, :, None] * r[:, b, None, :] for b in range(bins))  # [L, Q, R]
         per_block = torch.sub(own[:, :, None], cross, out=cross)
