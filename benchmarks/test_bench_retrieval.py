@@ -4,7 +4,8 @@ The bank is compact (uint8 counts: 25 blocks x 13 bins = 325 bytes an image); th
 GFLOP/s column is left empty and the bank streaming rate is reported in GB/s in the mode column, on
 the CPU beside the fraction of this machine's read bandwidth measured in the same run (a float32 sum
 over 512 MiB, ``read_rate``). ``torch`` on the CPU is the compiled scan (``hetmm_kernels.cpu_ops``);
-``torch-elementwise`` the elementwise torch path it replaced (still the path without numba).
+``torch-elementwise`` the elementwise torch path it replaced (still the path without numba);
+``published-style`` the reconstruction of CPR's retrieval in ``published_retrieval.py`` (float bank).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import hetmm_kernels as hk
+import published_retrieval
 from conftest import backends, device, record, run
 
 BLOCKS, BINS = 25, 13
@@ -61,19 +63,26 @@ def _elementwise(query, bank, k):
 
 @pytest.mark.parametrize("entries", [200, 10_000, 200_000, 1_000_000])
 @pytest.mark.parametrize("queries", [1, 32])
-@pytest.mark.parametrize("backend", backends() + (["torch-elementwise"] if device().type == "cpu" else []))
+@pytest.mark.parametrize("backend", backends() + (["torch-elementwise", "published-style"] if device().type == "cpu" else []))
 def test_retrieve_topk(benchmark, matmul_rate, read_rate, backend, queries, entries):
     if backend == "reference" and entries > 200:
         pytest.skip("the reference loops over pairs in Python: timed on 200 entries only")
+    if backend == "published-style" and entries * queries > 200_000:
+        pytest.skip("the published-style baseline is timed up to 200,000 pairs")
     bank = _random_bank(entries, 0)
     query = _random_bank(queries, 1).histograms()
     if backend == "torch-elementwise":
         call = lambda: _elementwise(query, bank, 10)  # noqa: E731
+    elif backend == "published-style":
+        float_bank = bank.histograms()  # the published code keeps float histograms
+        call = lambda: published_retrieval.retrieve_topk(query, float_bank, 10)  # noqa: E731
     else:
         call = lambda: hk.retrieve_topk(query, bank, 10, backend=backend)  # noqa: E731
         if backend != "reference":
             call()  # the first call builds the bank's layout (tiles on the CPU, padded blocks on a GPU) and compiles
     run(benchmark, call, 1 if entries > 10_000 else 3)
+    if backend in ("torch-elementwise", "published-style"):  # the same top 10 as the op's
+        assert torch.equal(call()[1].cpu(), hk.retrieve_topk(query, bank, 10, backend="torch")[1].cpu())
     seconds = benchmark.stats.stats.median
     rate = bank.counts.numel() / seconds
     of_read = f" = {rate / read_rate:.1%} of {read_rate / 1e9:.0f} GB/s read" if read_rate else ""

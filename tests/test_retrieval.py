@@ -182,14 +182,16 @@ def _scan(query_hist, bank, keep: int, method: str, first_tile: int = 0, tiles: 
     query, own = query_terms(query_hist.float(), method)
     tiled = bank.tiled_counts()
     tiles = tiled.shape[0] - first_tile if tiles is None else tiles
-    return cpu.trimmed_distances(query, own, tiled, cpu.count_table(bank.area, method), first_tile, tiles,
-                                 query_hist.shape[1] - keep, method)
+    return cpu.trimmed_distances(query, own, tiled, cpu.count_table(bank.area, method), bank.area + 1, first_tile,
+                                 tiles, query_hist.shape[1] - keep, method)
 
 
 @needs_numba
 @pytest.mark.parametrize("method", ["kl", "l2"])
 @pytest.mark.parametrize("entries,queries,blocks,bins,area", [
-    (1, 1, 25, 13, 49), (63, 3, 25, 13, 49), (200, 32, 25, 13, 49), (130, 2, 4, 5, 4), (70, 5, 9, 7, 300)])
+    (1, 1, 25, 13, 49), (63, 3, 25, 13, 49), (200, 32, 25, 13, 49), (130, 2, 4, 5, 4), (70, 5, 9, 7, 300),
+    # the table sizes of the vector lookups (AVX-512: 64 entries up to area 63, 256 up to 255)
+    (40, 2, 25, 13, 63), (40, 2, 25, 13, 64), (90, 3, 9, 13, 169), (20, 1, 4, 3, 255)])
 @pytest.mark.parametrize("l_ratio", [1.0, 0.8, 0.3])
 def test_compiled_scan_equals_the_elementwise_path(method, entries, queries, blocks, bins, area, l_ratio):
     """KL: bit for bit (the same operations in the same order, logarithms from the same float32 ops).
