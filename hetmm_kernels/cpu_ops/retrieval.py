@@ -4,7 +4,8 @@ The elementwise torch path (``torch_ops.retrieval``) makes ~30 passes over ``[L,
 and takes a logarithm of every bank count on every call: 0.25 GB/s of the compact bank on 2 cores.
 Here one compiled pass streams the bank once: the bank is laid out in tiles of ``TILE`` entries side
 by side (``tiled_counts``: ``[tiles, L, bins, TILE]``, built once per bank), each tile's counts become
-their logarithms through a table (a count is an integer up to a block's area), and every lane (bank
+their logarithms through a table (a count is an integer up to a block's area; on AVX-512 hosts 16
+counts at a time by register permutes, the table held in registers), and every lane (bank
 entry) then runs the same fixed sequence as the torch path: per block ``own - sum_b q_b log r_b`` bin by
 bin, the block distances added in block order, the ``drop`` largest kept by insertion and subtracted
 largest first. So a pair's distance does not depend on its tile, its lane, the batch or how the bank is
@@ -36,7 +37,9 @@ SCAN_ELEMENTS = 1 << 22
 
 
 def available() -> bool:
-    return numba is not None
+    """numba is installed and compiles (``NUMBA_DISABLE_JIT=1`` runs Python, which the kernel's
+    intrinsics cannot)."""
+    return numba is not None and not numba.config.DISABLE_JIT
 
 
 def tiled_counts(counts: torch.Tensor, area: int) -> torch.Tensor:
