@@ -114,12 +114,12 @@ def chunk_topk(dist: torch.Tensor, k: int):
     """The ``k`` smallest of each row with their column indices, as a set that breaks boundary
     ties towards the lower index (``topk`` alone may not)."""
     k = min(k, dist.shape[1])
-    values, index = dist.topk(k, dim=1, largest=False)
-    kth = values.max(dim=1, keepdim=True).values
-    if bool(((dist <= kth).sum(dim=1) > k).any()):  # a tie straddles the boundary: settle it by index
+    # one more than k: a tie straddles the boundary exactly when the (k+1)-th smallest equals the k-th
+    values, index = dist.topk(min(k + 1, dist.shape[1]), dim=1, largest=False)
+    if values.shape[1] > k and bool((values[:, k] == values[:, k - 1]).any()):  # settle it by index
         index = dist.argsort(dim=1, stable=True)[:, :k]
-        values = dist.gather(1, index)
-    return values, index
+        return dist.gather(1, index), index
+    return values[:, :k], index[:, :k]
 
 
 def merge_topk(best_d, best_i, dist, offset: int, k: int):
