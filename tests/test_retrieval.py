@@ -247,3 +247,29 @@ def test_compiled_top_k_across_scan_chunks(monkeypatch):
 def test_tiled_counts_refuse_counts_outside_the_area():
     with pytest.raises(ValueError, match=r"bank counts must lie in \[0, area=300\]"):
         hk.HistogramBank(torch.full((2, 3, 4), 301, dtype=torch.int16), 300).tiled_counts()
+
+
+@needs_numba
+def test_compiled_scan_without_vector_lookups():
+    """The scalar table lookups (hosts without AVX-512, here forced by compiling for a generic CPU) give
+    the same KL floats as the elementwise path, for one query and for a group."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+sys.path.insert(0, "tests")
+from test_retrieval import _count_bank, _scan
+from hetmm_kernels.cpu_ops.retrieval import _vector_lookups
+from hetmm_kernels.torch_ops import retrieval as elementwise
+assert not _vector_lookups()
+for queries, area in ((1, 49), (5, 169)):
+    bank = _count_bank(130, 25, 13, area, seed=queries)
+    query = _count_bank(queries, 25, 13, area, seed=99).histograms()
+    expected = elementwise.trimmed_distances(query, bank.counts.permute(1, 2, 0).float() / area, 20, "kl")
+    assert torch.equal(_scan(query, bank, 20, "kl")[:, :130], expected)
+"""
+    env = dict(os.environ, NUMBA_CPU_NAME="generic")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -86,83 +86,87 @@ if numba is not None:
     from numba.core import cgutils
     from numba.extending import intrinsic, overload
 
-    def _permuted_block(sub_tables: int, use_kl: bool, size: int):
-        """``_block_distances`` on AVX-512, as an intrinsic: per bin, the tile's 64 counts are looked up 16 at
-        a time in the first ``32 * sub_tables`` table entries held in registers (``vpermi2ps`` picks among 32
-        entries; a count's bits above 5 choose the pair of registers), and each of ``size`` queries (a group
-        of up to ``size``) accumulates in registers; one store per query and block. The same floats, in the same order, as
-        the scalar loop (4.4x as many lookups a cycle as scalar loads, and no per-bin memory traffic)."""
+    def _permuted_block(sub_tables: int):
+        """``_block_distances`` on AVX-512, as an intrinsic: per bin, the tile's 64 counts are looked up 16
+        at a time in the first ``32 * sub_tables`` table entries held in registers (``vpermi2ps`` picks
+        among 32 entries; a count's bits above 5 choose the pair of registers), and one query, or a group
+        of up to ``GROUP`` sharing each lookup, accumulates in registers: one store per query and block.
+        The same floats, in the same order, as the scalar loop (4.4x as many lookups a cycle as scalar
+        loads here, and no per-bin memory traffic)."""
 
         @intrinsic
-        def block_distances(typingctx, table, codes, query, own, first, group, block, out):
+        def block_distances(typingctx, table, codes, query, own, first, group, block, use_kl, out):
             def codegen(context, builder, signature, args):
-                table_ptr, codes_ptr, query_arr, own_arr, out_ptr = (
-                    context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 2, 3, 7))
-                table_ptr, codes_ptr, out_ptr = table_ptr.data, codes_ptr.data, out_ptr.data
-                first_q, group_n, layer = args[4], args[5], args[6]
-                _, blocks, bins = cgutils.unpack_tuple(builder, query_arr.shape, 3)
-                i64 = ir.IntType(64)
-                floats, ints, bytes_ = (ir.VectorType(t, 16) for t in (ir.FloatType(), ir.IntType(32), ir.IntType(8)))
+                arrays = {i: context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 2, 3, 8)}
+                first_q, group_n, layer, kl_flag = args[4], args[5], args[6], args[7]
+                _, blocks, bins = cgutils.unpack_tuple(builder, arrays[2].shape, 3)
+                i32, i64 = ir.IntType(32), ir.IntType(64)
+                floats, ints, bytes_ = (ir.VectorType(t, 16) for t in (ir.FloatType(), i32, ir.IntType(8)))
                 permute = cgutils.get_or_insert_function(
                     builder.module, ir.FunctionType(floats, [floats, ints, floats]), "llvm.x86.avx512.vpermi2var.ps.512")
-                rows = builder.bitcast(table_ptr, floats.as_pointer())
+                sqrt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats]), "llvm.sqrt.v16f32")
+                rows = builder.bitcast(arrays[0].data, floats.as_pointer())
                 registers = [builder.load(builder.gep(rows, [ir.Constant(i64, i)]), align=4) for i in range(2 * sub_tables)]
-                zero_mask = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
 
                 def splat(value):
-                    one = builder.insert_element(ir.Constant(floats, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-                    return builder.shuffle_vector(one, ir.Constant(floats, ir.Undefined), zero_mask)
+                    one = builder.insert_element(ir.Constant(floats, ir.Undefined), value, ir.Constant(i32, 0))
+                    return builder.shuffle_vector(one, ir.Constant(floats, ir.Undefined), ir.Constant(ints, [0] * 16))
 
-                # queries past the group read the group's last row (in bounds); their sums are not stored
-                last = builder.sub(builder.add(first_q, group_n), ir.Constant(i64, 1))
-                rows_q = [builder.select(builder.icmp_signed("<", builder.add(first_q, ir.Constant(i64, g)), last),
-                                         builder.add(first_q, ir.Constant(i64, g)), last) for g in range(size)]
-                sums = [[cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(4)]
-                        for _ in range(size)]
-                with cgutils.for_range(builder, bins) as loop:
-                    base = builder.mul(builder.add(builder.mul(layer, bins), loop.index), ir.Constant(i64, 64))
-                    values = []
-                    for c in range(4):
-                        at = builder.gep(codes_ptr, [builder.add(base, ir.Constant(i64, 16 * c))])
-                        index = builder.zext(builder.load(builder.bitcast(at, bytes_.as_pointer()), align=1), ints)
-                        found = builder.call(permute, [registers[0], index, registers[1]])
-                        pair = builder.lshr(index, ir.Constant(ints, [5] * 16))
-                        for s in range(1, sub_tables):
-                            here = builder.icmp_unsigned("==", pair, ir.Constant(ints, [s] * 16))
-                            found = builder.select(here, builder.call(permute, [registers[2 * s], index,
-                                                                                registers[2 * s + 1]]), found)
-                        values.append(found)
-                    for g in range(size):
-                        offset = builder.add(builder.mul(builder.add(builder.mul(rows_q[g], blocks), layer), bins),
+                def lookup(offset):  # 16 counts at codes[offset] through the table
+                    at = builder.bitcast(builder.gep(arrays[1].data, [offset]), bytes_.as_pointer())
+                    index = builder.zext(builder.load(at, align=1), ints)
+                    found = builder.call(permute, [registers[0], index, registers[1]])
+                    pair = builder.lshr(index, ir.Constant(ints, [5] * 16))
+                    for s in range(1, sub_tables):
+                        here = builder.icmp_unsigned("==", pair, ir.Constant(ints, [s] * 16))
+                        found = builder.select(here, builder.call(permute, [registers[2 * s], index,
+                                                                            registers[2 * s + 1]]), found)
+                    return found
+
+                def emit(size: int, use_kl: bool):
+                    # queries past the group read its last row (in bounds); their sums are not stored
+                    last = builder.sub(builder.add(first_q, group_n), ir.Constant(i64, 1))
+                    rows_q = [builder.select(builder.icmp_signed("<", builder.add(first_q, ir.Constant(i64, g)), last),
+                                             builder.add(first_q, ir.Constant(i64, g)), last) for g in range(size)]
+                    sums = [[cgutils.alloca_once_value(builder, ir.Constant(floats, None)) for _ in range(4)]
+                            for _ in range(size)]
+                    with cgutils.for_range(builder, bins) as loop:
+                        base = builder.mul(builder.add(builder.mul(layer, bins), loop.index), ir.Constant(i64, 64))
+                        values = [lookup(builder.add(base, ir.Constant(i64, 16 * c))) for c in range(4)]
+                        for g in range(size):
+                            at = builder.add(builder.mul(builder.add(builder.mul(rows_q[g], blocks), layer), bins),
                                              loop.index)
-                        weight = splat(builder.load(builder.gep(query_arr.data, [offset])))
+                            weight = splat(builder.load(builder.gep(arrays[2].data, [at])))
+                            for c in range(4):
+                                diff = values[c] if use_kl else builder.fsub(weight, values[c])
+                                term = builder.fmul(weight if use_kl else diff, diff)
+                                builder.store(builder.fadd(builder.load(sums[g][c]), term), sums[g][c])
+                    out_rows = builder.bitcast(arrays[8].data, floats.as_pointer())
+                    for g in range(size):
+                        own_at = builder.add(builder.mul(rows_q[g], blocks), layer)
+                        own_value = splat(builder.load(builder.gep(arrays[3].data, [own_at]))) if use_kl else None
                         for c in range(4):
-                            if use_kl:
-                                term = builder.fmul(weight, values[c])
-                            else:
-                                diff = builder.fsub(weight, values[c])
-                                term = builder.fmul(diff, diff)
-                            builder.store(builder.fadd(builder.load(sums[g][c]), term), sums[g][c])
-                sqrt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats]), "llvm.sqrt.v16f32")
-                out_rows = builder.bitcast(out_ptr, floats.as_pointer())
-                for g in range(size):
-                    if use_kl:
-                        own_value = splat(builder.load(builder.gep(own_arr.data, [
-                            builder.add(builder.mul(rows_q[g], blocks), layer)])))
-                    for c in range(4):
-                        total = builder.load(sums[g][c])
-                        result = builder.fsub(own_value, total) if use_kl else builder.call(sqrt, [total])
-                        builder.store(result, builder.gep(out_rows, [ir.Constant(i64, 4 * g + c)]), align=4)
+                            total = builder.load(sums[g][c])
+                            result = builder.fsub(own_value, total) if use_kl else builder.call(sqrt, [total])
+                            builder.store(result, builder.gep(out_rows, [ir.Constant(i64, 4 * g + c)]), align=4)
+
+                is_kl = builder.icmp_unsigned("!=", kl_flag, ir.Constant(kl_flag.type, 0))
+                with builder.if_else(builder.icmp_signed("==", group_n, ir.Constant(i64, 1))) as (one, many):
+                    for size, branch in ((1, one), (GROUP, many)):
+                        with branch:
+                            with builder.if_else(is_kl) as (kl, l2):
+                                with kl:
+                                    emit(size, True)
+                                with l2:
+                                    emit(size, False)
                 return context.get_dummy_value()
 
             intp = numba.types.intp
-            return numba.types.void(table, codes, query, own, intp, intp, intp, out), codegen
+            return numba.types.void(table, codes, query, own, intp, intp, intp, numba.types.boolean, out), codegen
 
         return block_distances
 
-    # one query (its lookups are then the whole cost) or a group of up to GROUP sharing each lookup
-    _kl_64, _kl_256, _l2_64, _l2_256 = (_permuted_block(sub, kl, 1) for kl in (True, False) for sub in (2, 8))
-    _kl_64g, _kl_256g, _l2_64g, _l2_256g = (_permuted_block(sub, kl, GROUP) for kl in (True, False) for sub in (2, 8))
+    _block_64, _block_256 = _permuted_block(2), _permuted_block(8)
 
     @numba.njit(cache=True, boundscheck=False, nogil=True)
     def _scalar_block_distances(table, codes, query, own, first, group, block, use_kl, out):  # pragma: no cover
@@ -196,25 +200,10 @@ if numba is not None:
         def permuted(table, used, codes, query, own, first, group, block, use_kl, out):
             if table.shape[0] < 256 or used > 256:
                 _scalar_block_distances(table, codes, query, own, first, group, block, use_kl, out)
-            elif group == 1:
-                if used <= 64:
-                    if use_kl:
-                        _kl_64(table, codes, query, own, first, group, block, out)
-                    else:
-                        _l2_64(table, codes, query, own, first, group, block, out)
-                elif use_kl:
-                    _kl_256(table, codes, query, own, first, group, block, out)
-                else:
-                    _l2_256(table, codes, query, own, first, group, block, out)
             elif used <= 64:
-                if use_kl:
-                    _kl_64g(table, codes, query, own, first, group, block, out)
-                else:
-                    _l2_64g(table, codes, query, own, first, group, block, out)
-            elif use_kl:
-                _kl_256g(table, codes, query, own, first, group, block, out)
+                _block_64(table, codes, query, own, first, group, block, use_kl, out)
             else:
-                _l2_256g(table, codes, query, own, first, group, block, out)
+                _block_256(table, codes, query, own, first, group, block, use_kl, out)
         return permuted
 
     @numba.njit(parallel=True, cache=True, boundscheck=False, nogil=True)
