@@ -177,12 +177,12 @@ def _count_bank(entries: int, blocks: int, bins: int, area: int, seed: int) -> h
 
 def _scan(query_hist, bank, keep: int, method: str, first_tile: int = 0, tiles: int | None = None):
     from hetmm_kernels.cpu_ops import retrieval as cpu
-    from hetmm_kernels.torch_ops.retrieval import query_terms
+    from hetmm_kernels.torch_ops.retrieval import count_table, query_terms
 
     query, own = query_terms(query_hist.float(), method)
     tiled = bank.tiled_counts()
     tiles = tiled.shape[0] - first_tile if tiles is None else tiles
-    return cpu.trimmed_distances(query, own, tiled, cpu.count_table(bank.area, method), bank.area + 1, first_tile,
+    return cpu.trimmed_distances(query, own, tiled, count_table(bank.area, method), bank.area + 1, first_tile,
                                  tiles, query_hist.shape[1] - keep, method)
 
 

@@ -51,15 +51,6 @@ def tiled_counts(counts: torch.Tensor, area: int) -> torch.Tensor:
     return padded.view(-1, TILE, blocks, bins).permute(0, 2, 3, 1).contiguous()
 
 
-def count_table(area: int, method: str) -> torch.Tensor:
-    """float32 per count ``c`` (every uint8 value, at least): ``log(c / area + eps)`` for KL, ``c / area``
-    for L2, with the torch path's operations in its order (division, then the epsilon, then the log)."""
-    from ..reference import KL_EPS
-
-    values = torch.arange(max(256, area + 1), dtype=torch.float32) / area
-    return torch.log(values + KL_EPS) if method == "kl" else values
-
-
 def _vector_lookups() -> bool:
     """Whether the compiled code may use AVX-512 permutes: the host has them and numba compiles for the host."""
     if numba is None or numba.config.CPU_NAME is not None or numba.config.CPU_FEATURES is not None:
@@ -256,7 +247,7 @@ def retrieve_topk(query_hist: torch.Tensor, tiled: torch.Tensor, entries: int, a
                   method: str):
     """The ``k`` nearest of the first ``entries`` entries of a ``tiled_counts`` bank: ``(distances [Q, k],
     indices [Q, k])`` ascending, ties to the lower index (as ``torch_ops.retrieval.retrieve_topk``)."""
-    from ..torch_ops.retrieval import merge_topk, query_terms
+    from ..torch_ops.retrieval import count_table, merge_topk, query_terms
 
     blocks = query_hist.shape[1]
     drop = blocks - int(blocks * l_ratio)

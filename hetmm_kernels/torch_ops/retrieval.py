@@ -68,6 +68,14 @@ def _bin_sum(terms) -> torch.Tensor:
     return total
 
 
+def count_table(area: int, method: str, device=None) -> torch.Tensor:
+    """float32 per count ``c`` (every uint8 value, at least): ``log(c / area + eps)`` for KL, ``c / area``
+    for L2, with this path's operations in its order (division, then the epsilon, then the log): what
+    the Triton top-K and the compiled CPU scan look a bank's counts up in."""
+    values = torch.arange(max(256, area + 1), device=device, dtype=torch.float32) / area
+    return torch.log(values + KL_EPS) if method == "kl" else values
+
+
 def query_terms(query: torch.Tensor, method: str):
     """``(query [Q, L, bins], own [Q, L])``: for KL the query plus eps and its own sum
     ``sum_b q_b log q_b`` (bin by bin), for L2 the query and zeros."""

@@ -24,6 +24,7 @@ import triton.language as tl
 from .. import autotune
 
 from ..reference import KL_EPS, block_layout
+from ..torch_ops.retrieval import count_table
 
 _EPS = tl.constexpr(KL_EPS)
 
@@ -238,8 +239,7 @@ def _topk_operands(query_hist, bank_counts, area: int, method: str):
         own = (query * torch.log(query)).sum(dim=2).contiguous()  # [Q, L]
     table = query.new_zeros(1)
     if counts:
-        values = torch.arange(max(256, area + 1), device=query.device, dtype=torch.float32) / area
-        table = torch.log(values + KL_EPS) if method == "kl" else values
+        table = count_table(area, method, query.device)
     return query.contiguous(), own, table, counts
 
 
