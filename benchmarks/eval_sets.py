@@ -47,9 +47,17 @@ CHOOSE = {  # category -> (package, file inside it)
     # by the deep layer alone (added after round 6; the categories above are unchanged)
     "navy": ("metaworld", "assets/textures/navy_blue.png"),
     "white_plaster": ("metaworld", "assets/scene/textures/plaster.png"),
+    # grained wood and veined stone with straight joints at random offsets, in colour, with fine
+    # low-contrast defects as well (hairlines, faint tints: ``CHOOSE_FINE_DEFECTS``; added after
+    # round 12, when the report set's misses turned out to be of that sort; the categories above are
+    # unchanged)
+    "laminate": ("metaworld", "assets/textures/wood_light.png"),
+    "oak": ("metaworld", "assets/textures/light_wood_v3.png"),
+    "stone_tiles": ("metaworld", "assets/textures/floor2.png"),
 }
 CHOOSE_COLOUR = ("tiles", "red_brick", "planks", "parquet", "houndstooth")
 CHOOSE_PLAIN = ("navy", "white_plaster")
+CHOOSE_FINE = ("laminate", "oak", "stone_tiles")
 REPORT = {
     "steel": ("robosuite", "models/assets/textures/steel-brushed.png"),
     "felt": ("robosuite", "models/assets/textures/gray-felt.png"),
@@ -62,6 +70,9 @@ REPORT_DEFECTS = ("crack", "stain", "hole", "foreign", "warp")
 # the colour categories of ``choose`` also get defects that change colour or structure, not only grey
 # level (drawn by ``paint_choose_defect``, a generator of its own: elliptical regions, hard-edged)
 CHOOSE_COLOUR_DEFECTS = ("scratch", "discolour", "blob", "smudge", "patch", "dent", "spot")
+# fine defects for ``CHOOSE_FINE``: a smooth hairline (a few pixels wide, part-darkened or lightened) and a
+# faint flat tint, between the colour kinds
+CHOOSE_FINE_DEFECTS = ("hairline", "tint", "discolour", "hairline", "tint", "dent", "smudge")
 
 
 def photograph(package: str, name: str) -> np.ndarray:
@@ -158,7 +169,21 @@ def paint_choose_defect(image: np.ndarray, kind: str, rng: np.random.Generator, 
     from hetmm.demo import _ellipse_mask, paint_defect
 
     h, w = image.shape[:2]
-    if kind == "discolour":
+    if kind == "hairline":  # a smooth curve (a quadratic through three random points), thin, part-contrast
+        t = np.linspace(0, 1, 4 * h)[:, None]
+        ends = rng.uniform(0.15, 0.85, size=(3, 2)) * (h, w)
+        points = (1 - t) ** 2 * ends[0] + 2 * t * (1 - t) * ends[1] + t ** 2 * ends[2]
+        mask = np.zeros((h, w), bool)
+        rows, cols = np.clip(points.round().astype(int), 0, (h - 1, w - 1)).T
+        mask[rows, cols] = True
+        out = image.copy()
+        out[mask] = out[mask] * rng.uniform(0.45, 0.7) if rng.random() < 0.75 else 1 - (1 - out[mask]) * 0.5
+    elif kind == "tint":  # a flat elliptical colour cast at low opacity, hard-edged
+        mask = _ellipse_mask(rng, (h, w), 10, 20)
+        out = image.copy()
+        opacity = rng.uniform(0.2, 0.35)
+        out[mask] = (1 - opacity) * out[mask] + opacity * rng.uniform(0.1, 0.9, size=3)
+    elif kind == "discolour":
         mask = _ellipse_mask(rng, (h, w), 10, 22)
         gains = rng.uniform(0.55, 1.45, size=3)
         out = image.copy()
@@ -198,10 +223,10 @@ def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective
     for category in names:
         image = photograph(*sources[category])
         # the texture pasted by "patch"/"foreign" defects: the next one in the same group
-        kind_of = lambda name: (name in CHOOSE_COLOUR, name in CHOOSE_PLAIN)  # noqa: E731
+        kind_of = lambda name: (name in CHOOSE_COLOUR, name in CHOOSE_PLAIN, name in CHOOSE_FINE)  # noqa: E731
         group = [n for n in names if kind_of(n) == kind_of(category)]
         other = photograph(*sources[group[(group.index(category) + 1) % len(group)]])
-        colour = which == "report" or category in CHOOSE_COLOUR + CHOOSE_PLAIN
+        colour = which == "report" or category in CHOOSE_COLOUR + CHOOSE_PLAIN + CHOOSE_FINE
         if which == "choose":  # the demo's painter works on grey images: the other texture is grey
             other = other if other.ndim == 2 else other.mean(axis=2)
             image = image if (image.ndim == 2 or colour) else image.mean(axis=2)
@@ -216,7 +241,8 @@ def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective
         for i in range(n_defective):
             clean = _resized(_crop(image, rng, (split, image.shape[0]), crop), size)
             if which == "choose":
-                kinds = CHOOSE_COLOUR_DEFECTS if colour else DEFECTS
+                kinds = (CHOOSE_FINE_DEFECTS if category in CHOOSE_FINE
+                         else CHOOSE_COLOUR_DEFECTS if colour else DEFECTS)
                 kind = kinds[i % len(kinds)]
                 piece = _resized(_crop(other, rng, (0, other.shape[0]), min(other.shape[:2]) // 2), size)
                 if colour:
