@@ -156,6 +156,36 @@ def test_torch_template_groups_and_batch_chunks(monkeypatch):
     assert_matches(hk.backward_ATM(query, temp, 5, backend="torch"), reference.backward_ATM(query, temp, 5), 6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("b,t,c,h,w,kf,kb", [
+    pytest.param(2, 3, 20, 16, 16, 31, 3, id="whole-map-fore"),
+    pytest.param(3, 2, 9, 16, 16, 15, 3, id="masked-fore"),
+    pytest.param(2, 2, 6, 5, 7, 3, 9, id="wide-back"),
+    pytest.param(1, 5, 17, 6, 6, 13, 1, id="back-1"),
+    pytest.param(2, 4, 8, 4, 9, 2, 4, id="even-windows"),
+])
+def test_torch_dense_and_tiled_paths(monkeypatch, dtype, b, t, c, h, w, kf, kb):
+    """Both CPU layouts against the reference whichever the size rule picks; a small product block makes
+    the dense path merge several template groups."""
+    monkeypatch.setattr(torch_atm, "TILE_BLOCK", 2 * h * w * b * h * w)
+    query, temp = features(b, c, h, w, dtype=dtype), features(t, c, h, w, dtype=dtype, seed=1)
+    ref_fore, ref_back = reference.mutual_match(query, temp, kf, kb)
+    bank = hk.prepare_templates(temp)
+    fr, br = kf // 2, kb // 2
+    dense = torch_atm.mutual_max_dense(query, torch_atm.DenseTemplates(temp), fr, br)
+    tiled = torch_atm.mutual_max_tiled(query, torch_atm.tiled_layout(bank, max(fr, br), b), fr, br)
+    for fore, back in (dense, tiled):
+        assert fore.dtype == back.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_matches(fore.to(dtype), ref_fore, c)  # results are float32 inside, the caller's dtype outside
+        assert_matches(back.to(dtype), ref_back, c)
+
+
+def test_torch_dense_path_is_chosen_for_wide_windows():
+    assert torch_atm.prefers_dense(16, 16, 15, 8) and torch_atm.prefers_dense(16, 16, 7, 1)
+    assert not torch_atm.prefers_dense(16, 16, 3, 8) and not torch_atm.prefers_dense(32, 32, 4, 8)
+    assert not torch_atm.prefers_dense(32, 32, 15, 8) and torch_atm.prefers_dense(32, 32, 31, 8)
+
+
 @pytest.mark.parametrize("height,width,radius,batch", [(64, 64, 2, 8), (16, 16, 3, 1), (1, 1, 6, 32), (5, 64, 1, 4)])
 def test_torch_tile_choice_is_valid(height, width, radius, batch):
     th, tw = torch_atm.pick_tile(height, width, radius, batch)

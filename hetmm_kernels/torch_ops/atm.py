@@ -11,7 +11,9 @@ twice), is multiplied with the query's union around the tile, every tile of a ba
 ``bmm`` calls. The maximum over templates comes first (the window masks do not depend on the
 template); the backward map then falls on the tile's own pixels and the forward map on the
 union's, merged across tiles. Useful products are a fraction ``k^2 / U`` of those computed; the
-tile shape trades that against the BLAS efficiency of the ``P * T`` rows.
+tile shape trades that against the BLAS efficiency of the ``P * T`` rows. When the unions would be
+larger than the map itself (a wide window on a small map), ``mutual_max_dense`` multiplies every
+template pixel with every query pixel instead and applies the windows as masks.
 """
 
 from __future__ import annotations
@@ -324,10 +326,79 @@ def tiled_layout(bank, reach: int, batch: int) -> TiledTemplates:
     return bank.layout(f"torch-tiled-{tile[0]}x{tile[1]}", lambda t: TiledTemplates(t, tile))
 
 
+def _window_mask(height: int, width: int, radius: int, device, dtype) -> torch.Tensor | None:
+    """Additive ``[H*W, H*W]`` mask (rows template pixels, columns query pixels): 0 within ``radius``
+    (Chebyshev), -inf beyond; None when the window covers the whole map from every pixel."""
+    if radius >= max(height, width) - 1:
+        return None
+    y, x = torch.arange(height, device=device), torch.arange(width, device=device)
+    near_y = (y[:, None] - y[None]).abs() <= radius
+    near_x = (x[:, None] - x[None]).abs() <= radius
+    near = (near_y[:, None, :, None] & near_x[None, :, None, :]).reshape(height * width, height * width)
+    return torch.zeros(near.shape, device=device, dtype=dtype).masked_fill_(~near, float("-inf"))
+
+
+class DenseTemplates:
+    """Templates as one ``[T*H*W, C]`` matrix (template-major) for ``mutual_max_dense``, with its window masks."""
+
+    def __init__(self, temp: torch.Tensor):
+        count, channels, height, width = temp.shape
+        self.count, self.height, self.width = count, height, width
+        self.data = map_major(temp).reshape(count * height * width, channels)
+        self._masks: dict = {}
+
+    def mask(self, radius: int):
+        if radius not in self._masks:
+            self._masks[radius] = _window_mask(self.height, self.width, radius, self.data.device, self.data.dtype)
+        return self._masks[radius]
+
+
+def mutual_max_dense(query: torch.Tensor, bank: DenseTemplates, fore_radius: int, back_radius: int):
+    """``mutual_max_tiled``'s result from every query pixel against every template pixel.
+
+    Wide windows make the tiled unions larger than the map itself (a ``31 x 31`` window on a 16 x 16
+    map: each union is 4x the map), so one product per template group over the whole map computes
+    fewer similarities; the windows become masks on the template-pixel x query-pixel maximum.
+    """
+    batch, channels, height, width = query.shape
+    pixels = height * width
+    q = map_major(query).reshape(batch * pixels, channels).t()  # [C, B*HW]
+    per_template = max(1, pixels * batch * pixels)
+    step = max(1, TILE_BLOCK // per_template)
+    best = None
+    block = torch.empty(min(step, bank.count) * pixels, batch * pixels, device=query.device, dtype=bank.data.dtype)
+    for t0 in range(0, bank.count, step):
+        t1 = min(bank.count, t0 + step)
+        sims = torch.mm(bank.data[t0 * pixels:t1 * pixels], q, out=block[:(t1 - t0) * pixels])
+        group_best = sims.view(t1 - t0, pixels, batch * pixels).amax(dim=0)  # the maximum over templates first
+        best = group_best if best is None else torch.maximum(best, group_best, out=best)
+    best = best.view(pixels, batch, pixels)  # [template pixel, b, query pixel]
+    result = _result(bank.data)
+    fore_mask, back_mask = bank.mask(fore_radius), bank.mask(back_radius)
+    fore = (best if fore_mask is None else best + fore_mask[:, None]).amax(dim=0)  # [B, HW]
+    back = (best if back_mask is None else best + back_mask[:, None]).amax(dim=2).t()  # [B, HW]
+    fore = fore.to(result).clamp_min_(MATCH_FLOOR).view(batch, height, width)
+    back = back.to(result).clamp_min_(MATCH_FLOOR).view(batch, height, width)
+    return fore.contiguous(), back.contiguous()
+
+
+def prefers_dense(height: int, width: int, reach: int, batch: int) -> bool:
+    """Whether ``mutual_max_dense`` beats the tiled products: their union per template tile must hold at
+    least ``HW * sqrt(HW / 256)`` query pixels. Measured on 2 AVX-512 cores, 40 templates, batch 1 and 8:
+    the crossover lies at 0.6-0.7x the map's pixels on a 16 x 16 map (113 channels) and at 1.1-1.9x on
+    a 32 x 32 one (41 channels), where the dense maximum over ``[HW, B, HW]`` runs out of cache."""
+    th, tw = pick_tile_shape(height, width, reach, batch)
+    pixels = height * width
+    return (th + 2 * reach) * (tw + 2 * reach) >= pixels * math.sqrt(pixels / 256)
+
+
 def mutual_match(query: torch.Tensor, bank, fore_patch: int, back_patch: int):
     """``bank``: a ``PreparedTemplates``."""
     fore_radius, back_radius = fore_patch // 2, back_patch // 2
-    tiled = tiled_layout(bank, max(fore_radius, back_radius), query.shape[0])
+    reach, (height, width) = max(fore_radius, back_radius), bank.shape[2:]
+    if prefers_dense(height, width, reach, query.shape[0]):
+        return mutual_max_dense(query, bank.layout("torch-dense", DenseTemplates), fore_radius, back_radius)
+    tiled = tiled_layout(bank, reach, query.shape[0])
     return mutual_max_tiled(query, tiled, fore_radius, back_radius)
 
 
