@@ -72,12 +72,17 @@ def test_the_tile_shape_is_chosen_and_used(batch, reach):
     assert torch.allclose(fore, ref_fore, atol=1e-5) and torch.allclose(back, ref_back, atol=1e-5)
 
 
-def test_retrieved_subsets_use_the_tiled_layout():
-    query, temp = _unit(3, 8, 9, 7, seed=7), _unit(5, 8, 9, 7, seed=8)
+@pytest.mark.parametrize("height,width,fore,dense", [(9, 7, 5, True), (16, 16, 15, True), (16, 16, 3, False),
+                                                     (24, 20, 5, False)])
+def test_retrieved_subsets_on_the_tiled_and_dense_layouts(height, width, fore, dense):
+    from hetmm_kernels.torch_ops import atm as torch_atm
+
+    assert torch_atm.prefers_dense(height, width, fore // 2, 1) == dense
+    query, temp = _unit(3, 8, height, width, seed=7), _unit(5, 8, height, width, seed=8)
     indices = torch.tensor([[0, 2], [4, 1], [3, 3]])
-    fore, back = hk.mutual_match(query, temp, 5, 3, indices=indices, backend="torch")
-    ref_fore, ref_back = reference.mutual_match_subset(query, temp, 5, 3, indices)
-    assert torch.allclose(fore, ref_fore, atol=1e-5) and torch.allclose(back, ref_back, atol=1e-5)
+    fore_map, back_map = hk.mutual_match(query, temp, fore, 3, indices=indices, backend="torch")
+    ref_fore, ref_back = reference.mutual_match_subset(query, temp, fore, 3, indices)
+    assert torch.allclose(fore_map, ref_fore, atol=1e-5) and torch.allclose(back_map, ref_back, atol=1e-5)
 
 
 def test_bf16_matching_on_the_cpu_is_the_rounded_reference():

@@ -353,27 +353,31 @@ class DenseTemplates:
         return self._masks[radius]
 
 
-def mutual_max_dense(query: torch.Tensor, bank: DenseTemplates, fore_radius: int, back_radius: int):
+def mutual_max_dense(query: torch.Tensor, bank: DenseTemplates, fore_radius: int, back_radius: int,
+                     data: torch.Tensor | None = None, count: int | None = None):
     """``mutual_max_tiled``'s result from every query pixel against every template pixel.
 
     Wide windows make the tiled unions larger than the map itself (a ``31 x 31`` window on a 16 x 16
     map: each union is 4x the map), so one product per template group over the whole map computes
     fewer similarities; the windows become masks on the template-pixel x query-pixel maximum.
+    ``data``/``count`` (optional) replace the bank's rows, e.g. by a subset of its templates.
     """
+    data = bank.data if data is None else data
+    count = bank.count if count is None else count
     batch, channels, height, width = query.shape
     pixels = height * width
     q = map_major(query).reshape(batch * pixels, channels).t()  # [C, B*HW]
     per_template = max(1, pixels * batch * pixels)
     step = max(1, TILE_BLOCK // per_template)
     best = None
-    block = torch.empty(min(step, bank.count) * pixels, batch * pixels, device=query.device, dtype=bank.data.dtype)
-    for t0 in range(0, bank.count, step):
-        t1 = min(bank.count, t0 + step)
-        sims = torch.mm(bank.data[t0 * pixels:t1 * pixels], q, out=block[:(t1 - t0) * pixels])
+    block = torch.empty(min(step, count) * pixels, batch * pixels, device=query.device, dtype=data.dtype)
+    for t0 in range(0, count, step):
+        t1 = min(count, t0 + step)
+        sims = torch.mm(data[t0 * pixels:t1 * pixels], q, out=block[:(t1 - t0) * pixels])
         group_best = sims.view(t1 - t0, pixels, batch * pixels).amax(dim=0)  # the maximum over templates first
         best = group_best if best is None else torch.maximum(best, group_best, out=best)
     best = best.view(pixels, batch, pixels)  # [template pixel, b, query pixel]
-    result = _result(bank.data)
+    result = _result(data)
     fore_mask, back_mask = bank.mask(fore_radius), bank.mask(back_radius)
     fore = (best if fore_mask is None else best + fore_mask[:, None]).amax(dim=0)  # [B, HW]
     back = (best if back_mask is None else best + back_mask[:, None]).amax(dim=2).t()  # [B, HW]
@@ -405,12 +409,20 @@ def mutual_match(query: torch.Tensor, bank, fore_patch: int, back_patch: int):
 def mutual_match_subset(query: torch.Tensor, bank, fore_patch: int, back_patch: int, indices: torch.Tensor):
     """Query b against its own templates ``indices[b]`` of ``bank`` (a ``PreparedTemplates``).
 
-    Only the K selected templates of each query are gathered from the tiled layout, never the bank.
+    Only the K selected templates of each query are gathered from the tiled (or dense) layout, never the bank.
     """
     fore_radius, back_radius = fore_patch // 2, back_patch // 2
-    tiled = tiled_layout(bank, max(fore_radius, back_radius), 1)
+    reach, (height, width), k = max(fore_radius, back_radius), bank.shape[2:], indices.shape[1]
+    if prefers_dense(height, width, reach, 1):
+        dense = bank.layout("torch-dense", DenseTemplates)
+        rows = dense.data.view(dense.count, height * width, -1)  # [T, HW, C]
+        fores, backs = zip(*(mutual_max_dense(query[b:b + 1], dense, fore_radius, back_radius,
+                                              data=rows.index_select(0, indices[b]).view(k * height * width, -1),
+                                              count=k)
+                             for b in range(query.shape[0])))
+        return torch.cat(fores), torch.cat(backs)
+    tiled = tiled_layout(bank, reach, 1)
     rows = tiled.data.view(tiled.data.shape[0], -1, tiled.count, tiled.channels)  # [tiles, P, T, C]
-    k = indices.shape[1]
     fores, backs = zip(*(mutual_max_tiled(query[b:b + 1], tiled, fore_radius, back_radius,
                                           data=rows.index_select(2, indices[b]).view(rows.shape[0], -1, tiled.channels),
                                           count=k)
