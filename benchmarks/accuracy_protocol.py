@@ -123,10 +123,12 @@ CANDIDATES = {
     # on every layer
     "round9": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";"
                    "img_AUC:blur_s=8.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33"),
-    # the thirteenth round (choose set with the three fine-defect categories), from round 11's DEFAULT
+    # the thirteenth round (choose set with the three fine-defect categories), from round 11's DEFAULT:
+    # layer 3's forward window over most or all of its 16 x 16 map (the backward window stays 3)
     "r11-L3-31x3": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="31x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "r11-L3-15x3": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="15x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "r11-L3-23x3": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="23x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
+    "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
 METRICS = ("image_auroc", "pixel_auroc", "pro")
