@@ -128,6 +128,10 @@ CANDIDATES = {
     "r11-L3-31x3": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="31x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "r11-L3-15x3": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="15x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "r11-L3-23x3": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="23x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
+    # the fourteenth round, from round 13's DEFAULT: layer 2's weight and the pixel maps' blur
+    "r13-L2-l12": dict(params=layers(l2="9x3_a=0.9_l=1.2", l3="23x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
+    "r13-L2-l12-blur6": dict(params=layers(l2="9x3_a=0.9_l=1.2", l3="23x3_a=0.9_l=0.5", isolation=1) + ";"
+                             "img_AUC:blur_s=8.0_k=33_L=23|pix_AUC:blur_s=6.0_k=49|PRO:blur_s=6.0_k=49"),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }

@@ -5,11 +5,12 @@
 
 * ``choose``: scikit-image's brick / grass / gravel (grey), four metaworld material photographs
   (granite, metal, wood, plaster; grey), five with large-scale structure in colour (floor tiles,
-  red brick, planks, parquet, houndstooth) and two nearly featureless ones in colour (navy cloth,
-  white plaster), with hetmm's demo defects (``hetmm.demo.paint_defect``:
-  scratches, blobs, patches of another texture, bright/dark spots; on colour images it paints the
-  luminance and adds the change to every channel) and, on the colour and featureless ones, discoloured, smudged and
-  dented regions (``paint_choose_defect``).
+  red brick, planks, parquet, houndstooth), two nearly featureless ones in colour (navy cloth,
+  white plaster) and three grained or veined ones in colour (laminate, oak, stone floor tiles), with
+  hetmm's demo defects (``hetmm.demo.paint_defect``: scratches, blobs, patches of another texture,
+  bright/dark spots; on colour images it paints the luminance and adds the change to every channel)
+  and, on the colour ones, discoloured, smudged and dented regions (``paint_choose_defect``); the
+  grained ones get fine defects instead of most of those: smooth hairlines and faint flat tints.
 * ``report``: six robosuite photographs (brushed steel, felt, wood tiles, ceramic, white bricks,
   plaster), in colour, with defects painted by a *different* generator (below): cracks, stains,
   holes, foreign matter, local warps. No photograph, generator or parameter is shared with ``choose``;
