@@ -145,3 +145,28 @@ def test_matmul_roofline(benchmark, matmul_rate, dtype):
     run(benchmark, lambda: a @ b, 10)
     record(benchmark, 2 * m * k * n, matmul_rate, dtype, op="torch.matmul", layer="-",
            windows=f"{m}x{k}x{n}", batch="-", templates="-", backend="torch", mode="-")
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("window", [7, 15, 23, 31])
+@pytest.mark.parametrize("path", ["tiled", "dense"])
+def test_cpu_wide_windows(benchmark, matmul_rate, path, window, batch):
+    """The CPU path's two layouts on lite0's layer 3 as ``DEFAULT`` matches it (112 channels + isolation,
+    16 x 16 at 256 px, 40 templates, bfloat16), forward window k, backward 3; ``prefers_dense`` picks
+    between them. GFLOP/s counts every template pixel against every query pixel (the dense product)."""
+    from hetmm_kernels.torch_ops import atm as torch_atm
+
+    channels, side, templates = 113, 16, 40
+    query = _features(batch, channels, side, torch.bfloat16, 0).cpu()
+    bank = hk.prepare_templates(_features(templates, channels, side, torch.bfloat16, 1).cpu())
+    fore, back = window // 2, BACK_WINDOW // 2
+    if path == "dense":
+        layout = bank.layout("torch-dense", torch_atm.DenseTemplates)
+        run(benchmark, lambda: torch_atm.mutual_max_dense(query, layout, fore, back), 5)
+    else:
+        layout = torch_atm.tiled_layout(bank, max(fore, back), batch)
+        run(benchmark, lambda: torch_atm.mutual_max_tiled(query, layout, fore, back), 5)
+    flops = 2 * batch * templates * (side * side) ** 2 * channels
+    record(benchmark, flops, matmul_rate, torch.bfloat16, None, op="mutual_match", layer="lite0 layer3",
+           windows=f"{window}x{BACK_WINDOW}", batch=batch, templates=templates, backend=f"torch-{path}",
+           chosen=torch_atm.prefers_dense(side, side, max(fore, back), batch) == (path == "dense"), mode="steady")
