@@ -132,6 +132,8 @@ CANDIDATES = {
     "r13-L2-l12": dict(params=layers(l2="9x3_a=0.9_l=1.2", l3="23x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "r13-L2-l12-blur6": dict(params=layers(l2="9x3_a=0.9_l=1.2", l3="23x3_a=0.9_l=0.5", isolation=1) + ";"
                              "img_AUC:blur_s=8.0_k=33_L=23|pix_AUC:blur_s=6.0_k=49|PRO:blur_s=6.0_k=49"),
+    "r13-L3-23x5": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="23x5_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
+    "r13-L2-13x3": dict(params=layers(l2="13x3_a=0.9_l=0.8", l3="23x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
