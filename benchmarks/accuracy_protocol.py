@@ -144,8 +144,12 @@ def categories(root) -> list[str]:
     return sorted(p.name for p in Path(root).iterdir() if (p / "train" / "good").is_dir())
 
 
-def run(root, names, batch: int = 8) -> dict:
-    data = {c: load_category(root, c) for c in categories(root)}
+def run(root, names, batch: int = 8, only_categories=None) -> dict:
+    available = categories(root)
+    unknown = sorted(set(only_categories or ()) - set(available))
+    if unknown:
+        raise SystemExit(f"--category: {unknown} not in {root} (it holds {available})")
+    data = {c: load_category(root, c) for c in (only_categories or available)}
     table = {}
     for name in names:
         options = dict(CANDIDATES[name], batch_size=batch)
@@ -172,12 +176,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="an evaluation set from eval_sets.py")
     parser.add_argument("--only", nargs="+", default=None, help=f"candidates to run (default all: {', '.join(CANDIDATES)})")
+    parser.add_argument("--category", nargs="+", default=None, help="categories to run (default: every one in --data)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     unknown = set(args.only or ()) - set(CANDIDATES)
     if unknown:
         parser.error(f"unknown candidates {sorted(unknown)}; choose from {list(CANDIDATES)}")
-    table = run(args.data, args.only or list(CANDIDATES))
+    table = run(args.data, args.only or list(CANDIDATES), only_categories=args.category)
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))
     return 0
