@@ -168,6 +168,7 @@ def test_torch_dense_and_tiled_paths(monkeypatch, dtype, b, t, c, h, w, kf, kb):
     """Both CPU layouts against the reference whichever the size rule picks; a small product block makes
     the dense path merge several template groups."""
     monkeypatch.setattr(torch_atm, "TILE_BLOCK", 2 * h * w * b * h * w)
+    monkeypatch.setattr(torch_atm, "DENSE_BLOCK", h * w * h * w)  # one query a call: the batch split merges
     query, temp = features(b, c, h, w, dtype=dtype), features(t, c, h, w, dtype=dtype, seed=1)
     ref_fore, ref_back = reference.mutual_match(query, temp, kf, kb)
     bank = hk.prepare_templates(temp)

@@ -353,6 +353,11 @@ class DenseTemplates:
         return self._masks[radius]
 
 
+# Elements of the dense path's [template pixel, query, query pixel] maximum per call (32 MB in bfloat16):
+# larger batches are split (lite0's layer 3 at 256 px: 256 images a call).
+DENSE_BLOCK = 1 << 24
+
+
 def mutual_max_dense(query: torch.Tensor, bank: DenseTemplates, fore_radius: int, back_radius: int,
                      data: torch.Tensor | None = None, count: int | None = None):
     """``mutual_max_tiled``'s result from every query pixel against every template pixel.
@@ -366,6 +371,11 @@ def mutual_max_dense(query: torch.Tensor, bank: DenseTemplates, fore_radius: int
     count = bank.count if count is None else count
     batch, channels, height, width = query.shape
     pixels = height * width
+    per_query = max(1, DENSE_BLOCK // (pixels * pixels))
+    if batch > per_query:  # bound the [HW, B, HW] maximum (and its masked copies) for large batches or maps
+        parts = [mutual_max_dense(query[b:b + per_query], bank, fore_radius, back_radius, data, count)
+                 for b in range(0, batch, per_query)]
+        return torch.cat([f for f, _ in parts]), torch.cat([b for _, b in parts])
     q = map_major(query).reshape(batch * pixels, channels).t()  # [C, B*HW]
     per_template = max(1, pixels * batch * pixels)
     step = max(1, TILE_BLOCK // per_template)
