@@ -51,6 +51,13 @@ def test_table_values():
     ("L1:5x3_a=0.5_l=1;img_AUC:blur_s=4_k=3.5", "a whole number"),
     ("L1:5x3_a=0.5_l=1;img_AUC:mp_k=0", "a whole number"),
     ("L1:5x3_a=0.5_l=1;img_AUC:blur_s=x_k=3", "'x' is not a number"),
+    # a metric's layer choice (_L=)
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=2", "img_AUC sums L2, which the string skips or lacks"),
+    ("L1:5x3_a=0.5_l=1|L2:0x0_a=0.5_l=1;pix_AUC:clean_L=12", "pix_AUC sums L2"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=4", "L= names layers by their digits"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=11", "once each"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=", "L= names layers"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=1_L=1", "then optionally _L=<layers>"),
 ])
 def test_bad_parameter_strings(text, words):
     with pytest.raises(ValueError, match=words):
@@ -116,19 +123,6 @@ def test_detector_post_processing_per_metric():
 def test_a_metric_may_sum_some_layers(text, layers):
     params = parse_params(text)
     assert params.image.layers == layers and params.pixel.layers == ()
-
-
-@pytest.mark.parametrize("text,words", [
-    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=2", "img_AUC sums L2, which the string skips or lacks"),
-    ("L1:5x3_a=0.5_l=1|L2:0x0_a=0.5_l=1;pix_AUC:clean_L=12", "pix_AUC sums L2"),
-    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=4", "L= names layers by their digits"),
-    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=11", "once each"),
-    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=", "L= names layers"),
-    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=1_L=1", "then optionally _L=<layers>"),
-])
-def test_bad_layer_choices(text, words):
-    with pytest.raises(ValueError, match=words):
-        parse_params(text)
 
 
 @pytest.mark.parametrize("post", [PostProcess(), PostProcess("blur", 2.0, 9), PostProcess("mp", 0, 4)])
