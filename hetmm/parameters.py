@@ -10,9 +10,11 @@ A string has two parts separated by ``;``:
   the templates than the templates are from each other there. A window of 0 skips that layer.
 * per metric, ``img_AUC:...|pix_AUC:...|PRO:...``, each ``clean``, ``blur_s=<sigma>_k=<size>``
   (Gaussian blur) or ``mp_k=<size>`` (mean of a ``k x k`` max-pool, for the image score).
-  The image score is the maximum of the (post-processed) map unless ``mp`` is given. Any of them may
-  end with ``_L=<digits>``: that metric's map sums only those layers (``_L=23``: layers 2 and 3, with
-  their own alpha and lambda); without it, every active layer.
+  The image score is the maximum of the (post-processed) map unless ``mp`` is given, or, with
+  ``_top=<percent>`` after a ``clean`` or ``blur`` image entry, the mean of that percentage of the
+  map's highest pixels (at least one). Any entry may end with ``_L=<digits>``: that metric's map sums
+  only those layers (``_L=23``: layers 2 and 3, with their own alpha and lambda); without it, every
+  active layer.
 """
 
 from __future__ import annotations
@@ -76,12 +78,14 @@ class LayerParams:
 @dataclass(frozen=True)
 class PostProcess:
     """``clean`` (nothing), ``blur`` (Gaussian, ``sigma``, size ``k``) or ``mp`` (mean of a k x k max-pool),
-    of the map summed over ``layers`` (names such as ``"layer2"``; empty: every active layer)."""
+    of the map summed over ``layers`` (names such as ``"layer2"``; empty: every active layer). ``top``
+    (image score only, percent; 0: the maximum) scores the mean of the map's highest ``top`` percent."""
 
     kind: str = "clean"
     sigma: float = 0.0
     k: int = 0
     layers: tuple = ()
+    top: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -119,12 +123,27 @@ def _parse_layer_choice(text: str, digits: str) -> tuple:
     return tuple(f"layer{d}" for d in sorted(digits))
 
 
-def _parse_post(text: str) -> PostProcess:
+def _parse_top(text: str, value: str) -> float:
+    try:
+        top = float(value)
+    except ValueError:
+        raise _bad(text, f"{value!r} is not a number") from None
+    if not (math.isfinite(top) and 0 < top <= 100):
+        raise _bad(text, f"top= is the percentage of the highest pixels the image score averages, in (0, 100]; "
+                         f"got {value_text(top)}")
+    return top
+
+
+def _parse_post(text: str, metric: str) -> PostProcess:
     items = text.split("_")
-    layers = ()
+    layers, top = (), 0.0
     if len(items) > 1 and items[-1].startswith("L="):
         layers = _parse_layer_choice(text, items.pop()[2:])
-    return replace(_parse_post_process(text, items), layers=layers)
+    if len(items) > 1 and items[-1].startswith("top="):
+        top = _parse_top(text, items.pop()[4:])
+        if metric != "img_AUC" or items[0] == "mp":
+            raise _bad(text, "top= belongs to an img_AUC entry that is clean or blur_s=<sigma>_k=<size>")
+    return replace(_parse_post_process(text, items), layers=layers, top=top)
 
 
 def _parse_post_process(text: str, items: list) -> PostProcess:
@@ -140,7 +159,8 @@ def _parse_post_process(text: str, items: list) -> PostProcess:
         except ValueError:
             raise _bad(text, f"{value!r} is not a number") from None
     if not (items[0] == "blur" and set(values) == {"s", "k"}) and not (items[0] == "mp" and set(values) == {"k"}):
-        raise _bad(text, "a post-process is clean, blur_s=<sigma>_k=<size> or mp_k=<size>, then optionally _L=<layers>")
+        raise _bad(text, "a post-process is clean, blur_s=<sigma>_k=<size> or mp_k=<size>, then optionally "
+                        "_top=<percent> (img_AUC) and _L=<layers>")
     k = values["k"]
     if not (math.isfinite(k) and k == int(k) and 1 <= k <= MAX_KERNEL):
         raise _bad(text, f"the size k must be a whole number from 1 to {MAX_KERNEL}; got {value_text(k)}")
@@ -195,7 +215,7 @@ def parse_params(text: str) -> ScoringParams:
             metric, sep, spec = chunk.partition(":")
             if metric not in ("img_AUC", "pix_AUC", "PRO") or not sep:
                 raise _bad(chunk, "metric entries are img_AUC:..., pix_AUC:..., PRO:...")
-            post[metric] = _parse_post(spec)
+            post[metric] = _parse_post(spec, metric)
     params = ScoringParams(layers, post.get("img_AUC", PostProcess()), post.get("pix_AUC", PostProcess()),
                            post.get("PRO", PostProcess()))
     if not params.active_layers:

@@ -10,6 +10,8 @@ every backend computes it inside the same dot products at the cost of one channe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import hetmm_kernels as hk
@@ -119,10 +121,20 @@ class LayerMatches:
                                  out_size, blur=blur, image_score=image_score)
 
     def image_scores(self, out_size, post: PostProcess) -> torch.Tensor:
-        """``[B]``: the maximum of the post-processed map, or for ``mp`` the mean of its k x k max-pool."""
+        """``[B]``: the maximum of the post-processed map, the mean of its highest ``post.top`` percent, or
+        for ``mp`` the mean of its k x k max-pool."""
         if post.kind == "mp":
             return self.aggregate(out_size, PostProcess(layers=post.layers), image_score=post.k).scores
+        if post.top:
+            return top_mean(self.aggregate(out_size, post).maps, post.top)
         return self.aggregate(out_size, post, image_score="max").scores
+
+
+def top_mean(maps: torch.Tensor, percent: float) -> torch.Tensor:
+    """``[B]`` float32: the mean of each map's highest ``ceil(percent / 100 * pixels)`` values (at least one)."""
+    flat = maps.flatten(1)
+    count = max(1, math.ceil(round(flat.shape[1] * percent / 100, 9)))  # round: 5% of 200 is 10, not 11
+    return flat.topk(count, dim=1, sorted=False).values.float().mean(1)
 
 
 def atmm_score(query_feats: dict, temp_feats: dict, params, out_size=256) -> torch.Tensor:

@@ -57,7 +57,17 @@ def test_table_values():
     ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=4", "L= names layers by their digits"),
     ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=11", "once each"),
     ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=", "L= names layers"),
-    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=1_L=1", "then optionally _L=<layers>"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=1_L=1", "then optionally _top=<percent> .* and _L=<layers>"),
+    # the image score's top percentage (_top=)
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_top=0", r"top= .* in \(0, 100\]; got 0"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_top=101", r"top= .* got 101"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_top=nan", r"top= .* got nan"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_top=x", "'x' is not a number"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:mp_k=3_top=1", "top= belongs to an img_AUC entry that is clean or blur"),
+    ("L1:5x3_a=0.5_l=1;pix_AUC:blur_s=4_k=9_top=1", "top= belongs to an img_AUC entry"),
+    ("L1:5x3_a=0.5_l=1;PRO:clean_top=1", "top= belongs to an img_AUC entry"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_L=1_top=1", "then optionally _top=<percent>"),
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_top=1_top=1", "then optionally _top=<percent>"),
 ])
 def test_bad_parameter_strings(text, words):
     with pytest.raises(ValueError, match=words):
@@ -113,6 +123,35 @@ def test_detector_post_processing_per_metric():
     assert torch.allclose(mp, F.max_pool2d(raw, 4).mean(dim=(1, 2, 3)))
     blurred = matches.image_scores(16, PostProcess("blur", 2.0, 9))
     assert torch.allclose(blurred, reference.gaussian_blur(raw, 2.0, 9).amax(dim=(1, 2, 3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("L1:5x3_a=0.5_l=1;img_AUC:clean_top=1", PostProcess(top=1.0)),
+    ("L1:5x3_a=0.5_l=1;img_AUC:blur_s=8_k=33_top=2.5_L=1", PostProcess("blur", 8.0, 33, ("layer1",), 2.5)),
+    ("L1:5x3_a=0.5_l=1;img_AUC:blur_s=8_k=33_top=100", PostProcess("blur", 8.0, 33, top=100.0)),
+])
+def test_top_percent_image_entries_parse(text, expected):
+    assert parse_params(text).image == expected
+
+
+@pytest.mark.parametrize("size,percent,count", [(16, 1.0, 3), (16, 0.01, 1), (16, 100.0, 256), (20, 5.0, 20),
+                                                (24, 2.5, 15)])
+@pytest.mark.parametrize("post", [PostProcess(), PostProcess("blur", 2.0, 9)])
+def test_top_percent_image_score_is_the_mean_of_the_highest_pixels(size, percent, count, post):
+    """The mean of the ceil(percent% of the pixels) highest values of the same (blurred) map, by sorting."""
+    from dataclasses import replace
+
+    from hetmm.scoring import LayerMatches
+
+    temp = {"layer1": features(3, 8, 8, 8)}
+    query = {"layer1": features(3, 8, 8, 8, seed=7)}
+    matches = LayerMatches(query, temp, "L1:3x3_a=0.5_l=1")
+    maps = matches.aggregate(size, post).maps.flatten(1)
+    expected = maps.sort(dim=1, descending=True).values[:, :count].double().mean(1).float()
+    scores = matches.image_scores(size, replace(post, top=percent))
+    assert torch.allclose(scores, expected, rtol=1e-6, atol=0)
+    if count > 1:  # not the maximum, which is what the entry scores without top=
+        assert (scores < maps.amax(1)).all()
 
 
 @pytest.mark.parametrize("text,layers", [
