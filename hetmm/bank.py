@@ -21,7 +21,7 @@ from . import calibration
 from .backbone import LAYERS
 from .distributed import shard_range
 from .parameters import parse_params
-from .scoring import isolated_templates
+from .scoring import coreset_rows, isolated_templates
 
 FORMAT = "hetmm-bank/1"
 # configuration entries that must agree for a bank to serve a detector
@@ -37,6 +37,7 @@ class BankMismatch(ValueError):
 EXTRA = "extra/"  # prefix of the non-template tensors in the file (codebook, histogram counts)
 PER_TEMPLATE = ("histogram_counts",)  # extras with one row per template: they shard with the templates
 ISOLATION = "isolation."  # + "<layer>.<forward window>": [N, h, w] per template pixel, also sharded with them
+CORESET = "coreset."  # + "<layer>.<percent>": int64 flat indices over [N, h, w] (a shard keeps those of its templates)
 MAX_ISOLATION = 2.0  # 1 - the cosine similarity of unit features
 
 
@@ -74,7 +75,8 @@ class TemplateBank:
         rows = _shard_rows(len(self), rank, world)
         features = {name: t[rows.start:rows.stop] for name, t in self.features.items()}
         extras = {name: t[rows.start:rows.stop] if _per_template(name) else t for name, t in self.extras.items()}
-        return TemplateBank(features, self.config, extras, self.offset + rows.start, self.total)
+        return TemplateBank(features, self.config, _coreset_shares(extras, features, rows), self.offset + rows.start,
+                            self.total)
 
     def __len__(self) -> int:
         return next(iter(self.features.values())).shape[0] if self.features else 0
@@ -94,8 +96,8 @@ class TemplateBank:
         self.version += 1
         self._prepared.clear()
         stale = calibration.NAMES + (calibration.F1_IMAGE_THRESHOLD,)
-        for name in [n for n in self.extras if n.startswith(ISOLATION) or n in stale]:
-            del self.extras[name]  # every template's leave-one-out (and every calibration score) changes
+        for name in [n for n in self.extras if n.startswith((ISOLATION, CORESET)) or n in stale]:
+            del self.extras[name]  # every template's leave-one-out, the coresets and the calibration change
 
     @property
     def calibration(self) -> "calibration.Calibration | None":
@@ -118,7 +120,32 @@ class TemplateBank:
             raise ValueError(f"isolation of {layer}: expected {expected}, got {tuple(values.shape)}")
         self.extras[f"{ISOLATION}{layer}.{fore}"] = values.float().cpu().contiguous()
         # only the layouts that carry this layer's isolation are stale; its plain layout stays
-        self._prepared = {key: value for key, value in self._prepared.items() if key[0] != layer or not key[4]}
+        self._prepared = {key: value for key, value in self._prepared.items()
+                          if key[0] not in (layer, ("coreset", layer)) or not key[4]}
+
+    def coreset(self, layer: str, percent: float) -> torch.Tensor | None:
+        """``[n]`` int64: the layer's coreset of ``percent`` (flat indices over ``[N, h, w]``), if selected."""
+        return self.extras.get(f"{CORESET}{layer}.{percent:g}")
+
+    def set_coreset(self, layer: str, percent: float, indices: torch.Tensor) -> None:
+        pixels = len(self) * self.features[layer].shape[2] * self.features[layer].shape[3]
+        if indices.dim() != 1 or indices.dtype != torch.int64 or (len(indices) and not 0 <= indices.min() <= indices.max() < pixels):
+            raise ValueError(f"coreset of {layer}: expected int64 indices in [0, {pixels}); got {indices.dtype} "
+                             f"{tuple(indices.shape)}")
+        self.extras[f"{CORESET}{layer}.{percent:g}"] = indices.cpu().contiguous()
+        self._prepared = {key: value for key, value in self._prepared.items() if key[0] != ("coreset", layer)}
+
+    def coreset_rows(self, layer: str, device: torch.device, dtype: torch.dtype, percent: float, fore: int = 0,
+                     isolation: float = 0.0) -> tuple:
+        """``(rows [n, C], owners [n])``: the coreset's template pixels as ``prepared`` lays the layer out and
+        the template of each (``set_coreset`` first; ``hetmm.scoring.coreset_rows``)."""
+        key = (("coreset", layer), str(device), dtype, fore if isolation else 0, isolation, percent)
+        if key not in self._prepared:
+            indices = self.coreset(layer, percent)
+            if indices is None:
+                raise KeyError(f"the bank holds no {percent:g}% coreset of {layer}")
+            self._prepared[key] = coreset_rows(self.prepared(layer, device, dtype, fore, isolation), indices)
+        return self._prepared[key]
 
     def prepared(self, layer: str, device: torch.device, dtype: torch.dtype, fore: int = 0,
                  isolation: float = 0.0) -> hk.PreparedTemplates:
@@ -196,6 +223,9 @@ class TemplateBank:
         extras = {k[len(EXTRA):]: tensors.pop(k) for k in list(tensors) if k.startswith(EXTRA)}
         _check_features(path, tensors, config)
         _check_isolation(path, extras, tensors)
+        _check_coresets(path, extras, tensors, total)
+        if shard is not None:
+            extras = _coreset_shares(extras, tensors, rows)
         problem = calibration.check_extras(extras)
         if problem:
             raise BankInvalid(f"bank: {path}: {problem}; refit the bank")
@@ -372,6 +402,31 @@ def _check_isolation(path: Path, extras: dict, features: dict) -> None:
         if values.numel() and not (torch.isfinite(values).all() and values.min() >= 0
                                    and values.max() <= MAX_ISOLATION + UNIT_TOLERANCE):
             raise BankInvalid(f"bank: {path}: {name} must hold dissimilarities in [0, {MAX_ISOLATION:g}]")
+
+
+def _coreset_shares(extras: dict, features: dict, rows: range) -> dict:
+    """The extras with each coreset cut to the templates ``rows`` (renumbered from the first): merged by
+    the maximum across ranks, the shards' global matches are the whole coreset's."""
+    extras = dict(extras)
+    for name in [n for n in extras if n.startswith(CORESET)]:
+        layer = name[len(CORESET):].partition(".")[0]
+        pixels = features[layer].shape[2] * features[layer].shape[3]
+        indices = extras[name]
+        extras[name] = indices[(indices >= rows.start * pixels) & (indices < rows.stop * pixels)] - rows.start * pixels
+    return extras
+
+
+def _check_coresets(path: Path, extras: dict, features: dict, total: int) -> None:
+    for name, values in extras.items():
+        if not name.startswith(CORESET):
+            continue
+        layer, _, percent = name[len(CORESET):].partition(".")
+        if layer not in features:
+            raise BankInvalid(f"bank: {path}: {name} names no layer of the bank ({sorted(features)})")
+        pixels = total * features[layer].shape[2] * features[layer].shape[3]
+        if values.dtype != torch.int64 or values.dim() != 1 or (values.numel() and not 0 <= values.min() <= values.max() < pixels):
+            raise BankInvalid(f"bank: {path}: {name} must hold int64 template-pixel indices in [0, {pixels}); "
+                              f"got {values.dtype} {tuple(values.shape)}")
 
 
 class ShardError(ValueError):

@@ -22,7 +22,7 @@ from .clustering import compress
 from .retrieval import Codebook
 from .data import prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
-from .scoring import LayerMatches, leave_one_out, template_isolation
+from .scoring import LayerMatches, leave_one_out, template_coreset, template_isolation
 
 
 # precision -> (backbone dtype, matching dtype); products always accumulate in float32
@@ -333,6 +333,7 @@ class HETMM:
             self.bank.extras = {"codebook_centers": codebook.centers,
                                 "histogram_counts": codebook.bank(templates[self.retrieval_layer]).counts}
         self._ensure_isolation()
+        self._ensure_coresets()
         self.bank.set_calibration(self.calibrate(features if self.templates == "pts" else None))
         return self
 
@@ -481,6 +482,18 @@ class HETMM:
             templates = bank.prepared(layer, self.device, self.feature_dtype)
             bank.set_isolation(layer, p.fore, template_isolation(templates, p.fore, neighbours))
 
+    def _ensure_coresets(self) -> None:
+        """Select (once per bank, and again after ``add_templates``) the coresets the parameters use, from
+        the float32 features on the device (a greedy step per coreset pixel: ~1 s for 4,096 of 40,960)."""
+        bank = self._require_bank()
+        missing = [(layer, p.coreset) for layer, p in self.params.active_layers.items()
+                   if p.coreset and bank.coreset(layer, p.coreset) is None]
+        if missing and bank.is_shard:
+            raise RuntimeError(f"the bank is a shard and holds no coreset of {[layer for layer, _ in missing]}: it is "
+                               "selected over the whole bank; save the fitted bank and load its shards from that file")
+        for layer, percent in missing:
+            bank.set_coreset(layer, percent, template_coreset(bank.features[layer].to(self.device), percent))
+
     def _histogram_bank(self):
         """The codebook and the compact histogram bank of the templates on the device (retrieval only).
 
@@ -506,6 +519,7 @@ class HETMM:
             new = codebook.bank(features[self.retrieval_layer]).counts
             self.bank.extras["histogram_counts"] = torch.cat([self.bank.extras["histogram_counts"], new])
         self._ensure_isolation()
+        self._ensure_coresets()
         if self.templates == "pts":
             warnings.warn("templates added to a PTS bank: its calibration (held-out folds of the training images) "
                           "was dropped; refit the bank to calibrate it again", stacklevel=2)
@@ -563,8 +577,11 @@ class HETMM:
         bank = self._require_bank()
         dtype = self.feature_dtype
         self._ensure_isolation()
+        self._ensure_coresets()
         templates = {layer: bank.prepared(layer, self.device, dtype, p.fore, p.isolation)
                      for layer, p in self.params.active_layers.items()}
+        coresets = {layer: bank.coreset_rows(layer, self.device, dtype, p.coreset, p.fore, p.isolation)
+                    for layer, p in self.params.active_layers.items() if p.coreset}
         query = {layer: features[layer].to(self.device, dtype) for layer in self.params.active_layers}
         if bank.is_shard and self.group is None:
             raise RuntimeError("the bank is a shard: give the detector its process group (HETMM.shard / load(shard=))")
@@ -581,7 +598,7 @@ class HETMM:
                 indices, absent = distributed.local_subsets(nearest, bank.offset, len(bank))
             else:
                 _, indices = hk.retrieve_topk(query_hist, histogram_bank, k)
-        matches = LayerMatches(query, templates, self.params, indices)
+        matches = LayerMatches(query, templates, self.params, indices, coresets)
         if bank.is_shard:
             distributed.merge_matches(matches, absent, self.group)
         return matches

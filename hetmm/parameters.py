@@ -7,7 +7,12 @@ A string has two parts separated by ``;``:
   and, optionally, the isolation weight (0 when absent; the paper's strings have none): every
   template pixel's similarities get ``isolation`` times its own leave-one-out dissimilarity added
   (``hetmm.scoring.template_isolation``), so a query pixel is scored by how much farther it is from
-  the templates than the templates are from each other there. A window of 0 skips that layer.
+  the templates than the templates are from each other there. Optionally ``_c=<percent>`` (after
+  ``_i``): the forward direction also matches every query pixel against a coreset of that percentage
+  of all template pixels wherever they lie (greedy k-centre selection on their features, as
+  PatchCore's memory bank; ``hetmm.scoring.template_coreset``), and takes the better of that and its
+  window's match: structure a template shows elsewhere is found even when the window misses it. A
+  window of 0 skips that layer.
 * per metric, ``img_AUC:...|pix_AUC:...|PRO:...``, each ``clean``, ``blur_s=<sigma>_k=<size>``
   (Gaussian blur) or ``mp_k=<size>`` (mean of a ``k x k`` max-pool, for the image score).
   The image score is the maximum of the (post-processed) map unless ``mp`` is given, or, with
@@ -73,6 +78,7 @@ class LayerParams:
     alpha: float
     lda: float
     isolation: float = 0.0
+    coreset: float = 0.0  # percent of the template pixels the forward direction also matches globally; 0: none
 
 
 @dataclass(frozen=True)
@@ -186,16 +192,18 @@ def parse_params(text: str) -> ScoringParams:
     layers = {}
     for chunk in layer_part.split("|"):
         name, sep, spec = chunk.partition(":")
-        form = "a layer entry is L<i>:<fore>x<back>_a=<alpha>_l=<lambda>[_i=<isolation>]"
+        form = "a layer entry is L<i>:<fore>x<back>_a=<alpha>_l=<lambda>[_i=<isolation>][_c=<coreset percent>]"
         if not sep or not name.startswith("L") or not name[1:].isdigit():
             raise _bad(chunk, form)
         try:
             windows, *weights = spec.split("_")
             fore, back = (int(w) for w in windows.split("x"))
             pairs = [w.split("=") for w in weights]
-            assert [p[0] for p in pairs] in (["a", "l"], ["a", "l", "i"]) and fore >= 0 and back >= 0
+            keys = [p[0] for p in pairs]
+            assert keys in (["a", "l"], ["a", "l", "i"], ["a", "l", "c"], ["a", "l", "i", "c"]) and fore >= 0 and back >= 0
             weights = dict(pairs)
             alpha, lda, isolation = float(weights["a"]), float(weights["l"]), float(weights.get("i", 0))
+            coreset = float(weights.get("c", 0))
         except (ValueError, AssertionError):
             raise _bad(chunk, form) from None
         if not 1 <= int(name[1:]) <= LAYER_COUNT:
@@ -206,9 +214,11 @@ def parse_params(text: str) -> ScoringParams:
             raise _bad(chunk, f"lambda (l=) weighs the layer and must be in (0, {MAX_LAMBDA:g}]; got {value_text(lda)}")
         if not (math.isfinite(isolation) and 0 <= isolation <= MAX_ISOLATION_WEIGHT):
             raise _bad(chunk, f"the isolation weight (i=) must be in [0, {MAX_ISOLATION_WEIGHT:g}]; got {value_text(isolation)}")
+        if "c" in weights and not (math.isfinite(coreset) and 0 < coreset <= 100):
+            raise _bad(chunk, f"the coreset (c=) is a percentage of the template pixels in (0, 100]; got {value_text(coreset)}")
         if f"layer{int(name[1:])}" in layers:
             raise _bad(chunk, f"{name} is given twice")
-        layers[f"layer{int(name[1:])}"] = LayerParams(fore, back, alpha, lda, isolation)
+        layers[f"layer{int(name[1:])}"] = LayerParams(fore, back, alpha, lda, isolation, coreset)
     post = {}
     if metric_part:
         for chunk in metric_part.split("|"):

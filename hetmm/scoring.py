@@ -51,6 +51,52 @@ def template_isolation(temp, fore: int, neighbours: torch.Tensor | None = None) 
     return torch.cat(parts)
 
 
+def coreset_size(pixels: int, percent: float) -> int:
+    """How many of ``pixels`` template pixels a coreset of ``percent`` keeps (at least one)."""
+    return max(1, min(pixels, math.ceil(round(pixels * percent / 100, 9))))
+
+
+def template_coreset(temp, percent: float) -> torch.Tensor:
+    """``[n]`` int64: the template pixels (flat indices over ``[T, h, w]``) that greedy k-centre selection
+    keeps, ``coreset_size(T*h*w, percent)`` of them: from the first template's first pixel, each next one
+    the pixel least similar to every one kept so far (PatchCore's coreset, on unit features, cosine).
+    Deterministic; the most isolated structure is kept first, the commonest only once."""
+    bank = hk.prepare_templates(temp)
+    rows = bank.temp.permute(0, 2, 3, 1).reshape(-1, bank.temp.shape[1]).float()
+    count = coreset_size(rows.shape[0], percent)
+    chosen = torch.empty(count, dtype=torch.long, device=rows.device)
+    nearest = torch.full((rows.shape[0],), -math.inf, device=rows.device)  # best similarity to the kept pixels
+    index = torch.zeros((), dtype=torch.long, device=rows.device)
+    for k in range(count):  # the argmin stays on the device: no synchronisation per step
+        chosen[k] = index
+        torch.maximum(nearest, rows @ rows[index], out=nearest)
+        index = nearest.argmin()
+    return chosen.cpu()
+
+
+def coreset_rows(temp: hk.PreparedTemplates, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [n, C], owners [n])``: the (isolated) template pixels ``indices`` name, as ``hk.global_match``
+    takes them, and the template each comes from."""
+    count, channels, height, width = temp.temp.shape
+    indices = indices.to(temp.temp.device)
+    flat = temp.temp.permute(0, 2, 3, 1).reshape(-1, channels)
+    return flat[indices].contiguous(), indices // (height * width)
+
+
+def coreset_match(query: torch.Tensor, coreset: tuple, indices: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``[B, h, w]`` float32: each query pixel's best similarity to the coreset's rows (``coreset_rows``),
+    with ``indices [B, K]`` to those of query b's templates only; ``None`` where no row is left to match."""
+    rows, owners = coreset
+    if indices is None:
+        return hk.global_match(query, rows, out_dtype=torch.float32)
+    best = torch.full((query.shape[0], *query.shape[2:]), -1.0, device=query.device)
+    for b in range(query.shape[0]):
+        mine = torch.isin(owners, indices[b].to(owners.device))
+        if bool(mine.any()):
+            best[b] = hk.global_match(query[b:b + 1], rows[mine].contiguous(), out_dtype=torch.float32)[0]
+    return best
+
+
 def _channels_with_isolation(channels: int, device: torch.device) -> int:
     # one more channel; on CUDA a multiple of 16: the JIT specialises a channel count divisible by 16,
     # and without that hint lite0's layer 3 (113 or 120 channels) compiles to scalar loads and spills
@@ -85,9 +131,13 @@ class LayerMatches:
 
     For a layer with an isolation weight, ``temp_feats[layer]`` may already carry the isolation channel
     (``isolated_templates``, as the detector's bank caches it); plain templates get theirs computed here.
+    For a layer with a coreset, ``coresets[layer]`` may hold its rows (``coreset_rows`` of those templates,
+    as the bank caches them); otherwise they are selected here. With ``indices``, a query meets only the
+    coreset pixels of its own templates (leave-one-out calibration stays leave-one-out).
     """
 
-    def __init__(self, query_feats: dict, temp_feats: dict, params, indices: torch.Tensor | None = None):
+    def __init__(self, query_feats: dict, temp_feats: dict, params, indices: torch.Tensor | None = None,
+                 coresets: dict | None = None):
         params = parse_params(params)
         self.layers, self.fores, self.backs, self.alphas, self.ldas = [], [], [], [], []
         for layer, p in params.active_layers.items():
@@ -101,6 +151,12 @@ class LayerMatches:
                 query = with_unit_channel(query, temp.shape[1])
             # float32 maps: the products' float32 maxima, not rounded to a 16-bit query's dtype
             fore, back = hk.mutual_match(query, temp, p.fore, p.back, indices=indices, out_dtype=torch.float32)
+            if p.coreset:
+                coreset = (coresets or {}).get(layer)
+                if coreset is None:
+                    temp = hk.prepare_templates(temp)
+                    coreset = coreset_rows(temp, template_coreset(temp.temp[:, :query_feats[layer].shape[1]], p.coreset))
+                fore = torch.maximum(fore, coreset_match(query, coreset, indices))
             if p.isolation:  # as close as a template's own neighbour or closer: 0, as an exact match scores
                 fore, back = fore.clamp_max(1), back.clamp_max(1)
             self.layers.append(layer)

@@ -1,7 +1,7 @@
 """hetmm_kernels: fast template mutual matching for training-free anomaly detection.
 
 A drop-in for the published HETMM CUDA extension (``forward_ATM``, ``backward_ATM``,
-``PTS``) plus the fused ops the detector uses (``mutual_match``, ``aggregate_maps``). Every op has three implementations behind one
+``PTS``) plus the fused ops the detector uses (``mutual_match``, ``global_match``, ``aggregate_maps``). Every op has three implementations behind one
 contract: ``reference`` (naive PyTorch, the ground truth), ``torch`` (vectorised,
 the CPU path) and ``triton`` (the GPU path). See ``set_backend``.
 """
@@ -16,6 +16,7 @@ from .ops import (
     backward_ATM,
     block_histograms,
     forward_ATM,
+    global_match,
     mutual_match,
     retrieve_topk,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "block_histograms",
     "forward_ATM",
     "get_backend",
+    "global_match",
     "mutual_match",
     "prepare_templates",
     "reference",

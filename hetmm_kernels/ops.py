@@ -17,6 +17,7 @@ from .backend import resolve
 from .templates import PreparedTemplates, prepare_templates
 from .torch_ops import aggregate as torch_aggregate
 from .torch_ops import atm as torch_atm
+from .torch_ops import global_match as torch_global
 from .torch_ops import pts as torch_pts
 from .torch_ops import retrieval as torch_retrieval
 from .validation import all_finite, check_feature_tensor, check_same_maps, check_window, checking_values
@@ -137,6 +138,44 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     else:
         fore, back = _triton_atm().mutual_match(query, _triton_layout(bank), fore_patch, back_patch)
     return fore.to(out_dtype), back.to(out_dtype)
+
+
+def global_match(query: torch.Tensor, rows: torch.Tensor, *, out_dtype: torch.dtype | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """Forward matching without a window: ``[B, H, W]``, each query pixel's largest dot product with
+    any row of ``rows [N, C]`` (template pixels wherever they lie, e.g. a coreset), floored at -1.
+
+    ``out_dtype`` as in ``mutual_match`` (default the query's).
+
+    >>> q = torch.nn.functional.normalize(torch.randn(1, 8, 4, 4), dim=1)
+    >>> rows = q.permute(0, 2, 3, 1).reshape(16, 8)
+    >>> bool(torch.allclose(global_match(q, rows), torch.ones(1, 4, 4), atol=1e-5))
+    True
+    """
+    check_feature_tensor("query", query, allow_empty_batch=True)
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] < 1:
+        raise ValueError(f"rows must be a tensor [N >= 1, C] of template pixels; got "
+                         f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__}")
+    if rows.shape[1] != query.shape[1] or rows.dtype != query.dtype or rows.device != query.device:
+        raise ValueError(f"rows must match the query's channels, dtype and device: rows are {tuple(rows.shape)} "
+                         f"{rows.dtype} on {rows.device}, the query {tuple(query.shape)} {query.dtype} on {query.device}")
+    if checking_values() and not all_finite(rows):
+        raise ValueError("rows contains NaN or inf values; features must be finite")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating torch.dtype or None; got {out_dtype!r}")
+    out_dtype = out_dtype or query.dtype
+    impl = resolve(query.device, backend, query.dtype)
+    if query.shape[0] == 0:
+        return query.new_empty((0, *query.shape[2:]), dtype=out_dtype)
+    if impl == "reference":
+        best = reference.global_match(query, rows)
+    elif impl == "torch":
+        best = torch_global.global_match(query, rows)
+    else:
+        from .triton_ops import global_match as triton_global  # lazily, as the other Triton ops
+
+        best = triton_global.global_match(query, rows)
+    return best.to(out_dtype)
 
 
 def _check_indices(indices, batch: int, count: int, device) -> None:

@@ -206,3 +206,13 @@ def mutual_match_subset(query, temp, fore_patch, back_patch, indices):
     fores, backs = zip(*(mutual_match(query[b:b + 1], temp[indices[b]], fore_patch, back_patch)
                          for b in range(query.shape[0])))
     return torch.cat(fores), torch.cat(backs)
+
+
+def global_match(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``G[b,i,j] = max(-1, max_n <query[b,:,i,j], rows[n,:]>)``: forward matching without a window,
+    against a set of template pixels ``rows [N, C]`` wherever they lie. ``[B, H, W]``, query's dtype."""
+    q, r = _accumulation(query), _accumulation(rows)
+    out = torch.full((q.shape[0], *q.shape[2:]), MATCH_FLOOR, device=q.device, dtype=q.dtype)
+    for n in range(r.shape[0]):
+        out = torch.maximum(out, torch.einsum("bchw,c->bhw", q, r[n]))
+    return out.to(query.dtype)

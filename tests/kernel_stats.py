@@ -46,14 +46,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hetmm.parameters import DEFAULT, MVTEC_AD, parse_params  # noqa: E402
-from hetmm_kernels.triton_ops import aggregate, atm, pts, retrieval  # noqa: E402
+from hetmm_kernels.triton_ops import aggregate, atm, global_match, pts, retrieval  # noqa: E402
 
 GPUS = {90: dict(name="H100/H200", sms=132, shared=232448), 80: dict(name="A100", sms=108, shared=166912)}
 # The paper's features: Wide-ResNet-101-2 at 256 px, 60 templates (PTS's tiny set)
 LAYERS = {"layer1": (256, 64), "layer2": (512, 32), "layer3": (1024, 16)}
 TEMPLATES = 60
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MATCHING = ("_mutual_kernel", "_mutual_resident_kernel", "_window_max_kernel")
+MATCHING = ("_mutual_kernel", "_mutual_resident_kernel", "_window_max_kernel", "_global_max_kernel")
 # the benchmarks' one-thread-per-output baseline (the published design): compiled, not held to the rules
 # (sm_90: 40 registers and 16 spill bytes as published-style code gets them)
 BASELINES = ("_naive_window_max_kernel",)
@@ -140,6 +140,12 @@ def other_cases():
                 yield f"retrieve_topk q{queries} {method} {bank.dtype}", \
                     lambda q=queries, b=bank, m=method: retrieval.retrieve_topk(torch.empty(q, 25, 13), b, 49, 10,
                                                                                0.8, m)
+    # a layer's coreset fallback: 10% of the templates' pixels, the paper's layer 2 and lite0's (41 -> 48 channels)
+    for dtype_name, dtype in DTYPES.items():
+        for batch, channels, side, rows in ((32, 512, 32, 6144), (8, 48, 32, 4096)):
+            yield f"global_match b{batch} c{channels} {dtype_name}", \
+                lambda b=batch, c=channels, s=side, n=rows, d=dtype: global_match.global_match(
+                    torch.empty(b, c, s, s, dtype=d), torch.empty(n, c, dtype=d))
     yield "PTS 200 templates -> 60", lambda: pts.PTS(torch.empty(200, 64, 8, 8), torch.zeros(200, 8, 8, dtype=torch.int64),
                                                     60)
 

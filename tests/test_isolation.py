@@ -16,7 +16,7 @@ from hetmm.detector import _without_self
 from hetmm.parameters import DEFAULT, parse_params
 from hetmm.scoring import LayerMatches, template_isolation
 from hetmm_kernels import reference
-from helpers import features
+from helpers import edit_saved_bank, features
 
 WITHOUT_ISOLATION = DEFAULT.replace("_i=1", "")
 
@@ -163,17 +163,8 @@ def test_a_bank_saved_without_isolation_gets_it_on_first_use(tmp_path, fitted):
     (lambda t: t.long(), "must be floating"),
 ])
 def test_banks_with_bad_isolation_are_refused_on_load(tmp_path, fitted, edit, message):
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
-
     path = fitted.save(tmp_path / "bank.safetensors")
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    metadata.pop("checksum")
-    tensors = load_file(str(path))
-    name = next(n for n in tensors if "isolation." in n)
-    tensors[name] = edit(tensors[name]).contiguous()
-    save_file(tensors, str(path), metadata=metadata)
+    edit_saved_bank(path, "isolation.", edit)
     with pytest.raises(BankInvalid, match=message):
         TemplateBank.load(path)
 
