@@ -58,15 +58,16 @@ def coreset_size(pixels: int, percent: float) -> int:
 
 def template_coreset(temp, percent: float) -> torch.Tensor:
     """``[n]`` int64: the template pixels (flat indices over ``[T, h, w]``) that greedy k-centre selection
-    keeps, ``coreset_size(T*h*w, percent)`` of them: from the first template's first pixel, each next one
-    the pixel least similar to every one kept so far (PatchCore's coreset, on unit features, cosine).
-    Deterministic; the most isolated structure is kept first, the commonest only once."""
+    keeps, ``coreset_size(T*h*w, percent)`` of them: first the pixel least similar to the templates' mean
+    feature, then each next one the pixel least similar to every one kept so far (PatchCore's coreset, on
+    unit features, cosine). The same pixels whatever the templates' order (an Engine shuffles them); the
+    most isolated structure is kept first, the commonest only once."""
     bank = hk.prepare_templates(temp)
     rows = bank.temp.permute(0, 2, 3, 1).reshape(-1, bank.temp.shape[1]).float()
     count = coreset_size(rows.shape[0], percent)
     chosen = torch.empty(count, dtype=torch.long, device=rows.device)
     nearest = torch.full((rows.shape[0],), -math.inf, device=rows.device)  # best similarity to the kept pixels
-    index = torch.zeros((), dtype=torch.long, device=rows.device)
+    index = (rows @ rows.mean(0)).argmin()
     for k in range(count):  # the argmin stays on the device: no synchronisation per step
         chosen[k] = index
         torch.maximum(nearest, rows @ rows[index], out=nearest)

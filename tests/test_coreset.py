@@ -16,7 +16,7 @@ from helpers import edit_saved_bank, features
 def _greedy_by_hand(temp: torch.Tensor, count: int) -> list:
     """k-centre greedy written out: each next pixel is the one whose nearest kept pixel is least similar."""
     rows = temp.permute(0, 2, 3, 1).reshape(-1, temp.shape[1]).double()
-    kept = [0]
+    kept = [int((rows @ rows.mean(0)).argmin())]
     while len(kept) < count:
         nearest = (rows @ rows[kept].T).amax(1)
         kept.append(int(nearest.argmin()))
@@ -35,6 +35,15 @@ def test_coreset_is_greedy_k_centre_selection(count, channels, size, percent):
                                                  (200, 5, 10)])
 def test_coreset_size(pixels, percent, size):
     assert coreset_size(pixels, percent) == size
+
+
+def test_the_coreset_does_not_depend_on_the_templates_order():
+    temp = features(5, 8, 4, 4, seed=3)
+    order = torch.tensor([3, 0, 4, 1, 2])
+    pixels = torch.arange(5 * 16).view(5, 16)
+    chosen = template_coreset(temp, 20)
+    shuffled = template_coreset(temp[order], 20)
+    assert sorted(pixels[order].flatten()[shuffled].tolist()) == sorted(chosen.tolist())
 
 
 def test_a_whole_coreset_holds_every_pixel_once():
