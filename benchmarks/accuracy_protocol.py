@@ -31,6 +31,9 @@ BLURRED_IMAGE = "img_AUC:blur_s=4.0_k=33|pix_AUC:blur_s=4.0_k=33|PRO:clean"
 
 CHOSEN_LAYERS = "L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5"
 SCORES = DEFAULT.split(";")[1]  # DEFAULT's image, pixel and PRO post-processing
+# round 13's DEFAULT, which the fifteenth round starts from
+ROUND13 = ("L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.9_l=0.8_i=1|L3:23x3_a=0.9_l=0.5_i=1;"
+           "img_AUC:blur_s=8.0_k=33_L=23|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33")
 
 
 def layers(l1: str = "5x3_a=0.5_l=1", l2: str = "9x3_a=0.5_l=0.8", l3: str = "7x3_a=0.3_l=0.5",
@@ -136,15 +139,16 @@ CANDIDATES = {
     "r13-L2-13x3": dict(params=layers(l2="13x3_a=0.9_l=0.8", l3="23x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     # the fifteenth round, from round 13's DEFAULT: the image score as the mean of the map's highest pixels,
     # and layer 2's forward window wider, up to its whole 32 x 32 map
-    "r15-top1": dict(params=DEFAULT.replace("_k=33_L=23", "_k=33_top=1_L=23")),
-    "r15-top5": dict(params=DEFAULT.replace("_k=33_L=23", "_k=33_top=5_L=23")),
-    "r15-L2-17x3": dict(params=DEFAULT.replace("L2:9x3", "L2:17x3")),
-    "r15-L2-63x3": dict(params=DEFAULT.replace("L2:9x3", "L2:63x3")),
-    "r15-L2-63x3-top5": dict(params=DEFAULT.replace("L2:9x3", "L2:63x3").replace("_k=33_L=23", "_k=33_top=5_L=23")),
-    # the sixteenth round: layer 2's forward direction also matched against a coreset of the template pixels
-    "r15-L2-c5": dict(params=DEFAULT.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=5")),
-    "r15-L2-c10": dict(params=DEFAULT.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=10")),
-    "r15-L2-c20": dict(params=DEFAULT.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=20")),
+    "r15-top1": dict(params=ROUND13.replace("_k=33_L=23", "_k=33_top=1_L=23")),
+    "r15-top5": dict(params=ROUND13.replace("_k=33_L=23", "_k=33_top=5_L=23")),
+    "r15-L2-17x3": dict(params=ROUND13.replace("L2:9x3", "L2:17x3")),
+    "r15-L2-63x3": dict(params=ROUND13.replace("L2:9x3", "L2:63x3")),
+    "r15-L2-63x3-top5": dict(params=ROUND13.replace("L2:9x3", "L2:63x3").replace("_k=33_L=23", "_k=33_top=5_L=23")),
+    # and (kept) layer 2's forward direction also matched against a coreset of the template pixels
+    "r15-L2-c5": dict(params=ROUND13.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=5")),
+    "r15-L2-c10": dict(params=ROUND13.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=10")),
+    "r15-L2-c20": dict(params=ROUND13.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=20")),
+    "round13": dict(params=ROUND13),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }

@@ -172,3 +172,21 @@ def test_cpu_wide_windows(benchmark, matmul_rate, path, window, batch):
     record(benchmark, flops, matmul_rate, torch.bfloat16, None, op="mutual_match", layer="lite0 layer3",
            windows=f"{window}x{BACK_WINDOW}", batch=batch, templates=templates, backend=f"torch-{path}",
            chosen=torch_atm.prefers_dense(side, side, max(fore, back), batch) == (path == "dense"), mode="steady")
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("percent", [5, 10, 20, 100])
+def test_layer2_coreset_fallback(benchmark, matmul_rate, percent, batch):
+    """``DEFAULT``'s layer-2 coreset fallback (``_c=``) on lite0's layer 2 (40 channels + isolation,
+    32 x 32 at 256 px, 40 templates, bfloat16): ``global_match`` against ``percent``% of the 40,960
+    template pixels; 100% is a forward window over the whole map (``r15-L2-63x3``), which costs 10x."""
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-path benchmark: not timed on the GPU machine's short device budget")
+    channels, side, templates = 41, 32, 40
+    query = _features(batch, channels, side, torch.bfloat16, 0).cpu()
+    rows = _features(templates, channels, side, torch.bfloat16, 1).cpu().permute(0, 2, 3, 1).reshape(-1, channels)
+    rows = rows[:max(1, len(rows) * percent // 100)].contiguous()
+    run(benchmark, lambda: hk.global_match(query, rows, out_dtype=torch.float32), 5)
+    record(benchmark, 2 * batch * side * side * len(rows) * channels, matmul_rate, torch.bfloat16, None,
+           op="global_match", layer="lite0 layer2", windows=f"coreset {percent}%", batch=batch, templates=templates,
+           backend="torch", mode="steady")
