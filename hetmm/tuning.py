@@ -3,7 +3,7 @@
 The problems are the ones ``predict`` launches: per active layer, the fused matching kernel
 on the backbone's feature shape for each batch size, against the template count (or, with
 retrieval, each query against its K templates); then the aggregation to the output size and,
-with retrieval, the top-K search. Results go to the tuning cache (``hetmm_kernels.autotune``)
+with retrieval, the top-K search; for a layer with a coreset, ``global_match`` against it. Results go to the tuning cache (``hetmm_kernels.autotune``)
 and are used by every later process on this GPU.
 """
 
@@ -25,6 +25,7 @@ class Problem:
     templates: int
     fore: int  # window radii
     back: int
+    coreset: float = 0.0  # the layer's coreset percent (global_match is tuned for it too)
 
 
 def problems(backbone: str, image_size: int, params, templates: int, batches: list[int]) -> list[Problem]:
@@ -40,7 +41,7 @@ def problems(backbone: str, image_size: int, params, templates: int, batches: li
         _, channels, height, width = features[layer].shape
         for batch in batches:
             found.append(Problem("mutual", layer, batch, (batch, height, width, channels), templates,
-                                 p.fore // 2, p.back // 2))
+                                 p.fore // 2, p.back // 2, p.coreset))
     return found
 
 
@@ -114,6 +115,7 @@ def run(args) -> int:
                   f"{len(space)} configs to try")
         return 0
     _tune_aggregation(fores, args.out_size, device, generator, args.max_configs)
+    _tune_coresets([p for p in found if p.coreset], dtype, device, generator, args.max_configs)
     if indexed:
         _tune_retrieval(args.batch_sizes, args.templates, args.retrieval_k, device, generator, args.max_configs)
     return 0
@@ -130,6 +132,23 @@ def _tune_retrieval(batches: list, templates: int, k: int, device: torch.device,
         best = result.best
         print(f"retrieve_topk batch {batch}: top {k} of {templates}: default {_show(result.default.config)}: "
               f"{result.default.ms:.3f} ms; best {_show(best.config)}: {best.ms:.3f} ms")
+
+
+def _tune_coresets(found: list, dtype: torch.dtype, device: torch.device, generator, limit: int) -> None:
+    from hetmm_kernels.triton_ops import global_match
+
+    from .scoring import coreset_size
+
+    for problem in found:
+        batch, height, width, channels = problem.shape
+        count = coreset_size(problem.templates * height * width, problem.coreset)
+        query = F.normalize(torch.randn((batch, channels, height, width), generator=generator), dim=1)
+        rows = F.normalize(torch.randn((count, channels), generator=generator), dim=1)
+        result = global_match.tune(query.to(device, dtype), rows.to(device, dtype), global_match.SPACE[:limit])
+        best = result.best
+        print(f"global_match {problem.layer} batch {batch}: {count} coreset pixels ({problem.coreset:g}%): "
+              f"default {_show(result.default.config)}: {result.default.ms:.3f} ms; "
+              f"best {_show(best.config)}: {best.ms:.3f} ms")
 
 
 def _tune_aggregation(sizes: dict, out_size: int, device: torch.device, generator, limit: int) -> None:

@@ -228,7 +228,7 @@ def _constant_timer(fn):
 
 
 def test_the_other_kernels_tune_and_keep_their_results(private_cache):
-    from hetmm_kernels.triton_ops import aggregate, pts, retrieval
+    from hetmm_kernels.triton_ops import aggregate, global_match, pts, retrieval
 
     device = device_for("triton")
     g = torch.Generator().manual_seed(0)
@@ -254,8 +254,22 @@ def test_the_other_kernels_tune_and_keep_their_results(private_cache):
     result = pts.tune(temp, clus, 3, timer=_constant_timer)
     assert len(result.trials) == 3 and not [t.error for t in result.trials if t.error]
 
+    query, rows = features(2, 16, 4, 4, device=device), features(40, 16, 1, 1, device=device)[:, :, 0, 0].contiguous()
+    result = global_match.tune(query, rows, space=[dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=2, num_stages=2)],
+                               timer=_constant_timer)
+    assert len(result.trials) == 1 and not [t.error for t in result.trials if t.error]
+
     stored = json.loads(private_cache.read_text())["devices"][autotune.device_key(device)]
-    assert set(stored) == {"aggregate", "retrieve_topk", "block_histograms", "pts"}
+    assert set(stored) == {"aggregate", "retrieve_topk", "block_histograms", "pts", "global_match"}
+
+
+def test_cli_tune_with_a_coreset(private_cache, capsys):
+    assert main(["tune", "--backbone", "resnet18", "--image-size", "32", "--out-size", "16", "--batch-sizes", "2",
+                 "--templates", "4", "--max-configs", "1",
+                 "--params", "L1:5x3_a=0.5_l=1_c=25|L2:0x0_a=0.5_l=1|L3:0x0_a=0.5_l=1"]) == 0
+    assert "global_match layer1 batch 2: 64 coreset pixels (25%)" in capsys.readouterr().out
+    stored = json.loads(private_cache.read_text())["devices"][autotune.device_key(device_for("triton"))]
+    assert len(stored["global_match"]) == 1
 
 
 def test_cli_tune_with_retrieval(private_cache, capsys):
