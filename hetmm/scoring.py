@@ -84,18 +84,29 @@ def coreset_rows(temp: hk.PreparedTemplates, indices: torch.Tensor) -> tuple[tor
     return flat[indices].contiguous(), indices // (height * width)
 
 
-def coreset_match(query: torch.Tensor, coreset: tuple, indices: torch.Tensor | None = None) -> torch.Tensor | None:
+CORESET_BLOCK = 1 << 22  # similarities per block of the per-query (indexed) coreset match
+
+
+def coreset_match(query: torch.Tensor, coreset: tuple, indices: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, h, w]`` float32: each query pixel's best similarity to the coreset's rows (``coreset_rows``),
-    with ``indices [B, K]`` to those of query b's templates only; ``None`` where no row is left to match."""
+    with ``indices [B, K]`` to those of query b's templates only (-1 where it owns none).
+
+    The indexed form masks the rows of other templates rather than gathering each query's own: nothing
+    is read back from the device, so it runs inside a CUDA graph (retrieval's indices come from the GPU).
+    """
     rows, owners = coreset
     if indices is None:
         return hk.global_match(query, rows, out_dtype=torch.float32)
-    best = torch.full((query.shape[0], *query.shape[2:]), -1.0, device=query.device)
-    for b in range(query.shape[0]):
-        mine = torch.isin(owners, indices[b].to(owners.device))
-        if bool(mine.any()):
-            best[b] = hk.global_match(query[b:b + 1], rows[mine].contiguous(), out_dtype=torch.float32)[0]
-    return best
+    batch, channels, height, width = query.shape
+    mine = (owners[None, :, None] == indices.to(owners.device)[:, None, :]).any(-1)  # [B, n]
+    pixels = query.permute(0, 2, 3, 1).reshape(batch, height * width, channels).to(rows.dtype)
+    best = torch.full((batch, height * width), -1.0, device=query.device)
+    step = max(1, CORESET_BLOCK // (batch * height * width))
+    for start in range(0, rows.shape[0], step):
+        sims = torch.matmul(pixels, rows[start:start + step].t()).float()  # [B, hw, s]
+        sims.masked_fill_(~mine[:, None, start:start + step], -1.0)
+        torch.maximum(best, sims.amax(-1), out=best)
+    return best.view(batch, height, width)
 
 
 def _channels_with_isolation(channels: int, device: torch.device) -> int:

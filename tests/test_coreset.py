@@ -199,3 +199,20 @@ def test_banks_with_bad_coresets_are_refused_on_load(tmp_path, fitted, edit, mes
     edit_saved_bank(path, "coreset.", edit)
     with pytest.raises(BankInvalid, match=message):
         TemplateBank.load(path)
+
+
+def test_an_indexed_query_meets_only_its_own_templates_coreset_pixels():
+    from hetmm.scoring import coreset_match
+
+    temp = hk.prepare_templates(features(4, 8, 3, 3, seed=2))
+    coreset = coreset_rows(temp, torch.tensor([0, 5, 9, 20, 35]))  # templates 0, 0, 1, 2, 3
+    query = features(3, 8, 3, 3, seed=4)
+    indices = torch.tensor([[0, 3], [2, 2], [1, 1]])
+    got = coreset_match(query, coreset, indices)
+    rows, owners = coreset
+    for b in range(3):
+        own = torch.isin(owners, indices[b])
+        expected = hk.reference.global_match(query[b:b + 1], rows[own].contiguous())[0]
+        torch.testing.assert_close(got[b], expected, atol=1e-6, rtol=0)
+    none = coreset_match(query[:1], coreset_rows(temp, torch.tensor([9])), torch.tensor([[0, 2]]))
+    assert torch.equal(none, torch.full((1, 3, 3), -1.0))  # no pixel of its templates: the floor
