@@ -77,10 +77,12 @@ PRO_BLURRED = "L1:5x3_a=0.5_l=1|L2:9x3_a=0.5_l=0.8|L3:7x3_a=0.3_l=0.5;img_AUC:bl
 
 
 @pytest.mark.parametrize("options, expected", [
-    (dict(), {"_mutual_kernel": 3, "_aggregate_kernel": 2}),  # DEFAULT: PRO uses the pixel map
+    # DEFAULT: PRO uses the pixel map; layer 2's coreset is one more launch
+    (dict(), {"_mutual_kernel": 3, "_global_max_kernel": 1, "_aggregate_kernel": 2}),
     (dict(params=PRO_BLURRED), {"_mutual_kernel": 3, "_aggregate_kernel": 3}),
     (dict(params="L1:0x0_a=0.5_l=1|L2:9x3_a=0.5_l=1|L3:7x3_a=0.3_l=0.8;img_AUC:clean|pix_AUC:clean|PRO:clean"),
      {"_mutual_kernel": 2, "_aggregate_kernel": 2}),  # one layer off; image score from the clean map
+    # with retrieval the coreset is matched per query by masked torch products (no Triton launch, no read-back)
     (dict(retrieval_k=2), {"_block_histogram_kernel": 1, "_trimmed_topk_kernel": 1, "_mutual_kernel": 3,
                            "_aggregate_kernel": 2}),
 ], ids=["default", "pro-post-processed", "two-layers", "retrieval"])
