@@ -51,9 +51,14 @@ def template_isolation(temp, fore: int, neighbours: torch.Tensor | None = None) 
     return torch.cat(parts)
 
 
+def share_of(total: int, percent: float) -> int:
+    """``ceil(percent% of total)``, at least one and at most ``total`` (rounded first: 5% of 200 is 10, not 11)."""
+    return max(1, min(total, math.ceil(round(total * percent / 100, 9))))
+
+
 def coreset_size(pixels: int, percent: float) -> int:
     """How many of ``pixels`` template pixels a coreset of ``percent`` keeps (at least one)."""
-    return max(1, min(pixels, math.ceil(round(pixels * percent / 100, 9))))
+    return share_of(pixels, percent)
 
 
 def template_coreset(temp, percent: float) -> torch.Tensor:
@@ -201,8 +206,7 @@ class LayerMatches:
 def top_mean(maps: torch.Tensor, percent: float) -> torch.Tensor:
     """``[B]`` float32: the mean of each map's highest ``ceil(percent / 100 * pixels)`` values (at least one)."""
     flat = maps.flatten(1)
-    count = max(1, math.ceil(round(flat.shape[1] * percent / 100, 9)))  # round: 5% of 200 is 10, not 11
-    return flat.topk(count, dim=1, sorted=False).values.float().mean(1)
+    return flat.topk(share_of(flat.shape[1], percent), dim=1, sorted=False).values.float().mean(1)
 
 
 def atmm_score(query_feats: dict, temp_feats: dict, params, out_size=256) -> torch.Tensor:
