@@ -129,7 +129,7 @@ class TemplateBank:
 
     def set_coreset(self, layer: str, percent: float, indices: torch.Tensor) -> None:
         pixels = len(self) * self.features[layer].shape[2] * self.features[layer].shape[3]
-        if indices.dim() != 1 or indices.dtype != torch.int64 or (len(indices) and not 0 <= indices.min() <= indices.max() < pixels):
+        if not _is_coreset(indices, pixels):
             raise ValueError(f"coreset of {layer}: expected int64 indices in [0, {pixels}); got {indices.dtype} "
                              f"{tuple(indices.shape)}")
         self.extras[f"{CORESET}{layer}.{percent:g}"] = indices.cpu().contiguous()
@@ -404,6 +404,12 @@ def _check_isolation(path: Path, extras: dict, features: dict) -> None:
             raise BankInvalid(f"bank: {path}: {name} must hold dissimilarities in [0, {MAX_ISOLATION:g}]")
 
 
+def _is_coreset(indices: torch.Tensor, pixels: int) -> bool:
+    """Whether ``indices`` is a 1-D int64 tensor of template-pixel indices in ``[0, pixels)``."""
+    return indices.dtype == torch.int64 and indices.dim() == 1 and (
+        not indices.numel() or 0 <= indices.min() <= indices.max() < pixels)
+
+
 def _coreset_shares(extras: dict, features: dict, rows: range) -> dict:
     """The extras with each coreset cut to the templates ``rows`` (renumbered from the first): merged by
     the maximum across ranks, the shards' global matches are the whole coreset's."""
@@ -424,7 +430,7 @@ def _check_coresets(path: Path, extras: dict, features: dict, total: int) -> Non
         if layer not in features:
             raise BankInvalid(f"bank: {path}: {name} names no layer of the bank ({sorted(features)})")
         pixels = total * features[layer].shape[2] * features[layer].shape[3]
-        if values.dtype != torch.int64 or values.dim() != 1 or (values.numel() and not 0 <= values.min() <= values.max() < pixels):
+        if not _is_coreset(values, pixels):
             raise BankInvalid(f"bank: {path}: {name} must hold int64 template-pixel indices in [0, {pixels}); "
                               f"got {values.dtype} {tuple(values.shape)}")
 
