@@ -34,6 +34,8 @@ SCORES = DEFAULT.split(";")[1]  # DEFAULT's image, pixel and PRO post-processing
 # round 13's DEFAULT, which the fifteenth round starts from
 ROUND13 = ("L1:5x3_a=0.5_l=1_i=1|L2:9x3_a=0.9_l=0.8_i=1|L3:23x3_a=0.9_l=0.5_i=1;"
            "img_AUC:blur_s=8.0_k=33_L=23|pix_AUC:blur_s=4.0_k=33|PRO:blur_s=4.0_k=33")
+# round 15's DEFAULT, which the sixteenth round starts from
+ROUND15 = ROUND13.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=10")
 
 
 def layers(l1: str = "5x3_a=0.5_l=1", l2: str = "9x3_a=0.5_l=0.8", l3: str = "7x3_a=0.3_l=0.5",
@@ -149,6 +151,12 @@ CANDIDATES = {
     "r15-L2-c10": dict(params=ROUND13.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=10")),
     "r15-L2-c20": dict(params=ROUND13.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=20")),
     "round13": dict(params=ROUND13),
+    # the sixteenth round, from round 15's DEFAULT: layer 3 weighted less (it is the coarsest map), with and
+    # without layer 1 (which the image score already leaves out); not kept: it lost on the report set
+    "r16-L3-l03": dict(params=ROUND15.replace("L3:23x3_a=0.9_l=0.5", "L3:23x3_a=0.9_l=0.3")),
+    "r16-noL1-L3-l03": dict(params=ROUND15.split("|", 1)[1].replace("L3:23x3_a=0.9_l=0.5", "L3:23x3_a=0.9_l=0.3")),
+    "r16-noL1-L3-l02": dict(params=ROUND15.split("|", 1)[1].replace("L3:23x3_a=0.9_l=0.5", "L3:23x3_a=0.9_l=0.2")),
+    "round15": dict(params=ROUND15),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
