@@ -30,11 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--backbone", "tf_efficientnet_lite0", "--weights", "imagenet", "--image-size", "64", "--out-size", "64"]
 
 
+# Now and then (3 runs in ~60 here, never twice in a row) a gloo rank dies with SIGABRT, this line and no Python
+# traceback; likely a C++ thread unwinding while the interpreter finalises (pytorch/pytorch PR 179291 analyses
+# it). Such a launch is run once more; any other failure, or the same one twice, fails the test.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def torchrun(*args, nproc=2, timeout=120):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
     # --standalone: a free port for the rendezvous, so runs never collide on the default one
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    for _ in range(2):
+        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if run.returncode == 0 or GLOO_EXIT_ABORT not in run.stderr:
+            break
+    return run
 
 
 @contextmanager
