@@ -15,6 +15,7 @@ import math
 import torch
 
 import hetmm_kernels as hk
+from hetmm_kernels.reference import MATCH_FLOOR  # the value every match map starts from
 
 from .parameters import PostProcess, parse_params
 
@@ -105,11 +106,11 @@ def coreset_match(query: torch.Tensor, coreset: tuple, indices: torch.Tensor | N
     batch, channels, height, width = query.shape
     mine = (owners[None, :, None] == indices.to(owners.device)[:, None, :]).any(-1)  # [B, n]
     pixels = query.permute(0, 2, 3, 1).reshape(batch, height * width, channels).to(rows.dtype)
-    best = torch.full((batch, height * width), -1.0, device=query.device)
+    best = torch.full((batch, height * width), MATCH_FLOOR, device=query.device)
     step = max(1, CORESET_BLOCK // (batch * height * width))
     for start in range(0, rows.shape[0], step):
         sims = torch.matmul(pixels, rows[start:start + step].t()).float()  # [B, hw, s]
-        sims.masked_fill_(~mine[:, None, start:start + step], -1.0)
+        sims.masked_fill_(~mine[:, None, start:start + step], MATCH_FLOOR)
         torch.maximum(best, sims.amax(-1), out=best)
     return best.view(batch, height, width)
 

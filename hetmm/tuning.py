@@ -3,8 +3,8 @@
 The problems are the ones ``predict`` launches: per active layer, the fused matching kernel
 on the backbone's feature shape for each batch size, against the template count (or, with
 retrieval, each query against its K templates); then the aggregation to the output size and,
-with retrieval, the top-K search; for a layer with a coreset, ``global_match`` against it. Results go to the tuning cache (``hetmm_kernels.autotune``)
-and are used by every later process on this GPU.
+with retrieval, the top-K search; for a layer with a coreset, ``global_match`` against it. Results go
+to the tuning cache (``hetmm_kernels.autotune``) and are used by every later process on this GPU.
 """
 
 from __future__ import annotations
