@@ -2,6 +2,7 @@
 
     python benchmarks/eval_sets.py --out SETS                        # builds SETS/choose and SETS/report
     python benchmarks/accuracy_protocol.py --data SETS/choose --json choose.json            # every candidate
+    python benchmarks/accuracy_protocol.py --data SETS/choose SETS/choose_seed1 SETS/choose_seed2 --only default
     python benchmarks/accuracy_protocol.py --data SETS/report --only default --json report.json
 
 Each candidate is a set of ``HETMM`` keyword arguments (parameter string, neighbourhood, precision);
@@ -167,22 +168,36 @@ def categories(root) -> list[str]:
     return sorted(p.name for p in Path(root).iterdir() if (p / "train" / "good").is_dir())
 
 
-def run(root, names, batch: int = 8, only_categories=None) -> dict:
-    available = categories(root)
-    unknown = sorted(set(only_categories or ()) - set(available))
-    if unknown:
-        raise SystemExit(f"--category: {unknown} not in {root} (it holds {available})")
-    data = {c: load_category(root, c) for c in (only_categories or available)}
+def run(roots, names, batch: int = 8, only_categories=None) -> dict:
+    """Every candidate on every category of every set in ``roots``. Rows are named by category (one set) or
+    ``<set>/<category>`` (several draws of a set); ``mean`` is over all rows, ``mean:<set>`` over one set's."""
+    roots = [Path(r) for r in ([roots] if isinstance(roots, (str, Path)) else roots)]
+    if len({r.name for r in roots}) < len(roots):
+        raise SystemExit(f"--data: the sets need distinct folder names, got {[str(r) for r in roots]}")
+    data = {}
+    for root in roots:
+        available = categories(root)
+        unknown = sorted(set(only_categories or ()) - set(available))
+        if unknown:
+            raise SystemExit(f"--category: {unknown} not in {root} (it holds {available})")
+        for c in only_categories or available:
+            data[(root.name, c) if len(roots) > 1 else c] = load_category(root, c)
     table = {}
     for name in names:
         options = dict(CANDIDATES[name], batch_size=batch)
         rows = {}
-        for category, (train, test, labels, masks) in data.items():
+        for key, (train, test, labels, masks) in data.items():
             system = HetmmSystem(name, **options)
             start = time.perf_counter()
-            rows[category] = accuracy(system, train, test, labels, masks, batch=batch)
-            rows[category]["images_per_s"] = test.shape[0] / (time.perf_counter() - start - rows[category]["fit_seconds"])
-        rows["mean"] = {m: statistics.fmean(r[m] for r in rows.values()) for m in (*METRICS, "images_per_s")}
+            row = accuracy(system, train, test, labels, masks, batch=batch)
+            row["images_per_s"] = test.shape[0] / (time.perf_counter() - start - row["fit_seconds"])
+            rows["/".join(key) if isinstance(key, tuple) else key] = row
+        means = {"mean": list(rows.values())}
+        if len(roots) > 1:
+            means.update({f"mean:{root.name}": [r for k, r in rows.items() if k.startswith(root.name + "/")]
+                          for root in roots})
+        rows.update({label: {m: statistics.fmean(r[m] for r in group) for m in (*METRICS, "images_per_s")}
+                     for label, group in means.items()})
         table[name] = rows
         print(format_table(name, rows), flush=True)
     return table
@@ -190,14 +205,15 @@ def run(root, names, batch: int = 8, only_categories=None) -> dict:
 
 def format_table(name: str, rows: dict) -> str:
     lines = [f"{name}: {json.dumps(CANDIDATES[name])}"]
-    lines += [f"  {c:<12}" + "".join(f"{r[m]:>8.3f}" for m in METRICS) + f"{r['images_per_s']:>8.1f} img/s"
+    lines += [f"  {c:<24}" + "".join(f"{r[m]:>8.3f}" for m in METRICS) + f"{r['images_per_s']:>8.1f} img/s"
               for c, r in rows.items()]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="an evaluation set from eval_sets.py")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="evaluation set(s) from eval_sets.py; several draws of the choose set are pooled")
     parser.add_argument("--only", nargs="+", default=None, help=f"candidates to run (default all: {', '.join(CANDIDATES)})")
     parser.add_argument("--category", nargs="+", default=None, help="categories to run (default: every one in --data)")
     parser.add_argument("--json", default=None)
