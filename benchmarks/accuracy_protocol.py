@@ -149,7 +149,7 @@ CANDIDATES = {
     "r15-L2-63x3-top5": dict(params=ROUND13.replace("L2:9x3", "L2:63x3").replace("_k=33_L=23", "_k=33_top=5_L=23")),
     # and (kept) layer 2's forward direction also matched against a coreset of the template pixels
     "r15-L2-c5": dict(params=ROUND13.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=5")),
-    "r15-L2-c10": dict(params=ROUND13.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=10")),
+    "r15-L2-c10": dict(params=ROUND15),
     "r15-L2-c20": dict(params=ROUND13.replace("L2:9x3_a=0.9_l=0.8_i=1", "L2:9x3_a=0.9_l=0.8_i=1_c=20")),
     "round13": dict(params=ROUND13),
     # the sixteenth round, from round 15's DEFAULT: layer 3 weighted less (it is the coarsest map), with and
@@ -181,7 +181,7 @@ def run(roots, names, batch: int = 8, only_categories=None) -> dict:
         if unknown:
             raise SystemExit(f"--category: {unknown} not in {root} (it holds {available})")
         for c in only_categories or available:
-            data[(root.name, c) if len(roots) > 1 else c] = load_category(root, c)
+            data[f"{root.name}/{c}" if len(roots) > 1 else c] = load_category(root, c)
     table = {}
     for name in names:
         options = dict(CANDIDATES[name], batch_size=batch)
@@ -191,7 +191,7 @@ def run(roots, names, batch: int = 8, only_categories=None) -> dict:
             start = time.perf_counter()
             row = accuracy(system, train, test, labels, masks, batch=batch)
             row["images_per_s"] = test.shape[0] / (time.perf_counter() - start - row["fit_seconds"])
-            rows["/".join(key) if isinstance(key, tuple) else key] = row
+            rows[key] = row
         means = {"mean": list(rows.values())}
         if len(roots) > 1:
             means.update({f"mean:{root.name}": [r for k, r in rows.items() if k.startswith(root.name + "/")]
