@@ -95,10 +95,13 @@ class Calibration:
 
 
 def normalised(values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``x / (x + threshold)``: 0..1, 0.5 at the threshold, the order of the scores kept (no clipping,
-    so AUROC is unchanged; a min-max scale clipped at 1 would tie every clear defect)."""
+    """``x / (x + threshold)``: 0..1, 0.5 at the threshold, the order of the scores kept (never reversed,
+    no clipping, so AUROC is unchanged up to neighbours float32 cannot tell apart after the squeeze; a
+    min-max scale clipped at 1 would tie every clear defect)."""
     values = values.float().clamp_min(0)
-    return values / (values + max(float(threshold), 1e-12))
+    # 1 / (1 + t / x), not x / (x + t): each step rounds a monotone function of a monotone value, so the
+    # float32 result never reverses two scores (x / (x + t) does, where x + t rounds up for the smaller x)
+    return (max(float(threshold), 1e-12) / values).add_(1).reciprocal_()
 
 
 def check_extras(extras: dict) -> str | None:

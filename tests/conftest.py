@@ -13,3 +13,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub download in 
 import tempfile  # noqa: E402
 
 os.environ["HETMM_TUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="hetmm-tune-"), "triton-tuning.json")
+
+
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded_by_test_name(request):
+    """Each test draws the same random inputs on every run (seeded from its node id), so a failure in CI
+    repeats here; a test that wants several draws seeds its own generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    seed = zlib.crc32(request.node.nodeid.encode())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -101,8 +101,13 @@ def test_the_image_threshold_is_the_conformal_rank(n, fpr):
 def test_normalised_scores_are_half_at_the_threshold_and_keep_the_order():
     values = torch.tensor([2.5, 0.0, 7.5, 1e6, -1.0, 1.0])
     torch.testing.assert_close(normalised(values, 2.5), torch.tensor([0.5, 0.0, 0.75, 1e6 / (1e6 + 2.5), 0.0, 1 / 3.5]))
-    scores = torch.rand(1000)
-    assert torch.equal(normalised(scores, 0.3).argsort(), scores.argsort())
+    # float32 cannot resolve every pair of neighbours after the squeeze (x / (x + t) has slope t / (x + t)^2 < 1),
+    # so the order is kept weakly: never reversed, ties only where the exact values round alike (a few ulps)
+    ascending = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)), torch.logspace(-30, 30, 10_001)]).sort().values
+    squeezed = normalised(ascending, 0.3)
+    assert (squeezed.diff() >= 0).all()
+    exact = ascending.double() / (ascending.double() + 0.3)
+    torch.testing.assert_close(squeezed.double(), exact, rtol=2 ** -21, atol=0)
 
 
 @pytest.mark.parametrize("bad", [0, 1, -0.1, 1.5, float("nan")])
