@@ -19,6 +19,7 @@ setup(
         "timm>=1.0",
         "numpy>=1.24",
         "numba>=0.59",  # the compiled CPU retrieval scan (hetmm_kernels/cpu_ops)
+        "openvino>=2025.0,<2027",  # the backbone compiled for CPUs (hetmm/backbone.py; torch is the fallback)
         "scipy>=1.10",
         "scikit-learn>=1.3",
         "safetensors>=0.4",

