@@ -174,3 +174,25 @@ def test_bank_remembers_its_neighbourhood(tmp_path):
     older = dict(det.config)
     del older["neighbourhood"]  # a bank saved before the option existed meant 1
     TemplateBank(det.bank.features, older).check(dict(det.config, neighbourhood=1))
+
+
+@pytest.mark.parametrize("shape,dim", [((7, 40, 33), 1), ((5, 6, 8, 9), (0, 1)), ((64, 100), 0), ((3, 4, 5, 6), 3),
+                                       ((2, 3, 4, 5, 6, 7), (4, 5))])
+@pytest.mark.parametrize("mix", ["signed", "negative", "masked"])
+def test_bfloat16_amax_on_bit_patterns_equals_torch(shape, dim, mix):
+    """The int16 maximum of bfloat16 bit patterns, with its negative-case fallback, is torch's maximum exactly:
+    mixed signs, slices with no positive value, -inf masks (all-masked slices too), and -0.0 beside -tiny."""
+    x = torch.randn(shape)
+    if mix == "negative":
+        x = -x.abs() - torch.rand(shape) * (torch.rand(shape) < 0.5)
+        x.view(-1)[::7] = -0.0
+        x.view(-1)[1::7] = -1e-30  # the largest negative bfloat16 values sit next to -0.0's bit pattern
+    elif mix == "masked":
+        x = x.masked_fill(torch.rand(shape) < 0.6, float("-inf"))
+        x.view(-1)[: shape[-1]] = float("-inf")
+    x = x.to(torch.bfloat16)
+    got, expected = atm.amax(x, dim), x.amax(dim)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))  # the same bits (-0.0 stays -0.0)
+    strided = x.transpose(0, -1)  # any strides: the int16 view reinterprets in place
+    assert torch.equal(atm.amax(strided, 0), strided.amax(0))

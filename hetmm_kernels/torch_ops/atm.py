@@ -43,6 +43,24 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if (dtype == torch.bfloat16 and device.type == "cpu") else torch.float32
 
 
+def amax(x: torch.Tensor, dim) -> torch.Tensor:
+    """``x.amax(dim)``; for CPU bfloat16 computed on the bit patterns as int16, ~3-9x faster there.
+
+    torch reduces bfloat16 through float32 conversions; int16 maxima run on whole vectors. A finite or
+    infinite bfloat16 orders as its int16 bit pattern among non-negative values, and in reverse among
+    negative ones: where the int16 maximum is negative every value is, and the float maximum is then the
+    int16 *minimum* (the smallest magnitude). NaN is not ordered (the matching's inputs are checked finite).
+    """
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return x.amax(dim)
+    bits = x.view(torch.int16)
+    high = bits.amax(dim)
+    negative = high < 0
+    if negative.any():  # rare in matching (no positive similarity in a window): one more pass
+        high = torch.where(negative, bits.amin(dim), high)
+    return high.view(torch.bfloat16)
+
+
 def _result(x: torch.Tensor) -> torch.dtype:
     """Results are kept in float32 (float64 for float64 products)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -296,10 +314,10 @@ def mutual_max_tiled(query: torch.Tensor, bank: TiledTemplates, fore_radius: int
         t1 = min(tiles, t0 + step)
         sims = torch.bmm(data[t0:t1], windows[t0:t1], out=block[:t1 - t0])  # [n, P*T, columns]
         # the maximum over templates first: the window masks do not depend on the template
-        best = sims.view(t1 - t0, pixels, count, -1).amax(dim=2)[..., :columns]
+        best = amax(sims.view(t1 - t0, pixels, count, -1), 2)[..., :columns]
         best = best.reshape(t1 - t0, pixels, batch, positions)
-        back[t0:t1] = (best + back_mask[t0:t1, :, None]).amax(dim=3)
-        fore_parts[t0:t1] = (best + fore_mask[t0:t1, :, None]).amax(dim=1)
+        back[t0:t1] = amax(best + back_mask[t0:t1, :, None], 3)
+        fore_parts[t0:t1] = amax(best + fore_mask[t0:t1, :, None], 1)
     result = _result(data)
     ty, tx = bank.tiles_y, bank.tiles_x
     back = back.view(ty, tx, th, tw, batch).permute(4, 0, 2, 1, 3).reshape(batch, ty * th, tx * tw)
@@ -384,13 +402,13 @@ def mutual_max_dense(query: torch.Tensor, bank: DenseTemplates, fore_radius: int
     for t0 in range(0, count, step):
         t1 = min(count, t0 + step)
         sims = torch.mm(data[t0 * pixels:t1 * pixels], q, out=block[:(t1 - t0) * pixels])
-        group_best = sims.view(t1 - t0, pixels, batch * pixels).amax(dim=0)  # the maximum over templates first
+        group_best = amax(sims.view(t1 - t0, pixels, batch * pixels), 0)  # the maximum over templates first
         best = group_best if best is None else torch.maximum(best, group_best, out=best)
     best = best.view(pixels, batch, pixels)  # [template pixel, b, query pixel]
     result = _result(data)
     fore_mask, back_mask = bank.mask(fore_radius), bank.mask(back_radius)
-    fore = (best if fore_mask is None else best + fore_mask[:, None]).amax(dim=0)  # [B, HW]
-    back = (best if back_mask is None else best + back_mask[:, None]).amax(dim=2).t()  # [B, HW]
+    fore = amax(best if fore_mask is None else best + fore_mask[:, None], 0)  # [B, HW]
+    back = amax(best if back_mask is None else best + back_mask[:, None], 2).t()  # [B, HW]
     fore = fore.to(result).clamp_min_(MATCH_FLOOR).view(batch, height, width)
     back = back.to(result).clamp_min_(MATCH_FLOOR).view(batch, height, width)
     return fore.contiguous(), back.contiguous()

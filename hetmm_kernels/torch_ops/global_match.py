@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import MATCH_FLOOR
-from .atm import _result, compute_dtype, map_major
+from .atm import _result, amax, compute_dtype, map_major
 
 PRODUCT_BLOCK = 1 << 21  # similarities per block product
 
@@ -23,5 +23,5 @@ def global_match(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     step = max(1, PRODUCT_BLOCK // q.shape[0])
     best = torch.full((q.shape[0],), MATCH_FLOOR, device=q.device, dtype=_result(q))
     for start in range(0, r.shape[1], step):
-        torch.maximum(best, torch.mm(q, r[:, start:start + step]).amax(dim=1).to(best.dtype), out=best)
+        torch.maximum(best, amax(torch.mm(q, r[:, start:start + step]), 1).to(best.dtype), out=best)
     return best.view(batch, height, width)
