@@ -19,6 +19,7 @@ template pixel with every query pixel instead and applies the windows as masks.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -41,6 +42,27 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.float64:
         return torch.float64
     return torch.bfloat16 if (dtype == torch.bfloat16 and device.type == "cpu") else torch.float32
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised ``shape`` block for intermediate products, reused by this thread's later calls.
+
+    A fresh multi-megabyte block per call pays its page faults every time: measured on 2 cores, sixteen
+    ``[8192, 256]`` bfloat16 products ran 5x slower into new tensors than into one reused block. The block
+    is only ever an intermediate (nothing returned aliases it); each thread keeps one per dtype and device.
+    """
+    numel = math.prod(shape)
+    blocks = getattr(_SCRATCH, "blocks", None)
+    if blocks is None:
+        blocks = _SCRATCH.blocks = {}
+    key = (dtype, str(device))
+    block = blocks.get(key)
+    if block is None or block.numel() < numel:
+        block = blocks[key] = torch.empty(numel, dtype=dtype, device=device)
+    return block[:numel].view(shape)
 
 
 def amax(x: torch.Tensor, dim) -> torch.Tensor:
@@ -309,7 +331,7 @@ def mutual_max_tiled(query: torch.Tensor, bank: TiledTemplates, fore_radius: int
     back = torch.empty(tiles, pixels, batch, device=query.device, dtype=data.dtype)
     fore_parts = torch.empty(tiles, batch, positions, device=query.device, dtype=data.dtype)
     step = max(1, TILE_BLOCK // (data.shape[1] * windows.shape[2]))
-    block = torch.empty(min(step, tiles), data.shape[1], windows.shape[2], device=query.device, dtype=data.dtype)
+    block = scratch((min(step, tiles), data.shape[1], windows.shape[2]), data.dtype, query.device)
     for t0 in range(0, tiles, step):
         t1 = min(tiles, t0 + step)
         sims = torch.bmm(data[t0:t1], windows[t0:t1], out=block[:t1 - t0])  # [n, P*T, columns]
@@ -398,7 +420,7 @@ def mutual_max_dense(query: torch.Tensor, bank: DenseTemplates, fore_radius: int
     per_template = max(1, pixels * batch * pixels)
     step = max(1, TILE_BLOCK // per_template)
     best = None
-    block = torch.empty(min(step, count) * pixels, batch * pixels, device=query.device, dtype=data.dtype)
+    block = scratch((min(step, count) * pixels, batch * pixels), data.dtype, query.device)
     for t0 in range(0, count, step):
         t1 = min(count, t0 + step)
         sims = torch.mm(data[t0 * pixels:t1 * pixels], q, out=block[:(t1 - t0) * pixels])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import MATCH_FLOOR
-from .atm import _result, amax, compute_dtype, map_major
+from .atm import _result, amax, compute_dtype, map_major, scratch
 
 PRODUCT_BLOCK = 1 << 21  # similarities per block product
 
@@ -22,6 +22,9 @@ def global_match(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     r = rows.to(compute_dtype(rows.dtype, rows.device)).t().contiguous()  # [C, N]
     step = max(1, PRODUCT_BLOCK // q.shape[0])
     best = torch.full((q.shape[0],), MATCH_FLOOR, device=q.device, dtype=_result(q))
+    block = scratch((q.shape[0], min(step, r.shape[1])), q.dtype, q.device)
     for start in range(0, r.shape[1], step):
-        torch.maximum(best, amax(torch.mm(q, r[:, start:start + step]), 1).to(best.dtype), out=best)
+        stop = min(start + step, r.shape[1])
+        sims = torch.mm(q, r[:, start:stop], out=block[:, :stop - start])
+        torch.maximum(best, amax(sims, 1).to(best.dtype), out=best)
     return best.view(batch, height, width)
