@@ -142,11 +142,101 @@ class AnomalibSystem:
         return path
 
 
+class _Scores(torch.nn.Module):
+    """What anomalib's export traces: normalised images in, the eval-mode model's score and map out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):  # (eval mode: anomalib's models return their scores only there)
+        out = self.model(_normalised(images))
+        return out.pred_score.reshape(-1), out.anomaly_map[:, 0]
+
+
+class OpenVINOSystem(AnomalibSystem):
+    """An anomalib model as its users deploy it on a CPU: exported to OpenVINO and compiled there.
+
+    anomalib's ``export(..., OPENVINO)`` traces the model to ONNX and its ``OpenVINOInferencer`` compiles it
+    with OpenVINO's defaults; here ``openvino.convert_model`` traces the fitted torch model directly (the same
+    graph without the ONNX file), once per batch size: PatchCore's forward branches on the number of
+    embeddings, which a trace fixes, so a graph traced at one batch size is wrong at another. ``precision``:
+    "default" (OpenVINO's default on this CPU: bf16 where native) or "f32". ``fit`` checks the exported
+    scores against the eager model's on mirrored training images at batch 1 and 8 (``export_gap``: the
+    largest difference over the largest score), within 1e-3 in f32 and 0.05 in bf16, or fails.
+    """
+
+    TOLERANCE = {"f32": 1e-3, "default": 0.05}
+
+    def __init__(self, name: str, kind: str, precision: str = "default", **options):
+        super().__init__(name, kind, **options)
+        self.precision = precision
+
+    def fit(self, images: torch.Tensor, batch: int = 8) -> None:
+        super().fit(images, batch)
+        self.compiled, self.graphs, self.export_gap = {}, {}, 0.0
+        for probe in (images[:1], images[:batch]):
+            probe = probe.flip(-1).roll(images.shape[-1] // 3, -2)  # unseen images: scores far from 0
+            with torch.no_grad():
+                eager = _Scores(self.model).eval()(probe)[0]
+            exported = self.predict(probe)[0]
+            gap = ((exported - eager).abs().max() / eager.abs().max().clamp_min(1e-6)).item()
+            self.export_gap = max(self.export_gap, gap)
+        if self.export_gap > self.TOLERANCE[self.precision]:
+            raise RuntimeError(f"{self.name}: exported scores differ from the eager model's by {self.export_gap:.2e} "
+                               f"of their range (> {self.TOLERANCE[self.precision]})")
+
+    def _compiled(self, images: torch.Tensor):
+        import openvino as ov
+
+        shape = tuple(images.shape)
+        if shape not in self.compiled:  # converted and compiled once per shape, as a deployment would
+            with torch.no_grad():
+                self.graphs[shape] = ov.convert_model(_Scores(self.model).eval(), example_input=images,
+                                                      input=[ov.PartialShape(list(shape))])
+            config = {} if self.precision == "default" else {"INFERENCE_PRECISION_HINT": self.precision}
+            self.compiled[shape] = ov.Core().compile_model(self.graphs[shape], "CPU", config)
+        return self.compiled[shape]
+
+    def predict(self, images: torch.Tensor):
+        images = images.contiguous()
+        results = self._compiled(images)(images.numpy())
+        anomaly = torch.from_numpy(results[1].copy())
+        return torch.from_numpy(results[0].copy()), anomaly, anomaly
+
+    def save(self, folder: Path) -> Path:
+        """The exported IR (``.xml`` graph + ``.bin`` weights, the backbone included), as deployed."""
+        import openvino as ov
+
+        path = folder / f"{self.name}.xml"
+        ov.save_model(next(iter(self.graphs.values())), path, compress_to_fp16=False)
+        return path.with_suffix(".bin")
+
+    def __getstate__(self):  # compiled networks stay in their process; a spawned worker fits its own
+        return {k: v for k, v in self.__dict__.items() if k not in ("graphs", "compiled")}
+
+
+# Each system's pairing: the precision it runs in; ratios are taken against PatchCore-OpenVINO in the same one.
+PAIRED_BASELINES = {"default": "patchcore-0.1-ov", "f32": "patchcore-0.1-ov-f32"}
+
+
 def default_systems(hetmm_options: dict | None = None) -> list:
-    return [HetmmSystem("hetmm", **(hetmm_options or {})),
-            AnomalibSystem("patchcore-0.1", "patchcore", coreset=0.1),
-            AnomalibSystem("patchcore-1.0", "patchcore", coreset=1.0),
-            AnomalibSystem("padim", "padim")]
+    hetmm_options = hetmm_options or {}
+    systems = [HetmmSystem("hetmm", **hetmm_options),
+               HetmmSystem("hetmm-fp32", **{**hetmm_options, "precision": "fp32"}),
+               AnomalibSystem("patchcore-0.1", "patchcore", coreset=0.1),
+               OpenVINOSystem("patchcore-0.1-ov", "patchcore", coreset=0.1),
+               OpenVINOSystem("patchcore-0.1-ov-f32", "patchcore", "f32", coreset=0.1),
+               AnomalibSystem("patchcore-1.0", "patchcore", coreset=1.0),
+               AnomalibSystem("padim", "padim"),
+               OpenVINOSystem("padim-ov", "padim"),
+               OpenVINOSystem("padim-ov-f32", "padim", "f32")]
+    return systems
+
+
+def pairing(name: str) -> str:
+    """"f32" for the systems that run in float32 everywhere (hetmm-fp32, *-f32), else "default"."""
+    return "f32" if name.endswith(("-f32", "-fp32")) else "default"
 
 
 def check_features(image: torch.Tensor) -> float:
@@ -244,6 +334,8 @@ def compare(root, categories, systems=None, rounds: int = 3, measure_memory: boo
         rows = {}
         for s in systems:
             rows[s.name] = accuracy(s, train, test, labels, masks)
+            if hasattr(s, "export_gap"):
+                rows[s.name]["export_gap"] = s.export_gap
             with tempfile.TemporaryDirectory() as folder:
                 rows[s.name]["size_mb"] = s.save(Path(folder)).stat().st_size / 2**20
         speed = rates(systems, test, rounds=rounds)
@@ -257,15 +349,17 @@ def compare(root, categories, systems=None, rounds: int = 3, measure_memory: boo
     return report
 
 
-def format_rows(category: str, rows: dict, baseline: str = "patchcore-0.1") -> str:
-    head = (f"{category:<10}{'system':<16}{'img AUROC':>10}{'pix AUROC':>10}{'PRO':>7}{'fit s':>7}"
-            f"{'img/s b1':>10}{'img/s b8':>10}{'x PC b1':>9}{'x PC b8':>9}{'RSS MB':>8}{'disk MB':>9}")
+def format_rows(category: str, rows: dict) -> str:
+    """One line per system; "x PC-OV": its images/s over PatchCore-OpenVINO's at the same pairing
+    (default precision, or float32 for the *-f32 / *-fp32 systems)."""
+    head = (f"{category:<10}{'system':<22}{'img AUROC':>10}{'pix AUROC':>10}{'PRO':>7}{'fit s':>7}"
+            f"{'img/s b1':>10}{'img/s b8':>10}{'x PC-OV b1':>11}{'x PC-OV b8':>11}{'RSS MB':>8}{'disk MB':>9}")
     lines = [head]
-    base = rows.get(baseline)
     for name, r in rows.items():
-        ratio = [f"{r[f'images_per_s_b{b}'] / base[f'images_per_s_b{b}']:>9.2f}" if base else f"{'-':>9}"
+        base = rows.get(PAIRED_BASELINES[pairing(name)])
+        ratio = [f"{r[f'images_per_s_b{b}'] / base[f'images_per_s_b{b}']:>11.2f}" if base else f"{'-':>11}"
                  for b in (1, 8)]
-        lines.append(f"{'':<10}{name:<16}{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}{r['pro']:>7.3f}"
+        lines.append(f"{'':<10}{name:<22}{r['image_auroc']:>10.3f}{r['pixel_auroc']:>10.3f}{r['pro']:>7.3f}"
                      f"{r['fit_seconds']:>7.1f}{r['images_per_s_b1']:>10.1f}{r['images_per_s_b8']:>10.1f}"
                      f"{ratio[0]}{ratio[1]}{r.get('peak_rss_mb', float('nan')):>8.0f}{r['size_mb']:>9.2f}")
     return "\n".join(lines)
@@ -278,7 +372,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-system peak-RSS processes")
     parser.add_argument("--systems", nargs="+", default=None,
-                        help="a subset of: hetmm patchcore-0.1 patchcore-1.0 padim")
+                        help="a subset of: " + " ".join(s.name for s in default_systems()))
     parser.add_argument("--hetmm", default="{}", help="HETMM keyword arguments as JSON, e.g. '{\"precision\": \"fp32\"}'")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

@@ -205,8 +205,8 @@ def openvino_available() -> bool:
 
 
 class _Stages(nn.Module):
-    """What OpenVINO compiles: images in [0, 1] -> the three tapped stages, channels-last ``[B, h, w, C]``
-    (the layout the matching reads, so the features need no copy on the way out)."""
+    """What OpenVINO compiles: images in [0, 1] -> the three tapped stages (with their neighbourhood means),
+    channels-last ``[B, h, w, C]`` (the layout the matching reads, so the features need no copy on the way out)."""
 
     def __init__(self, backbone: "Backbone"):
         super().__init__()
@@ -218,7 +218,7 @@ class _Stages(nn.Module):
         features = []
         for stage in net.stages:
             x = stage(F.relu(x) if net.kind == "resnet" else x)
-            features.append(x.permute(0, 2, 3, 1))
+            features.append(net.neighbourhood_mean(x).permute(0, 2, 3, 1))
         return tuple(features)
 
 
@@ -250,7 +250,7 @@ class OpenVINOStages:
 
     def __init__(self, backbone: "Backbone"):
         self._module = _Stages(backbone)
-        self._key = (backbone.kind, backbone.mean, backbone.std, _digest(self._module))
+        self._key = (backbone.kind, backbone.mean, backbone.std, backbone.neighbourhood, _digest(self._module))
         self._compiled: dict = {}  # (b, h, w, precision) -> CompiledModel
         self._lock = threading.Lock()  # one infer request per compiled model: one call at a time
 
@@ -401,6 +401,13 @@ class Backbone(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         return {**state, "_openvino": None}  # a compiled network is rebuilt where it runs, never pickled
 
+    def neighbourhood_mean(self, features: torch.Tensor) -> torch.Tensor:
+        """Locally aware features: each pixel averaged with its ``neighbourhood x neighbourhood`` neighbours."""
+        if self.neighbourhood == 1:
+            return features
+        k = self.neighbourhood
+        return F.avg_pool2d(features, k, stride=1, padding=k // 2, count_include_pad=False)
+
     def _torch_stages(self, images: torch.Tensor, dtype: torch.dtype) -> dict:
         """The stages in torch: the reference, the GPU path and the CPU fallback."""
         x = ((images.to(self._mean.device, torch.float32) - self._mean) / self._std).to(dtype)
@@ -427,11 +434,7 @@ class Backbone(nn.Module):
             precision = "bf16" if self.autocast_dtype == torch.bfloat16 else "f32"
             features = dict(zip(LAYERS, self._openvino(images.to(self._mean.device), precision)))
         else:
-            features = self._torch_stages(images, dtype)
-        if self.neighbourhood > 1:  # locally aware features: each pixel averaged with its neighbours
-            k = self.neighbourhood
-            features = {name: F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
-                        for name, f in features.items()}
+            features = {name: self.neighbourhood_mean(f) for name, f in self._torch_stages(images, dtype).items()}
         if normalize:
             features = {name: F.normalize(f.float(), dim=1).to(out_dtype) for name, f in features.items()}
         return features

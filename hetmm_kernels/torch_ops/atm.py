@@ -77,9 +77,8 @@ def amax(x: torch.Tensor, dim) -> torch.Tensor:
         return x.amax(dim)
     bits = x.view(torch.int16)
     high = bits.amax(dim)
-    negative = high < 0
-    if negative.any():  # rare in matching (no positive similarity in a window): one more pass
-        high = torch.where(negative, bits.amin(dim), high)
+    if high.numel() and high.min() < 0:  # rare in matching (no positive similarity in a window): one more pass
+        high = torch.where(high < 0, bits.amin(dim), high)
     return high.view(torch.bfloat16)
 
 
@@ -307,7 +306,8 @@ def _query_windows(query: torch.Tensor, bank: TiledTemplates, reach: int, union)
                                     reach, bank.tiles_y * th - bank.height + reach))
     windows = q.unfold(1, union[0], th).unfold(2, union[1], tw)  # [B, ty, tx, C, uh, uw]
     tiles, columns = bank.tiles_y * bank.tiles_x, batch * union[0] * union[1]
-    out = q.new_zeros(tiles, channels, -(-columns // COLUMN_ALIGN) * COLUMN_ALIGN)
+    out = q.new_empty(tiles, channels, -(-columns // COLUMN_ALIGN) * COLUMN_ALIGN)
+    out[:, :, columns:] = 0  # only the padding: the rest is written next
     out[:, :, :columns].view(bank.tiles_y, bank.tiles_x, channels, batch, union[0], union[1]).copy_(
         windows.permute(1, 2, 3, 0, 4, 5))
     return out
