@@ -244,7 +244,7 @@ class OpenVINOStages:
     """
 
     MAX_COMPILED = 8  # batch sizes x precisions kept; a predict uses one or two (its batch and the last)
-    MAX_CONVERTED = 4  # (network, image size) graphs kept for every backbone of the process
+    MAX_CONVERTED = 2  # (network, image size) graphs kept for the process (each holds a copy of the weights)
     _converted: dict = {}  # (digest, h, w) -> ov.Model
     _converting = threading.Lock()
 
