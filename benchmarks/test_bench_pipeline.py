@@ -11,6 +11,8 @@ the work). The mode column gives images per second.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,18 +117,19 @@ def test_predict_split_on_the_cpu(benchmark, matmul_rate, batch, tmp_path):
 @pytest.mark.parametrize("source", ["256px PNG", "1024px PNG", "1024px JPEG"])
 def test_decoding_ahead_of_the_model(benchmark, matmul_rate, source, tmp_path):
     """Decode-only rate per thread count, compute-only rate (pre-decoded tensors) and predict from files
-    without (workers=0) and with decoding threads, batch 8, lite0, 16 images of ``source``."""
+    without (workers=0), with decoding threads and with the measured choice (workers=None, the CPU default),
+    batch 8, lite0, 32 images of ``source``; the bound is what the cores allow (``hetmm.data.choose_workers``)."""
     from PIL import Image
 
     from hetmm.data import prefetched, read_image
     from hetmm.demo import build_dataset
     from hetmm.detector import HETMM as Detector
 
-    root = build_dataset(tmp_path / "demo", n_train=16, n_good=8, n_defective=8)
+    root = build_dataset(tmp_path / "demo", n_train=16, n_good=16, n_defective=16)
     train = sorted((root / "brick" / "train" / "good").glob("*.png"))
     side, suffix = (256, ".png") if source.startswith("256") else (1024, ".png" if "PNG" in source else ".jpg")
     paths = []
-    for i, p in enumerate(sorted((root / "brick" / "test").rglob("*.png"))[:16]):
+    for i, p in enumerate(sorted((root / "brick" / "test").rglob("*.png"))[:32]):
         out = tmp_path / f"{i:02d}{suffix}"
         with Image.open(p) as img:
             img.convert("RGB").resize((side, side), Image.BICUBIC).save(out, quality=95)
@@ -142,9 +145,15 @@ def test_decoding_ahead_of_the_model(benchmark, matmul_rate, source, tmp_path):
         rates[f"decode {workers} thread{'s' * (workers > 1)}"] = len(paths) / seconds
     images = torch.stack([read_image(p, 256) for p in paths])
     rates["compute only"] = len(paths) / median(lambda: det.predict(images))
-    for workers in (0, 1, 2):
+    for workers in (0, 1, 2, None):
         det.workers = workers
-        rates[f"from files, workers={workers}"] = len(paths) / median(lambda: det.predict(paths))
+        rates[f"from files, workers={'auto' if workers is None else workers}"] = \
+            len(paths) / median(lambda: det.predict(paths))
+    # what the cores allow with decoding perfectly overlapped: cores / (cores / compute rate + one core's decode)
+    cores = os.cpu_count() or 1
+    rates["bound"] = cores / (cores / rates["compute only"] + 1 / rates["decode 1 thread"])
+    rates["auto share of bound %"] = 100 * rates["from files, workers=auto"] / rates["bound"]
+    rates["auto chose"] = det.decoding["workers"]
     run(benchmark, lambda: det.predict(paths), 1)
     summary = ", ".join(f"{name} {value:.1f}" for name, value in rates.items())
     record(benchmark, None, matmul_rate, det.feature_dtype, op="decode ahead", layer=source, windows="-", batch=8,

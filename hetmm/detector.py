@@ -20,7 +20,7 @@ from .bank import MAX_IMAGE_SIZE, TemplateBank
 from .calibration import DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, Regions, normalised
 from .clustering import compress
 from .retrieval import Codebook
-from .data import prefetched, read_image
+from .data import measured_prefetched, prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
 from .scoring import LayerMatches, leave_one_out, template_coreset, template_isolation
 
@@ -116,7 +116,8 @@ class DetectorOptions:
     downloads); progress (bars); templates ("all"
     or "pts") and tsize (PTS set size); retrieval_k / retrieval_layer (target before shooting);
     cuda_graph; neighbourhood (k x k feature averaging; None: by the parameter string); workers
-    (threads decoding image files ahead of the model; None: ``default_workers(device)``, 0: none) and
+    (threads decoding image files ahead of the model; None: ``default_workers(device)``, on a CPU chosen per
+    call from the measured decoding and model costs; 0: none) and
     prefetch (batches decoded ahead).
     """
 
@@ -163,20 +164,20 @@ def _without_self(nearest: torch.Tensor, k: int) -> torch.Tensor:
     return nearest[~own].reshape(nearest.shape[0], k)
 
 
-def default_workers(device: torch.device) -> int:
+def default_workers(device: torch.device) -> int | None:
     """Decoding threads when none are asked for.
 
-    On a GPU the host is otherwise idle: all cores but one (at most 8). On a CPU the decoding threads
-    take cores from the model: measured on 2 cores (lite0, batch 8), one thread gained 15% on 1024 px
-    PNGs and lost 9-11% on 256 px PNGs and 1024 px JPEGs, so none there; half the cores (at most 4)
-    on larger CPUs.
+    On a GPU the host is otherwise idle: all cores but one (at most 8). On a CPU the decoding threads take
+    cores from the model, and whether they pay depends on the files: None, chosen per call from the measured
+    decoding and model costs (``hetmm.data.choose_workers``): none for 256 px PNGs on 2 cores, two for
+    1024 px ones.
     """
     import os
 
     cores = os.cpu_count() or 1
     if device.type == "cuda":
         return min(8, max(1, cores - 1))
-    return 0 if cores <= 2 else min(4, cores // 2)
+    return None
 
 
 class HETMM:
@@ -227,6 +228,8 @@ class HETMM:
         self.retrieval_layer = retrieval_layer
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.workers = default_workers(self.device) if workers is None else int(workers)
+        self.decoding = None  # the last measured choice of decoding threads: {decode_ms, compute_ms, workers}
+        self._decode_choices: dict = {}  # _file_kind -> decoding threads, measured once per kind
         self.precision = resolve_precision(precision, half, self.device)
         self.params_string = params or params_for(category)
         self.params = parse_params(self.params_string)
@@ -296,6 +299,15 @@ class HETMM:
             batch = batch.pin_memory()  # so the copy below can overlap the previous batch's work
         return batch
 
+    def _file_kind(self, items) -> tuple:
+        """What decides decoding's cost: the first file's suffix and size to a factor of two, the batch size."""
+        first = next(Path(x) for x in items if isinstance(x, (str, Path)))
+        try:
+            size = first.stat().st_size.bit_length()
+        except OSError:  # read_image will say what is wrong with it
+            size = -1
+        return first.suffix.lower(), size, self.batch_size, self.image_size
+
     def _batches(self, items, desc: str, progress: bool):
         """The batches of ``items`` on the device, in order; files decoded ahead by the worker threads."""
         chunks = range(0, len(items), self.batch_size)
@@ -304,8 +316,19 @@ class HETMM:
 
             chunks = tqdm(chunks, desc=desc, unit="batch", leave=False)
         files = any(isinstance(x, (str, Path)) for x in items)
-        loads = prefetched((items[i:i + self.batch_size] for i in chunks), self._host_batch,
-                           self.workers if files else 0, self.prefetch)
+        batches = (items[i:i + self.batch_size] for i in chunks)
+        if files and self.workers is None:  # threads chosen from the measured costs of a first batch
+            kind = (desc, *self._file_kind(items))  # (extracting features costs less than predicting)
+            if kind in self._decode_choices:  # measured before for files like these
+                loads = prefetched(batches, self._host_batch, self._decode_choices[kind], self.prefetch)
+            else:
+                def report(decode, compute, workers):
+                    self._decode_choices[kind] = workers
+                    self.decoding = dict(decode_ms=decode * 1e3, compute_ms=compute * 1e3, workers=workers)
+
+                loads = measured_prefetched(batches, self._host_batch, self.prefetch, report=report)
+        else:
+            loads = prefetched(batches, self._host_batch, self.workers if files else 0, self.prefetch)
         for batch in loads:
             yield batch.to(self.device, non_blocking=True)
 

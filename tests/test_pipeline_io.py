@@ -71,13 +71,35 @@ def test_predict_from_files_is_the_same_with_decoding_threads(folder):
     assert torch.equal(a.pred_score, b.pred_score) and torch.equal(a.anomaly_map, b.anomaly_map)
 
 
+def test_measured_decoding_threads_are_chosen_once_per_kind_of_file(folder, monkeypatch):
+    import hetmm.detector as detector_module
+
+    options = dict(backbone="resnet18", weights=None, image_size=32, out_size=32, precision="fp32", batch_size=3)
+    serial = hetmm.HETMM(**options, workers=0).fit(folder[:4])
+    measured = hetmm.HETMM(**options, device="cpu").fit(folder[:4])
+    assert measured.workers is None  # the CPU default: measured
+    expected = serial.predict(folder)
+    calls = []
+    original = detector_module.measured_prefetched
+    monkeypatch.setattr(detector_module, "measured_prefetched", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for _ in range(2):
+        got = measured.predict(folder)
+        assert torch.equal(got.pred_score, expected.pred_score) and torch.equal(got.anomaly_map, expected.anomaly_map)
+    assert len(calls) == 1  # measured once, remembered after
+    assert sorted(kind[0] for kind in measured._decode_choices) == ["features", "predict"]  # fit had its own
+    assert set(measured.decoding) == {"decode_ms", "compute_ms", "workers"} and measured.decoding["decode_ms"] > 0
+    measured.batch_size = 2  # another batch size: measured again
+    measured.predict(folder)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("kwargs", [dict(workers=-1), dict(prefetch=0)])
 def test_bad_pipeline_options(kwargs):
     with pytest.raises(ValueError, match="workers must be >= 0 and prefetch >= 1"):
         hetmm.HETMM(backbone="resnet18", weights=None, **kwargs)
 
 
-@pytest.mark.parametrize("cores,device,expected", [(2, "cpu", 0), (8, "cpu", 4), (64, "cpu", 4), (16, "cuda", 8),
+@pytest.mark.parametrize("cores,device,expected", [(2, "cpu", None), (8, "cpu", None), (16, "cuda", 8),
                                                    (2, "cuda", 1), (1, "cuda", 1)])
 def test_default_decoding_threads(monkeypatch, cores, device, expected):
     import os
@@ -86,6 +108,43 @@ def test_default_decoding_threads(monkeypatch, cores, device, expected):
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert default_workers(torch.device(device)) == expected
+
+
+@pytest.mark.parametrize("decode_ms,compute_ms,cores,expected", [
+    (1.0, 8.0, 2, 0),    # 256 px PNGs: serial decoding reaches 94% of the bound
+    (25.0, 8.0, 2, 2),   # 1024 px PNGs: 62%; two threads to decode at the bound's rate (20.5 ms an image)
+    (6.0, 8.0, 2, 1),    # 14 vs 11 ms: 79%, one thread decodes an image in 6 of the bound's 11 ms
+    (40.0, 2.0, 64, 16),  # many cores: the bound is 2.6 ms an image, 40 ms decodes need 16 threads, not 64
+    (0.0, 8.0, 2, 0), (5.0, 0.0, 2, 2), (5.0, 0.0, 1, 0),
+])
+def test_decoding_threads_follow_the_measured_costs(decode_ms, compute_ms, cores, expected):
+    from hetmm.data import choose_workers
+
+    assert choose_workers(decode_ms / 1e3, compute_ms / 1e3, cores) == expected
+
+
+def test_measured_prefetch_times_the_first_chunks_then_decodes_ahead(tmp_path):
+    import time
+
+    from hetmm.data import PROBE_CHUNKS, measured_prefetched
+
+    chunks = [[i] * 4 for i in range(6)]
+    loads, choices = [], []
+
+    def load(chunk):
+        loads.append(chunk[0])
+        time.sleep(0.02)  # 5 ms an item: slow decoding
+        return chunk[0]
+
+    seen = []
+    for value in measured_prefetched(chunks, load, prefetch=2, cores=2, report=lambda *a: choices.append(a)):
+        seen.append(value)
+        time.sleep(0.004)  # 1 ms an item of "model"
+    assert seen == list(range(6))  # every chunk, in order
+    (decode, compute, workers), = choices
+    assert decode >= 0.005 and 0.001 <= compute < 0.005 and workers == 2
+    assert loads[:PROBE_CHUNKS] == list(range(PROBE_CHUNKS))
+    assert list(measured_prefetched([], load)) == [] and list(measured_prefetched(chunks[:1], load)) == [0]
 
 
 def test_large_jpegs_are_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path, monkeypatch):
