@@ -400,8 +400,8 @@ def _add_run_options(parser):
                         help="auto (default): bf16 on CPUs with native bfloat16 (AVX512-BF16/AMX), else fp32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None,
-                        help="threads decoding images ahead of the model (default: all cores but one on a GPU, "
-                             "none on a 2-core CPU, half the cores on larger ones; 0: none)")
+                        help="threads decoding images ahead of the model (default: all cores but one on a GPU; "
+                             "on a CPU chosen from the measured decoding and model costs; 0: none)")
     parser.add_argument("--prefetch", type=int, default=2, help="batches decoded ahead (default 2)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each batch's GPU work from one captured CUDA graph (CUDA only)")
