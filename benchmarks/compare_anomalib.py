@@ -161,12 +161,14 @@ class OpenVINOSystem(AnomalibSystem):
     with OpenVINO's defaults; here ``openvino.convert_model`` traces the fitted torch model directly (the same
     graph without the ONNX file), once per batch size: PatchCore's forward branches on the number of
     embeddings, which a trace fixes, so a graph traced at one batch size is wrong at another. ``precision``:
-    "default" (OpenVINO's default on this CPU: bf16 where native) or "f32". ``fit`` checks the exported
-    scores against the eager model's on mirrored training images at batch 1 and 8 (``export_gap``: the
-    largest difference over the largest score), within 1e-3 in f32 and 0.05 in bf16, or fails.
+    "default" (OpenVINO's default on this CPU: bf16 where native) or "f32". ``fit`` checks the export: the
+    graph compiled at f32 must score mirrored training images at batch 1 and 8 as the eager model does, within
+    1e-3 of the largest score (``export_gap``), or it fails; the gap at the system's own precision is kept as
+    ``precision_gap`` (bf16 moves PatchCore's nearest-neighbour distances by up to ~10% of the largest score:
+    0.106 measured on ceramic).
     """
 
-    TOLERANCE = {"f32": 1e-3, "default": 0.05}
+    EXPORT_TOLERANCE = 1e-3
 
     def __init__(self, name: str, kind: str, precision: str = "default", **options):
         super().__init__(name, kind, **options)
@@ -174,29 +176,32 @@ class OpenVINOSystem(AnomalibSystem):
 
     def fit(self, images: torch.Tensor, batch: int = 8) -> None:
         super().fit(images, batch)
-        self.compiled, self.graphs, self.export_gap = {}, {}, 0.0
+        self.compiled, self.graphs = {}, {}
+        self.export_gap = self.precision_gap = 0.0
         for probe in (images[:1], images[:batch]):
-            probe = probe.flip(-1).roll(images.shape[-1] // 3, -2)  # unseen images: scores far from 0
+            probe = probe.flip(-1).roll(images.shape[-1] // 3, -2).contiguous()  # unseen images: scores far from 0
             with torch.no_grad():
                 eager = _Scores(self.model).eval()(probe)[0]
-            exported = self.predict(probe)[0]
-            gap = ((exported - eager).abs().max() / eager.abs().max().clamp_min(1e-6)).item()
-            self.export_gap = max(self.export_gap, gap)
-        if self.export_gap > self.TOLERANCE[self.precision]:
-            raise RuntimeError(f"{self.name}: exported scores differ from the eager model's by {self.export_gap:.2e} "
-                               f"of their range (> {self.TOLERANCE[self.precision]})")
+            scale = eager.abs().max().clamp_min(1e-6)
+            exact = torch.from_numpy(self._compiled(probe, "f32")(probe.numpy())[0].copy())
+            self.export_gap = max(self.export_gap, ((exact - eager).abs().max() / scale).item())
+            self.precision_gap = max(self.precision_gap, ((self.predict(probe)[0] - eager).abs().max() / scale).item())
+        if self.export_gap > self.EXPORT_TOLERANCE:
+            raise RuntimeError(f"{self.name}: the exported graph (f32) scores differ from the eager model's by "
+                               f"{self.export_gap:.2e} of the largest score (> {self.EXPORT_TOLERANCE})")
 
-    def _compiled(self, images: torch.Tensor):
+    def _compiled(self, images: torch.Tensor, precision: str | None = None):
         import openvino as ov
 
-        shape = tuple(images.shape)
-        if shape not in self.compiled:  # converted and compiled once per shape, as a deployment would
+        shape, precision = tuple(images.shape), precision or self.precision
+        if shape not in self.graphs:  # converted once per shape, as a deployment would
             with torch.no_grad():
                 self.graphs[shape] = ov.convert_model(_Scores(self.model).eval(), example_input=images,
                                                       input=[ov.PartialShape(list(shape))])
-            config = {} if self.precision == "default" else {"INFERENCE_PRECISION_HINT": self.precision}
-            self.compiled[shape] = ov.Core().compile_model(self.graphs[shape], "CPU", config)
-        return self.compiled[shape]
+        if (shape, precision) not in self.compiled:
+            config = {} if precision == "default" else {"INFERENCE_PRECISION_HINT": precision}
+            self.compiled[shape, precision] = ov.Core().compile_model(self.graphs[shape], "CPU", config)
+        return self.compiled[shape, precision]
 
     def predict(self, images: torch.Tensor):
         images = images.contiguous()
@@ -335,7 +340,7 @@ def compare(root, categories, systems=None, rounds: int = 3, measure_memory: boo
         for s in systems:
             rows[s.name] = accuracy(s, train, test, labels, masks)
             if hasattr(s, "export_gap"):
-                rows[s.name]["export_gap"] = s.export_gap
+                rows[s.name].update(export_gap=s.export_gap, precision_gap=s.precision_gap)
             with tempfile.TemporaryDirectory() as folder:
                 rows[s.name]["size_mb"] = s.save(Path(folder)).stat().st_size / 2**20
         speed = rates(systems, test, rounds=rounds)

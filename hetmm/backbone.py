@@ -364,10 +364,11 @@ class Backbone(nn.Module):
 
     @engine.setter
     def engine(self, value: str | None) -> None:
-        value = os.environ.get(ENGINE_VARIABLE) or "auto" if value is None else value
+        source = ""
+        if value is None:
+            value, source = os.environ.get(ENGINE_VARIABLE) or "auto", f" (from {ENGINE_VARIABLE})"
         if value not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES} (or unset); got {value!r}"
-                             f"{f' (from {ENGINE_VARIABLE})' if value == os.environ.get(ENGINE_VARIABLE) else ''}")
+            raise ValueError(f"engine must be one of {ENGINES} (or unset); got {value!r}{source}")
         if value == "openvino" and not openvino_available():
             raise ImportError("engine='openvino' needs the openvino package: pip install openvino")
         self._engine = value
