@@ -8,9 +8,9 @@ feature is L2-normalised over channels, optionally after averaging it with its
 ``neighbourhood x neighbourhood`` neighbours (PatchCore's locally aware features).
 
 On a CPU the stages run compiled by OpenVINO when it is installed (``engine="auto"``): measured on a
-2-core AVX512-BF16 machine, lite0 at 256 px ran 2.8x / 2.3x faster than torch in float32 and 1.4x / 2.8x
-in bfloat16 (batch 8 / batch 1). The torch path is the fallback and the reference the compiled one is
-tested against.
+2-core AVX512-BF16 machine, lite0 at 256 px ran 2.4-2.8x / 1.3x faster than torch in float32 and
+2.1-2.4x / 1.5-1.7x in bfloat16 (batch 8 / batch 1, two runs). The torch path is the fallback and the
+reference the compiled one is tested against.
 """
 
 from __future__ import annotations
