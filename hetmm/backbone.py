@@ -15,6 +15,7 @@ reference the compiled one is tested against.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import threading
@@ -200,8 +201,14 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor) -> int:
     return len(pairs)
 
 
+@functools.lru_cache(maxsize=None)
 def openvino_available() -> bool:
-    return importlib.util.find_spec("openvino") is not None
+    """Whether OpenVINO imports here (a broken install counts as none: "auto" then runs torch)."""
+    try:
+        import openvino  # noqa: F401
+    except Exception:  # ImportError, or a native library that fails to load
+        return False
+    return True
 
 
 class _Stages(nn.Module):
