@@ -300,7 +300,8 @@ class HETMM:
         return batch
 
     def _file_kind(self, items) -> tuple:
-        """What decides decoding's cost: the first file's suffix and size to a factor of two, the batch size."""
+        """What decides decoding's cost and the model's: the first file's suffix and size to a factor of two,
+        the batch size and the image size."""
         first = next(Path(x) for x in items if isinstance(x, (str, Path)))
         try:
             size = first.stat().st_size.bit_length()

@@ -22,9 +22,8 @@ def global_match(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     r = rows.to(compute_dtype(rows.dtype, rows.device)).t().contiguous()  # [C, N]
     step = max(1, PRODUCT_BLOCK // q.shape[0])
     best = torch.full((q.shape[0],), MATCH_FLOOR, device=q.device, dtype=_result(q))
-    block = scratch((q.shape[0], min(step, r.shape[1])), q.dtype, q.device)
     for start in range(0, r.shape[1], step):
         stop = min(start + step, r.shape[1])
-        sims = torch.mm(q, r[:, start:stop], out=block[:, :stop - start])
+        sims = torch.mm(q, r[:, start:stop], out=scratch((q.shape[0], stop - start), q.dtype, q.device))
         torch.maximum(best, amax(sims, 1).to(best.dtype), out=best)
     return best.view(batch, height, width)
