@@ -197,55 +197,57 @@ class HETMM:
             raise TypeError(f"HETMM got unknown option(s) {unknown}; the options are the fields of DetectorOptions: "
                             f"{[f.name for f in dataclasses.fields(DetectorOptions)]}")
         self.options = dataclasses.replace(options or DetectorOptions(), **overrides)
-        (category, params, image_size, out_size, device, precision, half, batch_size, threshold, fpr, pixel_fpr,
-         download, progress, templates, tsize, retrieval_k, retrieval_layer, cuda_graph, neighbourhood, workers,
-         prefetch) = dataclasses.astuple(self.options)
-        for name, rate in (("fpr", fpr), ("pixel_fpr", fpr if pixel_fpr is None else pixel_fpr)):
+        # fields are read by name (never unpacked by position), so a new option is added in DetectorOptions only
+        opts = self.options
+        pixel_fpr = opts.fpr if opts.pixel_fpr is None else opts.pixel_fpr
+        for name, rate in (("fpr", opts.fpr), ("pixel_fpr", pixel_fpr)):
             if not (isinstance(rate, (int, float)) and 0 < rate < 1):
                 raise OptionsError(f"{name} must be a false-alarm rate in (0, 1); got {rate!r}")
-        self.fpr, self.pixel_fpr = float(fpr), float(fpr if pixel_fpr is None else pixel_fpr)
-        if isinstance(threshold, str) and threshold != "f1":
-            raise OptionsError(f"threshold must be a number, 'f1' or None; got {threshold!r}")
-        if (workers is not None and int(workers) < 0) or int(prefetch) < 1:
-            raise OptionsError(f"workers must be >= 0 and prefetch >= 1; got workers={workers}, prefetch={prefetch}")
-        self.prefetch = int(prefetch)
-        for name, size in (("image_size", image_size), ("out_size", out_size)):
+        self.fpr, self.pixel_fpr = float(opts.fpr), float(pixel_fpr)
+        if isinstance(opts.threshold, str) and opts.threshold != "f1":
+            raise OptionsError(f"threshold must be a number, 'f1' or None; got {opts.threshold!r}")
+        if (opts.workers is not None and int(opts.workers) < 0) or int(opts.prefetch) < 1:
+            raise OptionsError(f"workers must be >= 0 and prefetch >= 1; got workers={opts.workers}, "
+                               f"prefetch={opts.prefetch}")
+        self.prefetch = int(opts.prefetch)
+        for name, size in (("image_size", opts.image_size), ("out_size", opts.out_size)):
             if not 16 <= int(size) <= MAX_IMAGE_SIZE:
                 raise OptionsError(f"{name} must be from 16 to {MAX_IMAGE_SIZE} pixels; got {size}")
-        if int(batch_size) < 1:
-            raise OptionsError(f"batch_size must be at least 1; got {batch_size}")
-        if templates not in ("all", "pts"):
-            raise OptionsError(f"templates must be 'all' or 'pts'; got {templates!r}")
-        if int(tsize) < 1:
-            raise OptionsError(f"tsize must be at least 1; got {tsize}")
-        self.templates, self.tsize = templates, int(tsize)
-        if retrieval_k is not None and (int(retrieval_k) < 1 or templates != "all"):
+        if int(opts.batch_size) < 1:
+            raise OptionsError(f"batch_size must be at least 1; got {opts.batch_size}")
+        if opts.templates not in ("all", "pts"):
+            raise OptionsError(f"templates must be 'all' or 'pts'; got {opts.templates!r}")
+        if int(opts.tsize) < 1:
+            raise OptionsError(f"tsize must be at least 1; got {opts.tsize}")
+        self.templates, self.tsize = opts.templates, int(opts.tsize)
+        if opts.retrieval_k is not None and (int(opts.retrieval_k) < 1 or opts.templates != "all"):
             raise OptionsError("retrieval_k must be a positive int, and retrieval needs templates='all' "
-                             "(a PTS set mixes images per pixel: there are no whole images to retrieve)")
-        if retrieval_layer not in LAYERS:
-            raise OptionsError(f"retrieval_layer must be one of {LAYERS}; got {retrieval_layer!r}")
-        self.retrieval_k = None if retrieval_k is None else int(retrieval_k)
-        self.retrieval_layer = retrieval_layer
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.workers = default_workers(self.device) if workers is None else int(workers)
+                               "(a PTS set mixes images per pixel: there are no whole images to retrieve)")
+        if opts.retrieval_layer not in LAYERS:
+            raise OptionsError(f"retrieval_layer must be one of {LAYERS}; got {opts.retrieval_layer!r}")
+        self.retrieval_k = None if opts.retrieval_k is None else int(opts.retrieval_k)
+        self.retrieval_layer = opts.retrieval_layer
+        self.device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.workers = default_workers(self.device) if opts.workers is None else int(opts.workers)
         self.decoding = None  # the last measured choice of decoding threads: {decode_ms, compute_ms, workers}
         self._decode_choices: dict = {}  # _file_kind -> decoding threads, measured once per kind
-        self.precision = resolve_precision(precision, half, self.device)
-        self.params_string = params or params_for(category)
+        self.precision = resolve_precision(opts.precision, opts.half, self.device)
+        self.params_string = opts.params or params_for(opts.category)
         self.params = parse_params(self.params_string)
-        self.category = category
-        self.image_size, self.out_size = int(image_size), int(out_size)
-        self.batch_size, self.threshold, self.progress = int(batch_size), threshold, progress
+        self.category = opts.category
+        self.image_size, self.out_size = int(opts.image_size), int(opts.out_size)
+        self.batch_size, self.threshold, self.progress = int(opts.batch_size), opts.threshold, opts.progress
+        neighbourhood = opts.neighbourhood
         if neighbourhood is None:
-            neighbourhood = neighbourhood_for(category, params)
-        self.backbone = Backbone(backbone, weights, download=download, neighbourhood=neighbourhood).to(self.device)
+            neighbourhood = neighbourhood_for(opts.category, opts.params)
+        self.backbone = Backbone(backbone, weights, download=opts.download, neighbourhood=neighbourhood).to(self.device)
         self.backbone.set_precision(PRECISIONS[self.precision][0], self.feature_dtype)
         self.bank: TemplateBank | None = None
         self.group = None  # the process group of a sharded bank (see shard)
         self._retrieval_cache = None
-        if cuda_graph and self.device.type != "cuda":
+        if opts.cuda_graph and self.device.type != "cuda":
             raise OptionsError(f"cuda_graph needs a CUDA device; this detector runs on {self.device}")
-        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph = bool(opts.cuda_graph)
         self._graphs: dict = {}  # (batch size, bank, bank version) -> CapturedPredict
 
     # ------------------------------------------------------------------ configuration

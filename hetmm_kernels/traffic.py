@@ -68,11 +68,22 @@ class Estimate:
                 f"GFLOP, {self.l2_bytes / 1e9:.2f} GB L2->SM, {self.dram_bytes / 1e9:.2f} GB DRAM")
 
 
+def union_shape(config: dict, height: int, width: int, reach: int) -> dict:
+    """The union of a matching tile's windows, clamped to the map; its block (a power of two) or its parts.
+
+    Shared by the kernels' launcher (``triton_ops.atm``) and the model below, so both see one footprint.
+    """
+    union_h = min(config["TILE_H"] + 2 * reach, height)
+    union_w = min(config["TILE_W"] + 2 * reach, width)
+    if config.get("KERNEL") == "resident":
+        return dict(union_h=union_h, union_w=union_w, BLOCK_U=config["BLOCK_U"],
+                    n_parts=-(-union_h * union_w // config["BLOCK_U"]))
+    return dict(union_h=union_h, union_w=union_w, BLOCK_U=max(16, 1 << (union_h * union_w - 1).bit_length()))
+
+
 def matching(config: dict, batch: int, height: int, width: int, channels: int, templates: int, fore_r: int,
              back_r: int, dtype=torch.float16, gpu: GPU | None = None, per_query: int | None = None) -> Estimate:
     """``mutual_max`` with ``config`` (streaming or resident); ``per_query``: each query's K templates."""
-    from .triton_ops import atm
-
     gpu = gpu or GPUS[DEFAULT_GPU]
     element = dtype.itemsize
     reach = max(fore_r, back_r)
@@ -80,7 +91,7 @@ def matching(config: dict, batch: int, height: int, width: int, channels: int, t
     window = min(2 * reach + 1, height) * min(2 * reach + 1, width)
     useful = 2.0 * batch * count_t * height * width * window * channels
 
-    union = atm.union_shape(config, height, width, reach)
+    union = union_shape(config, height, width, reach)
     pixels = config["TILE_H"] * config["TILE_W"]
     rows = config["BLOCK"] * pixels
     n_tiles = -(-height // config["TILE_H"]) * -(-width // config["TILE_W"])

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import autotune, traffic
+from ..traffic import union_shape
 
 MATCH_FLOOR = -1.0
 _FLOOR = tl.constexpr(MATCH_FLOOR)  # kernels may only read constexpr globals
@@ -332,16 +333,6 @@ def _mutual_default(height, width, reach, batch, channels, dtype, one_map, share
     space = config_space(height, width, reach, batch, channels, one_map, dtype, shared)
     chosen = space[0] if space else tile_config(height, width, reach, batch, channels, one_map, dtype)
     return tuple(chosen.items())
-
-
-def union_shape(config: dict, height: int, width: int, reach: int) -> dict:
-    """The union of a tile's windows, clamped to the map; its block (a power of two) or its parts."""
-    union_h = min(config["TILE_H"] + 2 * reach, height)
-    union_w = min(config["TILE_W"] + 2 * reach, width)
-    if config.get("KERNEL") == "resident":
-        return dict(union_h=union_h, union_w=union_w, BLOCK_U=config["BLOCK_U"],
-                    n_parts=triton.cdiv(union_h * union_w, config["BLOCK_U"]))
-    return dict(union_h=union_h, union_w=union_w, BLOCK_U=max(16, triton.next_power_of_2(union_h * union_w)))
 
 
 def valid_config(config: dict, height: int, width: int, reach: int, one_map: bool = False, channels: int = 64,
