@@ -411,7 +411,8 @@ def _add_run_options(parser):
                         help="false-alarm rate of the calibrated pixel threshold (default: --fpr)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hetmm`` command's parser (every subcommand and option); ``main`` runs what it parses."""
     parser = argparse.ArgumentParser(prog="hetmm", description="Training-free anomaly detection by template mutual matching.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -491,8 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     ops.add_argument("--templates", type=int, default=20)
     ops.add_argument("--seed", type=int, default=0)
     ops.set_defaults(run=_ops_demo)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from .backbone import UnknownBackbone, WeightsUnavailable
     from .report import OutputError
     from .bank import BankInvalid, BankMismatch
