@@ -325,13 +325,14 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
 
 
-def peak_rss(system, train, test) -> float:
-    """Peak resident memory (MiB) of a fresh process that fits ``system`` and predicts ``test``."""
+def peak_rss(system, train, test, timeout: float = 600) -> float:
+    """Peak resident memory (MiB) of a fresh process that fits ``system`` on ``train`` (whatever its ``fit``
+    takes) and predicts ``test``."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_peak_rss_worker, args=(system, train, test, queue))
     process.start()
-    value = queue.get(timeout=600)
+    value = queue.get(timeout=timeout)
     process.join()
     return value
 

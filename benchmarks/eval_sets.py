@@ -216,8 +216,15 @@ def _save(array: np.ndarray, path: Path) -> None:
     img.convert("RGB").save(path)
 
 
-def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective: int = 20, seed: int = 0) -> Path:
-    """Write the ``choose`` or ``report`` set under ``root``; returns ``root``."""
+def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective: int = 20, seed: int = 0,
+              more_train: int = 0, more_categories=None) -> Path:
+    """Write the ``choose`` or ``report`` set under ``root``; returns ``root``.
+
+    ``more_train``: that many further training crops per category (``train/good/more_NNNN.png``), drawn after
+    everything else from their own generator, so the first ``n_train`` and every test image are the same as
+    without them (for measuring a category against its number of training images); ``more_categories``:
+    only these get them (default: every category).
+    """
     from hetmm.demo import CROP, DEFECTS, paint_defect
 
     sources = {"choose": CHOOSE, "report": REPORT}[which]
@@ -260,6 +267,9 @@ def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective
             mask_path = base / "ground_truth" / kind / f"{i:03d}_mask.png"
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        more = np.random.default_rng([seed, 1, names.index(category)])
+        for i in range(more_train if more_categories is None or category in more_categories else 0):
+            _save(_resized(_crop(image, more, (0, split), crop), size), base / "train" / "good" / f"more_{i:04d}.png")
     return root
 
 
@@ -270,14 +280,19 @@ def main(argv=None) -> int:
     parser.add_argument("--choose-draws", type=int, default=1,
                         help="choose sets to draw: 'choose' from --seed, 'choose_seedN' from --seed + N for each further one "
                              "(new crops and defects of the same photographs; the report set is drawn once)")
+    parser.add_argument("--more-train", type=int, default=0,
+                        help="further training crops per category, after the 40 (train/good/more_NNNN.png); the "
+                             "test images and the first 40 stay the same")
     args = parser.parse_args(argv)
+    if args.more_train < 0:
+        parser.error(f"--more-train: expected a count >= 0, got {args.more_train}")
     if args.choose_draws < 1:
         parser.error(f"--choose-draws: expected a positive count, got {args.choose_draws}")
     sets = [("choose", "choose", args.seed)]
     sets += [(f"choose_seed{args.seed + n}", "choose", args.seed + n) for n in range(1, args.choose_draws)]
     sets += [("report", "report", args.seed)]
     for folder, which, seed in sets:
-        path = build_set(Path(args.out) / folder, which, seed=seed)
+        path = build_set(Path(args.out) / folder, which, seed=seed, more_train=args.more_train)
         print(f"{folder}: {path} ({', '.join((CHOOSE if which == 'choose' else REPORT))})")
     return 0
 

@@ -92,12 +92,28 @@ class TemplateBank:
             if new.shape[1:] != old.shape[1:]:
                 raise ValueError(f"{name}: new templates are {tuple(new.shape[1:])}, the bank holds {tuple(old.shape[1:])}")
             self.features[name] = torch.cat([old, new.to(old.device, old.dtype)]).contiguous()
+        self._templates_changed()
+
+    def _templates_changed(self) -> None:
         self.total = len(self)
         self.version += 1
         self._prepared.clear()
         stale = calibration.NAMES + (calibration.F1_IMAGE_THRESHOLD,)
         for name in [n for n in self.extras if n.startswith((ISOLATION, CORESET)) or n in stale]:
             del self.extras[name]  # every template's leave-one-out, the coresets and the calibration change
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the templates ``rows`` (int64 indices, ascending), with their retrieval histograms; what
+        depends on the whole set (isolation, coresets, calibration) must be computed again, as after ``add``."""
+        if self.is_shard:
+            raise ValueError("select templates in the whole bank, then shard it")
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if rows.dim() != 1 or not len(rows) or not bool((rows[1:] > rows[:-1]).all()) or rows[-1] >= len(self) or rows[0] < 0:
+            raise ValueError(f"rows must be ascending template indices in [0, {len(self)}); got {rows.tolist()[:8]}...")
+        self.features = {name: t[rows.to(t.device)].contiguous() for name, t in self.features.items()}
+        if "histogram_counts" in self.extras:
+            self.extras["histogram_counts"] = self.extras["histogram_counts"][rows]
+        self._templates_changed()
 
     @property
     def calibration(self) -> "calibration.Calibration | None":

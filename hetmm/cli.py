@@ -24,7 +24,8 @@ def _detector(args, category=None):
     return HETMM(args.backbone, args.weights, category=category,
                  params=args.params, image_size=args.image_size, out_size=args.out_size, device=args.device,
                  half=args.half, batch_size=args.batch_size, download=args.download, progress=True,
-                 templates=args.templates, tsize=args.tsize, retrieval_k=args.retrieval_k, cuda_graph=args.cuda_graph,
+                 templates=args.templates, tsize=args.tsize, max_templates=args.max_templates,
+                 retrieval_k=args.retrieval_k, cuda_graph=args.cuda_graph,
                  precision=args.precision, neighbourhood=args.neighbourhood, workers=args.workers,
                  prefetch=args.prefetch, fpr=args.fpr, pixel_fpr=args.pixel_fpr)
 
@@ -382,8 +383,11 @@ def _add_model_options(parser, backbone="wide_resnet101_2", weights="imagenet"):
     parser.add_argument("--params", default=None, help="parameter string (default: the category's, see README)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--out-size", type=int, default=256)
-    parser.add_argument("--templates", choices=("all", "pts"), default="all",
-                        help="match against all normal images or their PTS tiny set (default all)")
+    parser.add_argument("--templates", choices=("auto", "all", "pts"), default="auto",
+                        help="auto (default): every normal image up to --max-templates, beyond that the ones that "
+                             "spread farthest, so predict costs the same at any count; all; or their PTS tiny set")
+    parser.add_argument("--max-templates", type=int, default=40,
+                        help="templates kept by --templates auto (default 40)")
     parser.add_argument("--tsize", type=int, default=60, help="PTS tiny-set size (default 60, as in the paper)")
     parser.add_argument("--retrieval-k", type=int, default=None,
                         help="match each image only against its K nearest training images (CPR retrieval; off by default)")

@@ -23,6 +23,7 @@ from .retrieval import Codebook
 from .data import measured_prefetched, prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
 from .scoring import LayerMatches, leave_one_out, template_coreset, template_isolation
+from .selection import spread_images
 
 
 # precision -> (backbone dtype, matching dtype); products always accumulate in float32
@@ -113,7 +114,8 @@ class DetectorOptions:
     (a number: labels and masks at it; "f1": the F1-optimal image threshold ``calibrate_f1`` stored, with
     the calibrated pixel threshold; None: the calibrated thresholds); fpr / pixel_fpr (the false-alarm
     rates the calibrated image / pixel thresholds aim at; pixel_fpr None: fpr); download (allow hub
-    downloads); progress (bars); templates ("all"
+    downloads); progress (bars); templates ("auto": every training image up to max_templates, beyond that
+    the max_templates that spread farthest (``hetmm.selection``), so predict costs the same at any N; "all";
     or "pts") and tsize (PTS set size); retrieval_k / retrieval_layer (target before shooting);
     cuda_graph; neighbourhood (k x k feature averaging; None: by the parameter string); workers
     (threads decoding image files ahead of the model; None: ``default_workers(device)``, on a CPU chosen per
@@ -134,8 +136,9 @@ class DetectorOptions:
     pixel_fpr: float | None = None
     download: bool = False
     progress: bool = False
-    templates: str = "all"
+    templates: str = "auto"
     tsize: int = 60
+    max_templates: int = 40
     retrieval_k: int | None = None
     retrieval_layer: str = "layer2"
     cuda_graph: bool = False
@@ -215,13 +218,14 @@ class HETMM:
                 raise OptionsError(f"{name} must be from 16 to {MAX_IMAGE_SIZE} pixels; got {size}")
         if int(opts.batch_size) < 1:
             raise OptionsError(f"batch_size must be at least 1; got {opts.batch_size}")
-        if opts.templates not in ("all", "pts"):
-            raise OptionsError(f"templates must be 'all' or 'pts'; got {opts.templates!r}")
-        if int(opts.tsize) < 1:
-            raise OptionsError(f"tsize must be at least 1; got {opts.tsize}")
-        self.templates, self.tsize = opts.templates, int(opts.tsize)
-        if opts.retrieval_k is not None and (int(opts.retrieval_k) < 1 or opts.templates != "all"):
-            raise OptionsError("retrieval_k must be a positive int, and retrieval needs templates='all' "
+        if opts.templates not in ("auto", "all", "pts"):
+            raise OptionsError(f"templates must be 'auto', 'all' or 'pts'; got {opts.templates!r}")
+        if int(opts.tsize) < 1 or int(opts.max_templates) < 2:
+            raise OptionsError(f"tsize must be at least 1 and max_templates at least 2; got tsize={opts.tsize}, "
+                               f"max_templates={opts.max_templates}")
+        self.templates, self.tsize, self.max_templates = opts.templates, int(opts.tsize), int(opts.max_templates)
+        if opts.retrieval_k is not None and (int(opts.retrieval_k) < 1 or opts.templates == "pts"):
+            raise OptionsError("retrieval_k must be a positive int, and retrieval needs templates='all' or 'auto' "
                                "(a PTS set mixes images per pixel: there are no whole images to retrieve)")
         if opts.retrieval_layer not in LAYERS:
             raise OptionsError(f"retrieval_layer must be one of {LAYERS}; got {opts.retrieval_layer!r}")
@@ -255,7 +259,8 @@ class HETMM:
     def config(self) -> dict:
         return dict(backbone=self.backbone.name, weights=self.backbone.weights, image_size=self.image_size,
                     layers=list(LAYERS), params=self.params_string, category=self.category, out_size=self.out_size,
-                    templates=self.templates, tsize=self.tsize, retrieval_k=self.retrieval_k,
+                    templates=self.templates, tsize=self.tsize, max_templates=self.max_templates,
+                    retrieval_k=self.retrieval_k,
                     retrieval_layer=self.retrieval_layer, neighbourhood=self.backbone.neighbourhood)
 
     @property
@@ -352,6 +357,9 @@ class HETMM:
         if missing:
             raise ValueError(f"features must hold every layer {list(LAYERS)} (as extract returns them); missing {missing}")
         features = {k: features[k].float() for k in LAYERS}
+        if self.templates == "auto":  # predict's cost stays that of max_templates, whatever the training set
+            keep = spread_images(features, self.max_templates)
+            features = features if len(keep) == len(features[LAYERS[0]]) else {k: v[keep] for k, v in features.items()}
         templates = {k: compress(v, self.tsize) for k, v in features.items()} if self.templates == "pts" else features
         self.bank = TemplateBank({k: v.cpu() for k, v in templates.items()}, self.config)
         if self.retrieval_k is not None:
@@ -461,7 +469,7 @@ class HETMM:
         if self.threshold is not None and self.threshold != "f1":
             return float(self.threshold), float(self.threshold)
         calibration = self.calibration
-        if calibration is None and self.templates == "all" and not self._require_bank().is_shard:
+        if calibration is None and self.templates != "pts" and not self._require_bank().is_shard:
             calibration = self.calibrate()
             self.bank.set_calibration(calibration)
         if self.threshold == "f1":
@@ -544,6 +552,8 @@ class HETMM:
             codebook, _ = self._histogram_bank()
             new = codebook.bank(features[self.retrieval_layer]).counts
             self.bank.extras["histogram_counts"] = torch.cat([self.bank.extras["histogram_counts"], new])
+        if self.templates == "auto" and len(self.bank) > self.max_templates:  # the cost stays bounded: choose again
+            self.bank.keep(spread_images(self.bank.features, self.max_templates))
         self._ensure_isolation()
         self._ensure_coresets()
         if self.templates == "pts":
@@ -584,6 +594,7 @@ class HETMM:
                   device=device, half=half, batch_size=batch_size, threshold=threshold, fpr=fpr,
                   pixel_fpr=pixel_fpr, download=download,
                   progress=progress, templates=cfg.get("templates", "all"), tsize=cfg.get("tsize", 60),
+                  max_templates=cfg.get("max_templates", DetectorOptions.max_templates),
                   retrieval_k=cfg.get("retrieval_k"), retrieval_layer=cfg.get("retrieval_layer", "layer2"),
                   cuda_graph=cuda_graph, precision=precision, neighbourhood=cfg.get("neighbourhood", 1),
                   workers=workers, prefetch=prefetch)

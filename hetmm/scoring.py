@@ -62,15 +62,41 @@ def coreset_size(pixels: int, percent: float) -> int:
     return share_of(pixels, percent)
 
 
-def template_coreset(temp, percent: float) -> torch.Tensor:
+# Templates whose coreset is selected together. Greedy k-centre costs (selected x candidate) pixels, which
+# grows as N^2 over one bank; in groups of this many similar templates it grows as N (N = 1,000: 25 groups,
+# each as costly as a 40-template bank), and a bank of up to this many is one group, as before.
+CORESET_GROUP = 40
+
+
+def template_coreset(temp, percent: float, group: int = CORESET_GROUP) -> torch.Tensor:
     """``[n]`` int64: the template pixels (flat indices over ``[T, h, w]``) that greedy k-centre selection
-    keeps, ``coreset_size(T*h*w, percent)`` of them: first the pixel least similar to the templates' mean
-    feature, then each next one the pixel least similar to every one kept so far (PatchCore's coreset, on
+    keeps, ``coreset_size(T*h*w, percent)`` of them in all: first the pixel least similar to the templates'
+    mean feature, then each next one the pixel least similar to every one kept so far (PatchCore's coreset, on
     unit features, cosine). The same pixels whatever the templates' order (an Engine shuffles them); the
-    most isolated structure is kept first, the commonest only once."""
+    most isolated structure is kept first, the commonest only once.
+
+    More than ``group`` templates are split into near-equal groups of similar templates (``similar_groups``)
+    and each group keeps its share of the pixels, selected within the group: the cost grows linearly with
+    the bank, and a query matched against its retrieved (similar) templates meets their jointly selected pixels.
+    """
     bank = hk.prepare_templates(temp)
-    rows = bank.temp.permute(0, 2, 3, 1).reshape(-1, bank.temp.shape[1]).float()
-    count = coreset_size(rows.shape[0], percent)
+    count, _, height, width = bank.temp.shape
+    if count <= group:
+        return _greedy_k_centre(bank.temp, coreset_size(count * height * width, percent))
+    members = similar_groups(bank.temp, -(-count // group))
+    total = coreset_size(count * height * width, percent)
+    sizes = [coreset_size(len(m) * height * width, percent) for m in members]
+    sizes[-1] += total - sum(sizes)  # rounding: the whole bank's count, as one group would keep
+    chosen = []
+    for templates, size in zip(members, sizes):
+        local = _greedy_k_centre(bank.temp[templates], max(1, min(size, len(templates) * height * width)))
+        chosen.append(templates.to(local.device)[local // (height * width)] * (height * width) + local % (height * width))
+    return torch.cat(chosen).cpu()
+
+
+def _greedy_k_centre(temp: torch.Tensor, count: int) -> torch.Tensor:
+    """``[count]`` int64 flat pixel indices over ``temp [T, C, h, w]``, by greedy k-centre (see above)."""
+    rows = temp.permute(0, 2, 3, 1).reshape(-1, temp.shape[1]).float()
     chosen = torch.empty(count, dtype=torch.long, device=rows.device)
     nearest = torch.full((rows.shape[0],), -math.inf, device=rows.device)  # best similarity to the kept pixels
     index = (rows @ rows.mean(0)).argmin()
@@ -79,6 +105,19 @@ def template_coreset(temp, percent: float) -> torch.Tensor:
         torch.maximum(nearest, rows @ rows[index], out=nearest)
         index = nearest.argmin()
     return chosen.cpu()
+
+
+def similar_groups(temp: torch.Tensor, groups: int) -> list:
+    """``groups`` near-equal lists (int64 tensors) of template indices, similar templates together: the templates
+    in the order of their mean features along the direction those vary most (the top principal direction, its
+    sign fixed by its largest component), cut into consecutive runs. Independent of the templates' order but for
+    exact ties."""
+    pooled = torch.nn.functional.normalize(temp.float().mean(dim=(2, 3)), dim=1).cpu().double()
+    centred = pooled - pooled.mean(0)
+    direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    direction = direction * direction[direction.abs().argmax()].sign()
+    order = torch.sort(centred @ direction, stable=True).indices
+    return [part for part in torch.tensor_split(order, groups) if len(part)]
 
 
 def coreset_rows(temp: hk.PreparedTemplates, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,17 +132,29 @@ def coreset_rows(temp: hk.PreparedTemplates, indices: torch.Tensor) -> tuple[tor
 CORESET_BLOCK = 1 << 22  # similarities per block of the per-query (indexed) coreset match
 
 
-def coreset_match(query: torch.Tensor, coreset: tuple, indices: torch.Tensor | None = None) -> torch.Tensor:
+def coreset_match(query: torch.Tensor, coreset: tuple, indices: torch.Tensor | None = None,
+                  gather: bool | None = None) -> torch.Tensor:
     """``[B, h, w]`` float32: each query pixel's best similarity to the coreset's rows (``coreset_rows``),
     with ``indices [B, K]`` to those of query b's templates only (-1 where it owns none).
 
-    The indexed form masks the rows of other templates rather than gathering each query's own: nothing
-    is read back from the device, so it runs inside a CUDA graph (retrieval's indices come from the GPU).
+    On the Triton path the indexed form masks the rows of other templates rather than gathering each query's own: nothing
+    is read back from the device, so it runs inside a CUDA graph (retrieval's indices come from the GPU). On the
+    torch path (``gather`` None: wherever the backend is not Triton) each query gathers its own rows, so the cost
+    follows its templates' coreset, not the whole bank's.
     """
     rows, owners = coreset
     if indices is None:
         return hk.global_match(query, rows, out_dtype=torch.float32)
     batch, channels, height, width = query.shape
+    if gather is None:  # the Triton path keeps everything on the device; the host path may read the indices
+        gather = hk.backend.resolve(query.device, dtype=query.dtype) != "triton"
+    if gather:  # each query against its own rows only
+        best = torch.full((batch, height, width), MATCH_FLOOR)
+        for b in range(batch):
+            own = rows[torch.isin(owners, indices[b].to(owners.device))]
+            if len(own):
+                best[b] = hk.global_match(query[b:b + 1], own, out_dtype=torch.float32)[0]
+        return best
     mine = (owners[None, :, None] == indices.to(owners.device)[:, None, :]).any(-1)  # [B, n]
     pixels = query.permute(0, 2, 3, 1).reshape(batch, height * width, channels).to(rows.dtype)
     best = torch.full((batch, height * width), MATCH_FLOOR, device=query.device)

@@ -46,6 +46,36 @@ def test_the_coreset_does_not_depend_on_the_templates_order():
     assert sorted(pixels[order].flatten()[shuffled].tolist()) == sorted(chosen.tolist())
 
 
+@pytest.mark.parametrize("count, group", [(7, 3), (12, 5), (9, 9)])
+def test_a_grouped_coreset_is_each_groups_own_selection(count, group):
+    from hetmm.scoring import similar_groups
+
+    temp = features(count, 8, 4, 4, seed=count)
+    chosen = template_coreset(temp, 25, group=group)
+    pixels = 16
+    assert len(chosen) == coreset_size(count * pixels, 25) and len(set(chosen.tolist())) == len(chosen)
+    members = similar_groups(hk.prepare_templates(temp).temp, -(-count // group))
+    assert sorted(torch.cat(members).tolist()) == list(range(count))
+    assert max(len(m) for m in members) <= group and max(len(m) for m in members) - min(len(m) for m in members) <= 1
+    for templates in members:  # each group's pixels are greedy k-centre over that group alone
+        mine = [int(i) for i in chosen if int(i) // pixels in templates.tolist()]
+        alone = template_coreset(temp[templates], 100 * len(mine) / (len(templates) * pixels), group=count)
+        assert sorted(int(templates[i // pixels]) * pixels + i % pixels for i in alone.tolist()) == sorted(mine)
+    shuffled = torch.randperm(count, generator=torch.Generator().manual_seed(1))
+    again = template_coreset(temp[shuffled], 25, group=group)
+    assert sorted(int(shuffled[i // pixels]) * pixels + i % pixels for i in again.tolist()) == sorted(chosen.tolist())
+
+
+def test_similar_templates_share_a_group():
+    from hetmm.scoring import similar_groups
+
+    base = features(2, 8, 4, 4, seed=5)  # two kinds of template, five noisy copies of each, interleaved
+    temp = torch.nn.functional.normalize(
+        base[torch.arange(10) % 2] + 0.05 * features(10, 8, 4, 4, seed=6), dim=1)
+    groups = [sorted(g.tolist()) for g in similar_groups(temp, 2)]
+    assert sorted(groups) == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+
+
 def test_a_whole_coreset_holds_every_pixel_once():
     temp = features(3, 8, 4, 4)
     assert sorted(template_coreset(temp, 100).tolist()) == list(range(48))
@@ -201,18 +231,19 @@ def test_banks_with_bad_coresets_are_refused_on_load(tmp_path, fitted, edit, mes
         TemplateBank.load(path)
 
 
-def test_an_indexed_query_meets_only_its_own_templates_coreset_pixels():
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered", "masked"])
+def test_an_indexed_query_meets_only_its_own_templates_coreset_pixels(gather):
     from hetmm.scoring import coreset_match
 
     temp = hk.prepare_templates(features(4, 8, 3, 3, seed=2))
     coreset = coreset_rows(temp, torch.tensor([0, 5, 9, 20, 35]))  # templates 0, 0, 1, 2, 3
     query = features(3, 8, 3, 3, seed=4)
     indices = torch.tensor([[0, 3], [2, 2], [1, 1]])
-    got = coreset_match(query, coreset, indices)
+    got = coreset_match(query, coreset, indices, gather)
     rows, owners = coreset
     for b in range(3):
         own = torch.isin(owners, indices[b])
         expected = hk.reference.global_match(query[b:b + 1], rows[own].contiguous())[0]
         torch.testing.assert_close(got[b], expected, atol=1e-6, rtol=0)
-    none = coreset_match(query[:1], coreset_rows(temp, torch.tensor([9])), torch.tensor([[0, 2]]))
+    none = coreset_match(query[:1], coreset_rows(temp, torch.tensor([9])), torch.tensor([[0, 2]]), gather)
     assert torch.equal(none, torch.full((1, 3, 3), -1.0))  # no pixel of its templates: the floor
