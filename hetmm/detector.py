@@ -356,10 +356,11 @@ class HETMM:
         missing = [layer for layer in LAYERS if layer not in features]
         if missing:
             raise ValueError(f"features must hold every layer {list(LAYERS)} (as extract returns them); missing {missing}")
-        features = {k: features[k].float() for k in LAYERS}
         if self.templates == "auto":  # predict's cost stays that of max_templates, whatever the training set
             keep = spread_images(features, self.max_templates)
-            features = features if len(keep) == len(features[LAYERS[0]]) else {k: v[keep] for k, v in features.items()}
+            if len(keep) < len(features[LAYERS[0]]):  # before the float32 copy: only the kept images get one
+                features = {k: features[k][keep.to(features[k].device)] for k in LAYERS}
+        features = {k: features[k].float() for k in LAYERS}
         templates = {k: compress(v, self.tsize) for k, v in features.items()} if self.templates == "pts" else features
         self.bank = TemplateBank({k: v.cpu() for k, v in templates.items()}, self.config)
         if self.retrieval_k is not None:
