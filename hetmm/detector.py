@@ -442,7 +442,12 @@ class HETMM:
     def _score_features(self, features: dict, indices: torch.Tensor | None = None):
         """Image scores and pixel maps (host) of already-extracted features, in batches."""
         scores, maps = [], []
-        for start in range(0, len(features[LAYERS[0]]), self.batch_size):
+        starts = range(0, len(features[LAYERS[0]]), self.batch_size)
+        if self.progress and len(starts) > 8:  # the leave-one-out calibration of a large bank takes a while
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="calibration", unit="batch", leave=False)
+        for start in starts:
             rows = slice(start, start + self.batch_size)
             score, anomaly, _ = self._score({k: v[rows] for k, v in features.items()},
                                             None if indices is None else indices[rows].to(self.device))
