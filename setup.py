@@ -32,7 +32,10 @@ setup(
     ],
     extras_require={
         # anomalib too: tests/test_anomalib.py runs hetmm.anomalib.Hetmm through anomalib's Engine
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "anomalib>=2.7,<2.8"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "anomalib>=2.7,<2.8",
+                 "starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        # hetmm serve: the inspection service (hetmm/serve.py)
+        "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20"],
         # hetmm.anomalib.Hetmm: hetmm as an anomalib model (Engine, datamodules, metrics, visualiser)
         "anomalib": ["anomalib>=2.7,<2.8"],
         # benchmarks/compare_anomalib.py: PatchCore and PaDiM at the same backbone

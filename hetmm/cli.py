@@ -360,6 +360,18 @@ def _ops_demo(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    try:
+        from .serve import serve
+    except ImportError as error:
+        raise UsageError(f"hetmm serve needs its extra: pip install -e \".[serve]\" ({error})") from None
+    options = {} if args.fpr is None else {"fpr": args.fpr}
+    serve(args.bank, host=args.host, port=args.port, token_file=args.token_file, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, device=args.device, precision=args.precision,
+          **options)
+    return 0
+
+
 def _tune(args) -> int:
     from .tuning import run
 
@@ -489,6 +501,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="configs tried per problem, most promising first (default 48)")
     tune.add_argument("--dry-run", action="store_true", help="print the problems and search spaces, run nothing")
     tune.set_defaults(run=_tune)
+
+    serve = commands.add_parser("serve", help="an inspection service over a saved bank (pip install -e \".[serve]\")")
+    serve.add_argument("--bank", required=True)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token-file", default=None,
+                       help="a file holding the bearer token POST /templates requires (without it hot update is off)")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests scored together at most (default 8)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a request waits for others to batch with (default 5)")
+    serve.add_argument("--max-bytes", type=int, default=32 << 20, help="largest request body (default 32 MiB)")
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "bf16-backbone"))
+    serve.add_argument("--fpr", type=float, default=None, help="false-alarm rate of the verdicts (default the bank's 1%%)")
+    serve.set_defaults(run=_serve)
 
     ops = commands.add_parser("ops-demo", help="the matching ops on a synthetic defect, backends compared")
     ops.add_argument("--size", type=int, default=32)
