@@ -84,22 +84,15 @@ def load(port: int, bodies: list, clients: int, seconds: float) -> dict:
                 p50_ms=1000 * statistics.median(ordered), p99_ms=1000 * ordered[int(0.99 * (len(ordered) - 1))])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bank", default=None, help="a saved bank (default: fit one on the demo's brick)")
-    parser.add_argument("--images", default=None, help="a folder of images to post (default: the demo's brick tests)")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+def run(bank=None, images=None, clients: int = 8, seconds: float = 20.0, max_batch: int = 8,
+        max_wait_ms: float = 5.0) -> dict:
+    """The load check's figures (see the module's text); ``bank``/``images`` default to the demo's brick."""
     with tempfile.TemporaryDirectory() as folder:
-        bank, files = (Path(args.bank), image_files(args.images)) if args.bank else demo_bank(Path(folder))
+        bank, files = (Path(bank), image_files(images)) if bank else demo_bank(Path(folder))
         offline = offline_rate(bank, files)
         port = _free_port()
         server = subprocess.Popen([sys.executable, "-m", "hetmm", "serve", "--bank", str(bank), "--port", str(port),
-                                   "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)])
+                                   "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)])
         try:
             deadline = time.monotonic() + 120
             while True:
@@ -110,16 +103,31 @@ def main(argv=None) -> int:
                         break
                 except OSError:
                     if time.monotonic() > deadline or server.poll() is not None:
-                        raise SystemExit("the service did not start") from None
+                        raise RuntimeError("the service did not start") from None
                     time.sleep(0.2)
             bodies = [Path(f).read_bytes() for f in files]
-            load(port, bodies, args.clients, 2.0)  # warm-up: every batch size the service will see
-            result = load(port, bodies, args.clients, args.seconds)
+            load(port, bodies, clients, 2.0)  # warm-up: every batch size the service will see
+            result = load(port, bodies, clients, seconds)
         finally:
             server.terminate()
             server.wait(timeout=30)
-    result.update(offline_images_per_s=offline, ratio=result["images_per_s"] / offline, clients=args.clients,
-                  seconds=args.seconds)
+    result.update(offline_images_per_s=offline, ratio=result["images_per_s"] / offline, clients=clients,
+                  seconds=seconds)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bank", default=None, help="a saved bank (default: fit one on the demo's brick)")
+    parser.add_argument("--images", default=None, help="a folder of images to post (default: the demo's brick tests)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    result = run(args.bank, args.images, args.clients, args.seconds, args.max_batch, args.max_wait_ms)
+    offline = result["offline_images_per_s"]
     print(f"service {result['images_per_s']:.1f} images/s with {args.clients} clients ({result['ratio']:.2f}x offline "
           f"predict at batch 8: {offline:.1f}), p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
           f"{result['errors']} errors of {result['requests'] + result['errors']}")

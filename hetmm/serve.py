@@ -89,6 +89,13 @@ def overlay_png(image: torch.Tensor, anomaly: torch.Tensor, threshold: float | N
     return out.getvalue()
 
 
+def _overlay(image: torch.Tensor, anomaly: torch.Tensor, pixel_threshold: float | None) -> bytes:
+    """``overlay_png`` on the scale the verdict's thresholds give: full red at twice the pixel threshold (or at
+    the map's own maximum, if that is higher)."""
+    scale = max(float(anomaly.max()), 2 * pixel_threshold if pixel_threshold is not None else 0.0)
+    return overlay_png(image, anomaly, pixel_threshold, scale)
+
+
 class Service:
     """The detector behind the endpoints, the batcher, the hot update and the counters."""
 
@@ -242,10 +249,11 @@ def create_app(service: Service):
         if verdict["label"]:
             service.flagged.inc()
         thresholds = detector.thresholds()
-        scale = max(float(result.anomaly_map[index].max()), thresholds[1] * 2 if thresholds else 0.0)
-        png = overlay_png(image, result.anomaly_map[index], thresholds[1] if thresholds else None, scale)
-        service.recent.appendleft({**verdict, "time": time.time(), "overlay": base64.b64encode(png).decode()})
+        # the overlay is drawn when someone looks (the live page, ?heatmap=png), off the event loop
+        draw = (image, result.anomaly_map[index], thresholds[1] if thresholds else None)
+        service.recent.appendleft({**verdict, "time": time.time(), "draw": draw})
         if heatmap == "png":
+            png = await asyncio.get_running_loop().run_in_executor(None, _overlay, *draw)
             return answer("predict", 200, response=Response(png, media_type="image/png"))
         return answer("predict", 200, verdict)
 
@@ -269,9 +277,16 @@ def create_app(service: Service):
                                                         media_type=CONTENT_TYPE_LATEST))
 
     async def recent(request):
+        entries = list(service.recent)
+        loop = asyncio.get_running_loop()
+        for entry in entries:
+            if "overlay" not in entry:  # drawn once, the first time the page asks
+                png = await loop.run_in_executor(None, _overlay, *entry["draw"])
+                entry["overlay"] = base64.b64encode(png).decode()
         thresholds = service.detector.thresholds()
         elapsed = max(time.time() - service.started, 1e-9)
-        return answer("recent", 200, {"verdicts": list(service.recent), "templates": len(service.detector.bank),
+        verdicts = [{k: v for k, v in entry.items() if k != "draw"} for entry in entries]
+        return answer("recent", 200, {"verdicts": verdicts, "templates": len(service.detector.bank),
                                       "image_threshold": None if thresholds is None else thresholds[0],
                                       "pixel_threshold": None if thresholds is None else thresholds[1],
                                       "scored": service.scored, "images_per_s": service.scored / elapsed})

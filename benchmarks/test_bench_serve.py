@@ -1,0 +1,23 @@
+"""``hetmm serve`` under load: 8 clients for 20 s on 127.0.0.1 against offline predict at batch 8
+(``serve_load.run``; the figures land in the benchmark's ``extra_info``: images/s, ratio, p50, p99)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+pytest.importorskip("starlette")
+
+from serve_load import run  # noqa: E402
+
+
+def test_serve_under_load(benchmark):
+    result = benchmark.pedantic(run, kwargs=dict(clients=8, seconds=20.0), rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    print(f"\nservice {result['images_per_s']:.1f} images/s, {result['ratio']:.2f}x offline batch 8 "
+          f"({result['offline_images_per_s']:.1f}); p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+          f"{result['errors']} errors")
+    assert result["errors"] == 0 and result["requests"] > 0
