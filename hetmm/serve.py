@@ -295,7 +295,8 @@ def create_app(service: Service):
         return answer("page", 200, response=HTMLResponse(LIVE_PAGE))
 
     async def refuse(request, exc):
-        return answer(request.url.path, exc.status_code, {"error": f"{request.method} {request.url.path}: "
+        # one label for every refused path: a client must not be able to mint metric series
+        return answer("refused", exc.status_code, {"error": f"{request.method} {request.url.path}: "
                                                                    f"{exc.detail}"})
 
     @contextlib.asynccontextmanager
