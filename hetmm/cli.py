@@ -366,6 +366,10 @@ def _serve(args) -> int:
     except ImportError as error:
         raise UsageError(f"hetmm serve needs its extra: pip install -e \".[serve]\" ({error})") from None
     options = {} if args.fpr is None else {"fpr": args.fpr}
+    if args.token_file is not None and not Path(args.token_file).read_text(encoding="utf-8").strip():
+        raise UsageError(f"--token-file {args.token_file} is empty: put the bearer token in it")
+    if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_bytes < 1:
+        raise UsageError("--max-batch and --max-bytes must be at least 1 and --max-wait-ms at least 0")
     serve(args.bank, host=args.host, port=args.port, token_file=args.token_file, max_batch=args.max_batch,
           max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, device=args.device, precision=args.precision,
           **options)

@@ -258,3 +258,16 @@ def test_the_live_page_shows_the_latest_verdicts(bank_file, data):
     assert len(cards) == 3 and len(overlays) == 3, run.stdout[-1500:]
     assert "6 templates" in run.stdout and "3 images scored" in run.stdout
     assert not [line for line in run.stderr.splitlines() if ":CONSOLE" in line], run.stderr[-1500:]
+
+
+def test_the_command_line_refuses_bad_settings_by_name(bank_file, tmp_path, capsys):
+    from hetmm.cli import main
+
+    empty = tmp_path / "token.txt"
+    empty.write_text("\n")
+    assert main(["serve", "--bank", str(bank_file), "--token-file", str(empty)]) == 2
+    assert "--token-file" in capsys.readouterr().err
+    assert main(["serve", "--bank", str(bank_file), "--max-batch", "0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err
+    assert main(["serve", "--bank", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
