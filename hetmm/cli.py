@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a file holding the bearer token POST /templates requires (without it hot update is off)")
     serve.add_argument("--max-batch", type=int, default=8, help="requests scored together at most (default 8)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
-                       help="how long a request waits for others to batch with (default 5)")
+                       help="a batch waits this long after its latest request for more (at most 4x in all; default 5)")
     serve.add_argument("--max-bytes", type=int, default=32 << 20, help="largest request body (default 32 MiB)")
     serve.add_argument("--device", default=None)
     serve.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "bf16-backbone"))

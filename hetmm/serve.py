@@ -39,6 +39,7 @@ from .detector import HETMM
 FORMATS = {"PNG", "JPEG", "BMP", "TIFF"}  # what `hetmm predict` reads (hetmm.data.IMAGE_SUFFIXES)
 MAX_SIDE = 4096
 RECENT = 12  # verdicts the live page shows
+BATCH_WAIT_CAP = 4  # a batch waits at most this many --max-wait-ms after its first request
 
 
 class BadInput(Exception):
@@ -134,9 +135,11 @@ class Service:
         loop = asyncio.get_running_loop()
         while True:
             items = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
+            # wait max_wait after the latest arrival (clients answered together come back spread over their
+            # decoding), but never more than BATCH_WAIT_CAP times max_wait after the first
+            cap = loop.time() + BATCH_WAIT_CAP * self.max_wait
             while len(items) < self.max_batch:
-                remaining = deadline - loop.time()
+                remaining = min(self.max_wait, cap - loop.time())
                 try:
                     items.append(self.queue.get_nowait() if remaining <= 0 else
                                  await asyncio.wait_for(self.queue.get(), remaining))
