@@ -188,7 +188,8 @@ class TemplateBank:
                     f"{key}={expected[key]!r}; refit the bank with the detector's configuration"
                 )
 
-    def save(self, path) -> Path:
+    def save(self, path, dtype: torch.dtype | None = None) -> Path:
+        """Write the bank atomically; ``dtype``: the features' dtype in the file (default: as held)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -196,7 +197,7 @@ class TemplateBank:
         if self.is_shard:
             raise ValueError(f"this bank is a shard (templates {self.offset}..{self.offset + len(self)} of "
                              f"{self.total}); save the whole bank")
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.features.items()}
+        tensors = {name: t.detach().cpu().to(dtype or t.dtype).contiguous() for name, t in self.features.items()}
         tensors.update({EXTRA + name: t.detach().cpu().contiguous() for name, t in self.extras.items()})
         metadata = {"format": FORMAT, "config": json.dumps(self.config), "checksum": checksum(tensors)}
         _remove_stale_temporaries(path)

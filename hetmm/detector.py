@@ -460,7 +460,7 @@ class HETMM:
         bank = self._require_bank()
         if self.retrieval_k is not None and len(bank) > 1:
             codebook, histogram_bank = self._histogram_bank()
-            own = codebook.histograms(bank.features[self.retrieval_layer].to(self.device))
+            own = codebook.histograms(bank.features[self.retrieval_layer].to(self.device, torch.float32))
             k = min(self.retrieval_k, len(bank) - 1)
             _, nearest = hk.retrieve_topk(own, histogram_bank, k + 1)
             return _without_self(nearest.cpu(), k)
@@ -580,7 +580,10 @@ class HETMM:
         return self
 
     def save(self, path) -> Path:
-        return self._require_bank().save(path)
+        """Write the bank atomically. A detector matching in 16 bits stores its features in that dtype: half the
+        bytes, and the same predictions (the matching rounds them to it anyway)."""
+        dtype = self.feature_dtype
+        return self._require_bank().save(path, dtype if dtype in (torch.bfloat16, torch.float16) else None)
 
     @classmethod
     def load(cls, path, *, weights=None, device=None, half=False, batch_size: int = 8,

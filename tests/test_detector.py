@@ -205,3 +205,18 @@ def test_options_object_and_keyword_overrides():
     assert options.batch_size == 3  # the caller's options are not changed
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['imagesize'\].*image_size"):
         hetmm.HETMM("resnet18", None, imagesize=64)
+
+
+def test_a_16_bit_detector_saves_16_bit_features_and_predicts_the_same(tmp_path):
+    det = _small_detector(precision="bf16").fit(_images(4, 0))
+    query = _images(2, 5)
+    before = det.predict(query)
+    path = det.save(tmp_path / "bank.safetensors")
+    loaded = hetmm.HETMM.load(path, precision="bf16")
+    assert all(t.dtype == torch.bfloat16 for t in loaded.bank.features.values())
+    after = loaded.predict(query)
+    assert torch.equal(after.pred_score, before.pred_score) and torch.equal(after.anomaly_map, before.anomaly_map)
+    float32 = _small_detector().fit(_images(4, 0)).save(tmp_path / "float32.safetensors")
+    assert path.stat().st_size < 0.6 * float32.stat().st_size
+    loaded.add_templates(_images(1, 7))  # a 16-bit bank grows in its own dtype
+    assert len(loaded.bank) == 5 and loaded.bank.features["layer1"].dtype == torch.bfloat16
