@@ -23,7 +23,7 @@ from .retrieval import Codebook
 from .data import measured_prefetched, prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
 from .scoring import LayerMatches, leave_one_out, template_coreset, template_isolation
-from .selection import spread_images
+from .selection import image_descriptors, spread, spread_images
 
 
 # precision -> (backbone dtype, matching dtype); products always accumulate in float32
@@ -348,8 +348,15 @@ class HETMM:
 
     # ------------------------------------------------------------------ templates
     def fit(self, images) -> "HETMM":
-        """Build the template bank from normal images (all of them, or their PTS tiny set)."""
-        return self.fit_features(self.extract(images))
+        """Build the template bank from normal images (all of them, the ones ``templates="auto"`` keeps, or
+        their PTS tiny set)."""
+        items = self._images(images)
+        if self.templates == "auto" and len(items) > self.max_templates:
+            # two passes: every image's descriptor only (memory flat in N), then the kept images' features
+            descriptors = torch.cat([image_descriptors(self.backbone(batch))
+                                     for batch in self._batches(items, "selection", True)])
+            items = [items[i] for i in spread(descriptors, self.max_templates).tolist()]
+        return self.fit_features(self.extract(items))
 
     def fit_features(self, features: dict) -> "HETMM":
         """``fit`` from features ``extract`` gave (``{layer: [N, C, h, w]}``), e.g. collected batch by batch."""

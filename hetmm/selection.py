@@ -18,19 +18,24 @@ DESCRIPTOR_LAYER = "layer3"  # the deepest tap: what an image shows, least moved
 
 
 def image_descriptors(features: dict) -> torch.Tensor:
-    """``[N, C]`` float64 unit vectors: each image's mean feature of ``DESCRIPTOR_LAYER``."""
+    """``[N, C]`` float64 unit vectors: each image's mean feature of ``DESCRIPTOR_LAYER`` (a batch's at a time,
+    if need be: each row depends on its own image only)."""
     return F.normalize(features[DESCRIPTOR_LAYER].double().mean(dim=(2, 3)), dim=1).cpu()
 
 
 def spread_images(features: dict, count: int) -> torch.Tensor:
-    """``[count]`` int64, ascending: the images greedy k-centre keeps (see above); all of them when there are
-    no more than ``count``. Cost: ``count`` passes over N descriptors (N = 1,000: milliseconds).
+    """``spread`` of the images' ``image_descriptors``."""
+    return spread(image_descriptors(features), count)
 
-    The same images whatever their order, but for exact ties (the lower index wins).
+
+def spread(descriptors: torch.Tensor, count: int) -> torch.Tensor:
+    """``[count]`` int64, ascending: the images greedy k-centre keeps (see above) among ``descriptors [N, C]``
+    (unit rows); all of them when there are no more than ``count``. Cost: ``count`` passes over N descriptors
+    (N = 1,000: milliseconds). The same images whatever their order, but for exact ties (the lower index wins).
     """
     if count < 1:
         raise ValueError(f"count must be at least 1; got {count}")
-    descriptors = image_descriptors(features)
+    descriptors = descriptors.double()
     total = descriptors.shape[0]
     if total <= count:
         return torch.arange(total)
