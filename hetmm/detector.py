@@ -539,7 +539,8 @@ class HETMM:
             raise RuntimeError(f"the bank is a shard and holds no coreset of {[layer for layer, _ in missing]}: it is "
                                "selected over the whole bank; save the fitted bank and load its shards from that file")
         for layer, percent in missing:
-            bank.set_coreset(layer, percent, template_coreset(bank.features[layer].to(self.device), percent))
+            bank.set_coreset(layer, percent, template_coreset(bank.features[layer].to(self.device), percent,
+                                                              progress=self.progress))
 
     def _histogram_bank(self):
         """The codebook and the compact histogram bank of the templates on the device (retrieval only).

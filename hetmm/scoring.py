@@ -68,7 +68,7 @@ def coreset_size(pixels: int, percent: float) -> int:
 CORESET_GROUP = 40
 
 
-def template_coreset(temp, percent: float, group: int = CORESET_GROUP) -> torch.Tensor:
+def template_coreset(temp, percent: float, group: int = CORESET_GROUP, progress: bool = False) -> torch.Tensor:
     """``[n]`` int64: the template pixels (flat indices over ``[T, h, w]``) that greedy k-centre selection
     keeps, ``coreset_size(T*h*w, percent)`` of them in all: first the pixel least similar to the templates'
     mean feature, then each next one the pixel least similar to every one kept so far (PatchCore's coreset, on
@@ -78,6 +78,7 @@ def template_coreset(temp, percent: float, group: int = CORESET_GROUP) -> torch.
     More than ``group`` templates are split into near-equal groups of similar templates (``similar_groups``)
     and each group keeps its share of the pixels, selected within the group: the cost grows linearly with
     the bank, and a query matched against its retrieved (similar) templates meets their jointly selected pixels.
+    ``progress``: a bar over the groups.
     """
     bank = hk.prepare_templates(temp)
     count, _, height, width = bank.temp.shape
@@ -87,8 +88,12 @@ def template_coreset(temp, percent: float, group: int = CORESET_GROUP) -> torch.
     total = coreset_size(count * height * width, percent)
     sizes = [coreset_size(len(m) * height * width, percent) for m in members]
     sizes[-1] += total - sum(sizes)  # rounding: the whole bank's count, as one group would keep
-    chosen = []
-    for templates, size in zip(members, sizes):
+    chosen, work = [], zip(members, sizes)
+    if progress:  # N = 1,000 lite0 templates: 25 groups, ~15 s
+        from tqdm import tqdm
+
+        work = tqdm(work, total=len(members), desc="coreset", unit="group", leave=False)
+    for templates, size in work:
         local = _greedy_k_centre(bank.temp[templates], max(1, min(size, len(templates) * height * width)))
         chosen.append(templates.to(local.device)[local // (height * width)] * (height * width) + local % (height * width))
     return torch.cat(chosen).cpu()
