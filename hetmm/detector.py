@@ -342,7 +342,10 @@ class HETMM:
 
     def extract(self, images, progress: bool = True) -> dict:
         """Per-layer unit features ``{layer: [N, C, h, w]}`` of images (tensor or file paths), batched."""
-        items = self._images(images)
+        return self._extract(self._images(images), progress)
+
+    def _extract(self, items: list, progress: bool = True) -> dict:
+        """``extract`` of items ``_images`` has checked."""
         parts = [self.backbone(batch) for batch in self._batches(items, "features", progress)]
         return {layer: torch.cat([p[layer] for p in parts]) for layer in LAYERS}
 
@@ -356,7 +359,7 @@ class HETMM:
             descriptors = torch.cat([image_descriptors(self.backbone(batch))
                                      for batch in self._batches(items, "selection", True)])
             items = [items[i] for i in spread(descriptors, self.max_templates).tolist()]
-        return self.fit_features(self.extract(items))
+        return self.fit_features(self._extract(items))
 
     def fit_features(self, features: dict) -> "HETMM":
         """``fit`` from features ``extract`` gave (``{layer: [N, C, h, w]}``), e.g. collected batch by batch."""

@@ -142,9 +142,9 @@ def coreset_match(query: torch.Tensor, coreset: tuple, indices: torch.Tensor | N
     """``[B, h, w]`` float32: each query pixel's best similarity to the coreset's rows (``coreset_rows``),
     with ``indices [B, K]`` to those of query b's templates only (-1 where it owns none).
 
-    On the Triton path the indexed form masks the rows of other templates rather than gathering each query's own: nothing
-    is read back from the device, so it runs inside a CUDA graph (retrieval's indices come from the GPU). On the
-    torch path (``gather`` None: wherever the backend is not Triton) each query gathers its own rows, so the cost
+    On the Triton path the indexed form masks the rows of other templates rather than gathering each query's
+    own: nothing is read back from the device, so it runs inside a CUDA graph (retrieval's indices come from the
+    GPU). On the torch path (``gather`` None: wherever the backend is not Triton) each query gathers its own rows, so the cost
     follows its templates' coreset, not the whole bank's.
     """
     rows, owners = coreset

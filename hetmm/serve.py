@@ -72,14 +72,16 @@ def decode_upload(data: bytes, size: int) -> torch.Tensor:
         raise BadInput(400, f"the image cannot be decoded: {str(error).replace('<_io.BytesIO object', 'upload')}") from None
 
 
-def overlay_png(image: torch.Tensor, anomaly: torch.Tensor, threshold: float | None, scale: float) -> bytes:
-    """The image with its anomaly map as a red overlay (opaque where the map reaches ``scale``), PNG bytes."""
+def overlay_png(image: torch.Tensor, anomaly: torch.Tensor, threshold: float | None) -> bytes:
+    """The image with its anomaly map as a red overlay, PNG bytes: full red at twice the pixel ``threshold`` (or at
+    the map's own maximum, if that is higher), the pixels at the threshold outlined in cyan."""
+    scale = max(float(anomaly.max()), 2 * threshold if threshold is not None else 0.0)
     size = image.shape[-1]
     heat = torch.nn.functional.interpolate(anomaly[None, None].float(), size=(size, size), mode="bilinear")[0, 0]
     alpha = (heat / max(scale, 1e-12)).clamp(0, 1)[None] * 0.6
     red = torch.tensor([1.0, 0.1, 0.1])[:, None, None]
     mixed = image * (1 - alpha) + red * alpha
-    if threshold is not None:  # the predicted region's pixels outlined in cyan
+    if threshold is not None:
         mask = (heat >= threshold).float()[None, None]
         inner = 1 - torch.nn.functional.max_pool2d(1 - mask, 3, 1, 1)  # the mask less its border pixels
         edge = (mask - inner)[0, 0].bool()
@@ -88,13 +90,6 @@ def overlay_png(image: torch.Tensor, anomaly: torch.Tensor, threshold: float | N
     out = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels)).save(out, format="PNG")
     return out.getvalue()
-
-
-def _overlay(image: torch.Tensor, anomaly: torch.Tensor, pixel_threshold: float | None) -> bytes:
-    """``overlay_png`` on the scale the verdict's thresholds give: full red at twice the pixel threshold (or at
-    the map's own maximum, if that is higher)."""
-    scale = max(float(anomaly.max()), 2 * pixel_threshold if pixel_threshold is not None else 0.0)
-    return overlay_png(image, anomaly, pixel_threshold, scale)
 
 
 class Service:
@@ -156,7 +151,7 @@ class Service:
                 continue
             for index, (_, future) in enumerate(items):
                 if not future.done():
-                    future.set_result((detector, result, index))
+                    future.set_result((result, index))
 
     @staticmethod
     def _score(detector: HETMM, images: torch.Tensor):
@@ -168,8 +163,9 @@ class Service:
         await self.queue.put((image, future))
         return await future
 
-    def verdict(self, detector: HETMM, result, index: int) -> dict:
-        thresholds = detector.thresholds()
+    @staticmethod
+    def verdict(result, index: int) -> dict:
+        """One image's answer from its batch's ``Prediction`` (which carries the thresholds it was decided at)."""
         label = None if result.pred_label is None else bool(result.pred_label[index])
         regions = [] if result.regions is None else [
             {"box": [int(v) for v in region["box"]], "area": int(region["area"]), "peak": float(region["peak"])}
@@ -177,7 +173,7 @@ class Service:
         return {"score": float(result.pred_score[index]),
                 "norm_score": None if result.norm_score is None else float(result.norm_score[index]),
                 "label": label, "regions": regions,
-                "image_threshold": None if thresholds is None else float(thresholds[0])}
+                "image_threshold": None if result.image_threshold is None else float(result.image_threshold)}
 
     # ------------------------------------------------------------------ hot update
     def _updated(self, image: torch.Tensor) -> HETMM:
@@ -228,7 +224,7 @@ def create_app(service: Service):
             service.errors.labels(endpoint).inc()
         return response if response is not None else JSONResponse(payload, status_code=status)
 
-    async def decoded(request, endpoint):
+    async def decoded(request):
         data = await _body(request, service.max_bytes)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, decode_upload, data, service.detector.image_size)
@@ -236,27 +232,26 @@ def create_app(service: Service):
     async def predict(request):
         start = time.perf_counter()
         try:
-            image = await decoded(request, "predict")
+            image = await decoded(request)
             heatmap = request.query_params.get("heatmap")
             if heatmap not in (None, "png"):
                 raise BadInput(400, f"heatmap must be 'png'; got {heatmap!r}")
-            detector, result, index = await service.predict(image)
+            result, index = await service.predict(image)
         except BadInput as error:
             return answer("predict", error.status, {"error": str(error)})
         except Exception as error:  # noqa: BLE001 - reported, and the service goes on
             return answer("predict", 500, {"error": f"scoring failed: {error}"})
-        verdict = service.verdict(detector, result, index)
+        verdict = service.verdict(result, index)
         verdict["ms"] = (time.perf_counter() - start) * 1000
         service.latency.observe(verdict["ms"] / 1000)
         service.scored += 1
         if verdict["label"]:
             service.flagged.inc()
-        thresholds = detector.thresholds()
         # the overlay is drawn when someone looks (the live page, ?heatmap=png), off the event loop
-        draw = (image, result.anomaly_map[index], thresholds[1] if thresholds else None)
+        draw = (image, result.anomaly_map[index], result.pixel_threshold)
         service.recent.appendleft({**verdict, "time": time.time(), "draw": draw})
         if heatmap == "png":
-            png = await asyncio.get_running_loop().run_in_executor(None, _overlay, *draw)
+            png = await asyncio.get_running_loop().run_in_executor(None, overlay_png, *draw)
             return answer("predict", 200, response=Response(png, media_type="image/png"))
         return answer("predict", 200, verdict)
 
@@ -267,7 +262,7 @@ def create_app(service: Service):
                        else "a valid 'Authorization: Bearer <token>' header is required")
             return answer("templates", status, {"error": message})
         try:
-            count = await service.add_template(await decoded(request, "templates"))
+            count = await service.add_template(await decoded(request))
         except BadInput as error:
             return answer("templates", error.status, {"error": str(error)})
         return answer("templates", 200, {"templates": count})
@@ -284,7 +279,7 @@ def create_app(service: Service):
         loop = asyncio.get_running_loop()
         for entry in entries:
             if "overlay" not in entry:  # drawn once, the first time the page asks
-                png = await loop.run_in_executor(None, _overlay, *entry["draw"])
+                png = await loop.run_in_executor(None, overlay_png, *entry["draw"])
                 entry["overlay"] = base64.b64encode(png).decode()
         thresholds = service.detector.thresholds()
         elapsed = max(time.time() - service.started, 1e-9)

@@ -35,7 +35,6 @@ import triton
 import triton.language as tl
 
 from .. import autotune, traffic
-from ..traffic import union_shape
 
 MATCH_FLOOR = -1.0
 _FLOOR = tl.constexpr(MATCH_FLOOR)  # kernels may only read constexpr globals
@@ -352,7 +351,7 @@ def valid_config(config: dict, height: int, width: int, reach: int, one_map: boo
     if resident and (element_bytes > 2 or tiles > MAX_GRID_Y):
         return False
     rows = config["BLOCK"] * config["TILE_H"] * config["TILE_W"]
-    block_u = union_shape(config, height, width, reach)["BLOCK_U"]
+    block_u = traffic.union_shape(config, height, width, reach)["BLOCK_U"]
     # 16-byte loads (tensor-core path): every thread gets at least 16 bytes of each operand tile a step
     # (float32 is bound by its CUDA-core products and needs the warps for its registers)
     depth = max(16, triton.next_power_of_2(channels)) if resident else config["BLOCK_C"]
@@ -448,7 +447,7 @@ def window_max(x: torch.Tensor, y: torch.Tensor, radius: int, out_dtype: torch.d
     _, options = autotune.launch_options(cfg)
     n_tiles_w = triton.cdiv(width, cfg["TILE_W"])
     grid = (triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w, triton.cdiv(count_a, cfg["BLOCK"]), count_n)
-    union = union_shape(cfg, height, width, radius)
+    union = traffic.union_shape(cfg, height, width, radius)
     _window_max_kernel[grid](
         x, y, out, count_a, count_n, height, width, channels, n_tiles_w, radius, union["union_h"], union["union_w"],
         TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_A=cfg["BLOCK"], BLOCK_U=union["BLOCK_U"],
@@ -482,7 +481,7 @@ def mutual_max(q: torch.Tensor, t: torch.Tensor, fore_radius: int, back_radius: 
     back = torch.full((batch, height, width), MATCH_FLOOR, device=q.device, dtype=torch.float32)
     cfg = config or mutual_config(q, count_t, fore_radius, back_radius, indices is not None)
     _, options = autotune.launch_options(cfg)
-    union = union_shape(cfg, height, width, reach)
+    union = traffic.union_shape(cfg, height, width, reach)
     n_tiles_w = triton.cdiv(width, cfg["TILE_W"])
     n_tiles = triton.cdiv(height, cfg["TILE_H"]) * n_tiles_w
     n_programs = n_tiles * triton.cdiv(batch, cfg["BLOCK"]) * union.get("n_parts", 1)
