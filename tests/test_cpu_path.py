@@ -59,17 +59,29 @@ def test_tiled_block_size_does_not_change_the_result(monkeypatch, block):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+@pytest.mark.parametrize("channels", [8, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,reach", [(1, 2), (1, 3), (1, 4), (2, 2), (3, 3), (4, 2), (16, 6)])
-def test_the_tile_shape_is_chosen_and_used(batch, reach):
-    th, tw = atm.pick_tile_shape(64, 64, reach, batch)
-    assert 1 <= th <= 8 and 1 <= tw <= 8
-    assert atm.pick_tile_shape(3, 1, reach, batch) <= (3, 1)  # never larger than the map
-    temp = _unit(3, 8, 9, 9, seed=5)
-    bank = hk.prepare_templates(temp)
-    query = _unit(batch, 8, 9, 9, seed=6)
-    fore, back = hk.mutual_match(query, bank, 2 * reach + 1, 3, backend="torch")
+def test_the_tile_shape_is_chosen_and_used(batch, reach, dtype, channels):
+    th, tw = atm.pick_tile_shape(64, 64, reach, batch, 40, channels, dtype)
+    assert (th, tw) in atm.TILES
+    assert atm.pick_tile_shape(3, 1, reach, batch, 40, channels, dtype) <= (3, 1)  # never larger than the map
+    temp = _unit(3, channels, 9, 9, seed=5)
+    bank = hk.prepare_templates(temp.to(dtype))
+    query = _unit(batch, channels, 9, 9, seed=6)
+    fore, back = hk.mutual_match(query.to(dtype), bank, 2 * reach + 1, 3, backend="torch")
     ref_fore, ref_back = reference.mutual_match(query, temp, 2 * reach + 1, 3)
-    assert torch.allclose(fore, ref_fore, atol=1e-5) and torch.allclose(back, ref_back, atol=1e-5)
+    # bfloat16: inputs rounded to 8 bits of mantissa, then each product's maximum rounded once more
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(fore.float(), ref_fore, atol=atol) and torch.allclose(back.float(), ref_back, atol=atol)
+
+
+def test_float32_tiles_minimise_the_padded_union_per_template_pixel():
+    # at batch 1 a 5x5 window on lite0's layer 1: a 1x2 tile's union is 5x6 = 30 of 32 padded columns; 2x2 pads 36
+    # to 64 for the same rows' worth of work; bfloat16 keeps tall 4x4 blocks there
+    assert atm.pick_tile_shape(64, 64, 2, 1, 40, 25, torch.float32) == (1, 2)
+    assert atm.pick_tile_shape(64, 64, 2, 1, 40, 25, torch.bfloat16) == (4, 4)
+    assert atm.pick_tile_shape(32, 32, 3, 8, 60, 512, torch.bfloat16) == (2, 2)
 
 
 @pytest.mark.parametrize("height,width,fore,dense", [(9, 7, 5, True), (16, 16, 15, True), (16, 16, 3, False),

@@ -47,18 +47,19 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 _SCRATCH = threading.local()
 
 
-def scratch(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised ``shape`` block for intermediate products, reused by this thread's later calls.
+def scratch(shape: tuple, dtype: torch.dtype, device: torch.device, purpose: str = "products") -> torch.Tensor:
+    """An uninitialised ``shape`` block for intermediates, reused by this thread's later calls for ``purpose``.
 
     A fresh multi-megabyte block per call pays its page faults every time: measured on 2 cores, sixteen
     ``[8192, 256]`` bfloat16 products ran 5x slower into new tensors than into one reused block. The block
-    is only ever an intermediate (nothing returned aliases it); each thread keeps one per dtype and device.
+    is only ever an intermediate (nothing returned aliases it); each thread keeps one per purpose, dtype and
+    device (blocks of different purposes are alive at once).
     """
     numel = math.prod(shape)
     blocks = getattr(_SCRATCH, "blocks", None)
     if blocks is None:
         blocks = _SCRATCH.blocks = {}
-    key = (dtype, str(device))
+    key = (purpose, dtype, str(device))
     block = blocks.get(key)
     if block is None or block.numel() < numel:
         block = blocks[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -278,16 +279,35 @@ TILE_BLOCK = 1 << 22
 COLUMN_ALIGN = 32
 
 
-def pick_tile_shape(height: int, width: int, reach: int, batch: int) -> tuple[int, int]:
-    """Template tile for ``mutual_max_tiled``, measured fastest on a 2-core AVX-512 machine over the
-    lite0 layer shapes (C = 24/40/112, 64/32/16 px maps, 40 templates, windows 5-13, batch 1-16).
+# Candidate template tiles for ``mutual_max_tiled`` (th, tw), and the rows at which its float32 products
+# (with the masked maxima after them) reach half their rate, fitted on the shapes below.
+TILES = ((1, 1), (1, 2), (2, 2), (1, 4), (2, 4), (4, 4))
+TILE_HALF_RATE_ROWS = 24
 
-    Larger tiles give each product more rows; smaller ones a smaller query union per template pixel
-    (fewer products wasted outside the windows). The union ``(th + 2*reach) * (tw + 2*reach)`` that is a
-    whole multiple of COLUMN_ALIGN wins at batch 1 (no padded columns).
+
+def pick_tile_shape(height: int, width: int, reach: int, batch: int, templates: int = 40, channels: int = 0,
+                    dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """Template tile for ``mutual_max_tiled``, measured fastest on a 2-core AVX-512 machine over the
+    lite0 layer shapes (C = 25/41/113, 64/32/16 px maps, 40 templates, windows 5-13, batch 1-16) and the
+    paper's (C = 256/512/1024, 60 templates).
+
+    Every template pixel of a tile meets the tile's whole query union, ``(th + 2*reach) * (tw + 2*reach)``
+    columns per image padded to COLUMN_ALIGN, in products *and* in the masked maxima after them; larger tiles
+    give each product more rows (``P * T``). float32 BLAS runs near its peak from a few dozen rows: the tile
+    with the fewest padded union columns per image, weighted by ``(rows + 24) / rows``, wins (1x2 at a 5x5
+    or 9x9 window: 1.3-1.4x the fixed 4x4/2x4 choice at batch 1, 1.1-1.25x at batch 8). bfloat16 products
+    want tall blocks on small channel counts (lite0: 4x4, or 2x4 from batch 4), and at 128 channels or more
+    a 2x2 tile from batch 4 (1.15x 2x4 at the paper's shapes).
     """
-    if batch >= 4:
-        tile = (2, 4)
+    if dtype not in (torch.bfloat16,):
+        def cost(tile):
+            th, tw = min(tile[0], max(1, height)), min(tile[1], max(1, width))
+            columns = batch * min(th + 2 * reach, height + 2 * reach) * min(tw + 2 * reach, width + 2 * reach)
+            rows = th * tw * max(1, templates)
+            return -(-columns // COLUMN_ALIGN) * COLUMN_ALIGN * (rows + TILE_HALF_RATE_ROWS) / rows
+        tile = min(TILES, key=cost)
+    elif batch >= 4:
+        tile = (2, 2) if channels >= 128 else (2, 4)
     elif reach == 3:
         tile = (2, 2)  # an 8x8 union
     elif reach == 4 and batch == 1:
@@ -298,18 +318,24 @@ def pick_tile_shape(height: int, width: int, reach: int, batch: int) -> tuple[in
 
 
 def _query_windows(query: torch.Tensor, bank: TiledTemplates, reach: int, union) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[tiles, C, columns]``: each tile's query union, columns (b, u) padded to COLUMN_ALIGN."""
-    batch, channels = query.shape[:2]
+    """``[B, C, H, W]`` -> ``[tiles, columns, C]``: each tile's query union, columns (b, u) padded to COLUMN_ALIGN.
+
+    Channels stay innermost, as in the (padded) map-major query: each union pixel is one contiguous copy (with
+    the channels outermost the gather strode by C per element: 2.4 GB/s, a quarter of a bfloat16 match at the
+    paper's layer 1), and the products take the block transposed (no slower in BLAS, measured).
+    """
+    batch, channels, height, width = query.shape
     th, tw = bank.tile
-    q = map_major(query)  # [B, H, W, C]
-    q = torch.nn.functional.pad(q, (0, 0, reach, bank.tiles_x * tw - bank.width + reach,
-                                    reach, bank.tiles_y * th - bank.height + reach))
-    windows = q.unfold(1, union[0], th).unfold(2, union[1], tw)  # [B, ty, tx, C, uh, uw]
+    dtype = compute_dtype(query.dtype, query.device)
+    padded = scratch((batch, bank.tiles_y * th + 2 * reach, bank.tiles_x * tw + 2 * reach, channels), dtype,
+                     query.device, "padded query").zero_()
+    padded[:, reach:reach + height, reach:reach + width].copy_(query.permute(0, 2, 3, 1))
+    windows = padded.unfold(1, union[0], th).unfold(2, union[1], tw)  # [B, ty, tx, C, uh, uw]
     tiles, columns = bank.tiles_y * bank.tiles_x, batch * union[0] * union[1]
-    out = q.new_empty(tiles, channels, -(-columns // COLUMN_ALIGN) * COLUMN_ALIGN)
-    out[:, :, columns:] = 0  # only the padding: the rest is written next
-    out[:, :, :columns].view(bank.tiles_y, bank.tiles_x, channels, batch, union[0], union[1]).copy_(
-        windows.permute(1, 2, 3, 0, 4, 5))
+    out = scratch((tiles, -(-columns // COLUMN_ALIGN) * COLUMN_ALIGN, channels), dtype, query.device, "query windows")
+    out[:, columns:] = 0  # only the padding: the rest is written next
+    out[:, :columns].view(bank.tiles_y, bank.tiles_x, batch, union[0], union[1], channels).copy_(
+        windows.permute(1, 2, 0, 4, 5, 3))
     return out
 
 
@@ -325,16 +351,16 @@ def mutual_max_tiled(query: torch.Tensor, bank: TiledTemplates, fore_radius: int
     batch = query.shape[0]
     th, tw = bank.tile
     reach, union, fore_mask, back_mask, position = bank.geometry(fore_radius, back_radius)
-    windows = _query_windows(query, bank, reach, union)  # [tiles, C, columns]
+    windows = _query_windows(query, bank, reach, union)  # [tiles, columns, C]
     tiles, pixels, positions = data.shape[0], th * tw, union[0] * union[1]
     columns = batch * positions
     back = torch.empty(tiles, pixels, batch, device=query.device, dtype=data.dtype)
     fore_parts = torch.empty(tiles, batch, positions, device=query.device, dtype=data.dtype)
-    step = max(1, TILE_BLOCK // (data.shape[1] * windows.shape[2]))
-    block = scratch((min(step, tiles), data.shape[1], windows.shape[2]), data.dtype, query.device)
+    step = max(1, TILE_BLOCK // (data.shape[1] * windows.shape[1]))
+    block = scratch((min(step, tiles), data.shape[1], windows.shape[1]), data.dtype, query.device)
     for t0 in range(0, tiles, step):
         t1 = min(tiles, t0 + step)
-        sims = torch.bmm(data[t0:t1], windows[t0:t1], out=block[:t1 - t0])  # [n, P*T, columns]
+        sims = torch.bmm(data[t0:t1], windows[t0:t1].transpose(1, 2), out=block[:t1 - t0])  # [n, P*T, columns]
         # the maximum over templates first: the window masks do not depend on the template
         best = amax(sims.view(t1 - t0, pixels, count, -1), 2)[..., :columns]
         best = best.reshape(t1 - t0, pixels, batch, positions)
@@ -362,7 +388,8 @@ def backward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) 
 
 def tiled_layout(bank, reach: int, batch: int) -> TiledTemplates:
     """``bank``'s (a ``PreparedTemplates``) tiled layout for this window and batch, built on first use."""
-    tile = pick_tile_shape(bank.shape[2], bank.shape[3], reach, batch)
+    count, channels, height, width = bank.shape
+    tile = pick_tile_shape(height, width, reach, batch, count, channels, compute_dtype(bank.dtype, bank.temp.device))
     return bank.layout(f"torch-tiled-{tile[0]}x{tile[1]}", lambda t: TiledTemplates(t, tile))
 
 
