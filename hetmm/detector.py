@@ -17,12 +17,13 @@ import hetmm_kernels as hk
 from . import distributed
 from .backbone import LAYERS, Backbone
 from .bank import MAX_IMAGE_SIZE, TemplateBank
-from .calibration import DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, Regions, normalised
+from .calibration import (DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, Regions, calibration_neighbours,
+                          normalised)
 from .clustering import compress
 from .retrieval import Codebook
 from .data import measured_prefetched, prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
-from .scoring import LayerMatches, leave_one_out, template_coreset, template_isolation
+from .scoring import LayerMatches, template_coreset, template_isolation
 from .selection import image_descriptors, spread, spread_images
 
 
@@ -390,7 +391,8 @@ class HETMM:
 
     def calibrate(self, features: dict | None = None) -> Calibration | None:
         """Score normal images as new ones would be: the bank's templates each against the others
-        (leave-one-out; with retrieval, against its K nearest; beyond 65, its 64 most similar), or,
+        (leave-one-out; with retrieval, against its K nearest; beyond 65, its 64 most similar), less those it
+        shares content with (overlapping crops, near-identical frames: ``calibration_neighbours``), or,
         given the training ``features`` of a PTS bank, each fold against the PTS set of the other folds.
         ``None`` for fewer than two images.
         """
@@ -400,10 +402,11 @@ class HETMM:
                 raise RuntimeError("calibrate the whole bank, then shard it")
             if len(bank) < 2:
                 return None
+            last = bank.features[LAYERS[-1]]
             neighbours = self._neighbours()
             if neighbours is None:
-                neighbours = leave_one_out(len(bank))
-            scores, maps = self._score_features(bank.features, neighbours)
+                neighbours = _most_similar_images(last, len(bank) - 1)
+            scores, maps = self._score_features(bank.features, calibration_neighbours(last, neighbours))
             return Calibration.from_scores(scores, maps)
         count = len(features[LAYERS[0]])
         if count < 2:

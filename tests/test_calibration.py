@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import hetmm
 from hetmm.bank import BankInvalid
-from hetmm.calibration import IMAGE_SCORES, Calibration, find_regions, normalised
+from hetmm.calibration import (IMAGE_SCORES, Calibration, calibration_neighbours, find_regions, normalised,
+                               shared_content)
 from hetmm.data import MVTecCategory
 from hetmm.demo import TEXTURES, build_dataset
 from hetmm.parameters import DEFAULT
@@ -36,21 +37,65 @@ def _images(n, seed):
     return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
+def _scored_against(det) -> torch.Tensor:
+    """``[N, k]``: the templates calibration scores each of ``det``'s bank images against."""
+    from hetmm.detector import _most_similar_images
+
+    last = det.bank.features["layer3"]
+    return calibration_neighbours(last, _most_similar_images(last, len(det.bank) - 1))
+
+
 @pytest.mark.parametrize("count", [2, 5])
-def test_leave_one_out_scores_equal_a_bank_without_the_image(count):
+def test_leave_one_out_scores_equal_a_bank_of_the_images_it_names(count):
     images = _images(count, 1)
     det = _detector(params=WITHOUT_ISOLATION).fit(images)
-    explicit = []
-    for i in range(count):
-        others = torch.cat([images[:i], images[i + 1:]])
-        explicit.append(_detector(params=WITHOUT_ISOLATION).fit(others).predict(images[i:i + 1]).pred_score[0])
+    neighbours = _scored_against(det)
+    assert not (neighbours == torch.arange(count)[:, None]).any()  # never itself
+    explicit = [_detector(params=WITHOUT_ISOLATION).fit(images[neighbours[i]]).predict(images[i:i + 1]).pred_score[0]
+                for i in range(count)]
     torch.testing.assert_close(det.calibration.image_scores, torch.stack(explicit).sort().values, rtol=0, atol=1e-5)
+
+
+def test_shared_content_is_the_share_of_pixels_matched_near_exactly():
+    # image 1 is image 0 moved 3 pixels right (3 of 8 columns new), image 2 unrelated: cosine ~0 to both
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 8, 11, generator=generator)
+    features = torch.stack([base[:, :, :8], base[:, :, 3:], torch.randn(64, 8, 8, generator=generator)])
+    candidates = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    shares = shared_content(features, candidates)
+    torch.testing.assert_close(shares, torch.tensor([[5 / 8, 0.0], [5 / 8, 0.0], [0.0, 0.0]]))
+
+
+def test_calibration_leaves_out_the_images_an_image_shares_content_with():
+    # six disjoint crops of the demo photographs (real weights), each twice: leave-one-out would score each
+    # against its twin (score 0); the twins are left out, and each is scored against the others
+    images = torch.cat([_crops(texture, rows, 1, 0) for texture in TEXTURES for rows in ((0, 176), (336, 512))])
+    twins = torch.cat([images, images])
+    det = hetmm.HETMM("tf_efficientnet_lite0", image_size=128, out_size=128).fit(twins)
+    last = det.bank.features["layer3"]
+    from hetmm.detector import _most_similar_images
+
+    neighbours = calibration_neighbours(last, _most_similar_images(last, 11))
+    own = torch.arange(12)
+    assert not ((neighbours == own[:, None]) | (neighbours == ((own + 6) % 12)[:, None])).any()
+    assert neighbours.shape == (12, 10)  # the ten others share nothing with it
+    assert det.calibration.image_scores.min() > 0.01
+
+
+def test_every_image_keeps_a_quarter_of_its_candidates_when_all_share_content():
+    # one image repeated: every pair shares everything; each is still scored against the least-sharing quarter
+    images = _images(1, 4).repeat(9, 1, 1, 1)
+    features = _detector().fit(images).bank.features["layer3"]
+    candidates = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, 9)]) for i in range(9)])
+    neighbours = calibration_neighbours(features, candidates)
+    assert neighbours.shape == (9, 2) and not (neighbours == torch.arange(9)[:, None]).any()
 
 
 def test_leave_one_out_pixel_quantiles_are_those_of_the_maps():
     images = _images(4, 2)
     det = _detector(params=WITHOUT_ISOLATION).fit(images)
-    maps = torch.cat([_detector(params=WITHOUT_ISOLATION).fit(torch.cat([images[:i], images[i + 1:]]))
+    neighbours = _scored_against(det)
+    maps = torch.cat([_detector(params=WITHOUT_ISOLATION).fit(images[neighbours[i]])
                       .predict(images[i:i + 1]).anomaly_map for i in range(4)]).flatten().double().numpy()
     cal = det.calibration
     for fpr in (0.5, 0.1, 0.01, 1e-3):
