@@ -111,8 +111,10 @@ class Calibration:
 def shared_content(features: torch.Tensor, candidates: torch.Tensor,
                    similarity: float = DUPLICATE_SIMILARITY) -> torch.Tensor:
     """``[N, m]``: the share of image n's pixels (``features [N, C, h, w]``, one layer) whose best match
-    anywhere in image ``candidates[n, j]`` is at least ``similarity`` in cosine. A bfloat16 bank is compared in
-    bfloat16 (2-3x the float32 rate on a CPU; a similarity moves by ~0.004, far from what separates the cases)."""
+    anywhere in image ``candidates[n, j]`` is at least ``similarity`` in cosine, counting only pixels that at most
+    half the candidates match so (what most images show, a plain background or the parts of aligned objects,
+    is how the category looks, not a duplicate). A bfloat16 bank is compared in bfloat16 (2-3x the float32 rate
+    on a CPU; a similarity moves by ~0.004, far from what separates the cases)."""
     dtype = torch.bfloat16 if features.dtype == torch.bfloat16 else torch.float32
     unit = torch.nn.functional.normalize(features.float(), dim=1).to(dtype)
     count, channels, height, width = unit.shape
@@ -122,7 +124,9 @@ def shared_content(features: torch.Tensor, candidates: torch.Tensor,
     for n in range(count):
         others = pixels[candidates[n].to(pixels.device)].reshape(-1, channels)
         best = (pixels[n] @ others.t()).view(height * width, candidates.shape[1], height * width).amax(-1)
-        shares[n] = (best >= similarity).float().mean(0).cpu()
+        close = best >= similarity
+        rare = close.sum(1, keepdim=True) <= candidates.shape[1] / 2
+        shares[n] = (close & rare).float().mean(0).cpu()
     return shares
 
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hetmm
+from hetmm import calibration
 from hetmm.bank import BankInvalid
 from hetmm.calibration import (IMAGE_SCORES, Calibration, calibration_neighbours, find_regions, normalised,
                                shared_content)
@@ -82,13 +83,24 @@ def test_calibration_leaves_out_the_images_an_image_shares_content_with():
     assert det.calibration.image_scores.min() > 0.01
 
 
-def test_every_image_keeps_a_quarter_of_its_candidates_when_all_share_content():
-    # one image repeated: every pair shares everything; each is still scored against the least-sharing quarter
+def test_every_image_keeps_a_quarter_of_its_candidates_when_all_share_content(monkeypatch):
+    # every candidate shares some content (a uniform texture matching itself everywhere): each image is still
+    # scored against a quarter of its candidates, the least-sharing ones
+    candidates = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, 9)]) for i in range(9)])
+    shares = 0.02 + torch.rand(9, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(calibration, "shared_content", lambda features, candidates: shares)
+    neighbours = calibration_neighbours(torch.zeros(9, 1, 1, 1), candidates)
+    expected = candidates.gather(1, shares.argsort(dim=1)[:, :2])
+    assert torch.equal(neighbours, expected)
+
+
+def test_content_every_image_shows_is_not_a_duplicate():
+    # one image nine times: each pixel is matched by every other copy, which is how the category looks
     images = _images(1, 4).repeat(9, 1, 1, 1)
     features = _detector().fit(images).bank.features["layer3"]
     candidates = torch.stack([torch.cat([torch.arange(i), torch.arange(i + 1, 9)]) for i in range(9)])
-    neighbours = calibration_neighbours(features, candidates)
-    assert neighbours.shape == (9, 2) and not (neighbours == torch.arange(9)[:, None]).any()
+    assert shared_content(features, candidates).max() == 0
+    assert calibration_neighbours(features, candidates).shape == (9, 8)
 
 
 def test_leave_one_out_pixel_quantiles_are_those_of_the_maps():
