@@ -33,11 +33,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may wait on a hub
 os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's coreset progress bar would drown the table
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# hetmm before torch, as its command line and `import hetmm` load it: its OpenMP setting (hetmm/openmp.py) must
+# come before torch's runtime loads; it holds for every system in this process
 from hetmm import HETMM, aupro, image_auroc, pixel_auroc  # noqa: E402
+import torch  # noqa: E402
 from hetmm.backbone import LITE0, create_network  # noqa: E402
 from hetmm.data import MVTecCategory, read_image  # noqa: E402
 

@@ -6,6 +6,7 @@
 >>> result.pred_score, result.anomaly_map                                     # doctest: +SKIP
 """
 
+from . import openmp  # noqa: F401  (first: it must run before torch loads)
 from .backbone import Backbone, UnknownBackbone, WeightsUnavailable
 from .bank import BankInvalid, BankMismatch, TemplateBank
 from .detector import HETMM, DetectorOptions, Prediction

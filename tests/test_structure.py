@@ -111,3 +111,20 @@ def test_a_lazy_import_is_an_edge(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGES", ("hetmm",))
     assert circles(import_graph(modules())) == [["hetmm.one", "hetmm.two"]]
+
+
+@pytest.mark.parametrize("before,environment,expected", [
+    ("", {}, "10000"),                                  # hetmm first: set for the OpenMP runtime torch loads
+    ("import torch; ", {}, None),                       # too late: libgomp read it already
+    ("", {"GOMP_SPINCOUNT": "5"}, "5"),                 # the user's own setting stays
+    ("", {"OMP_WAIT_POLICY": "PASSIVE"}, None),
+])
+def test_openmp_spinning_is_shortened_only_before_torch_loads(before, environment, expected):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = f"{before}import os, hetmm; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **environment}, cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()[-1]
+    assert out == str(expected)
