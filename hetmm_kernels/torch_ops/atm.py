@@ -299,7 +299,7 @@ def pick_tile_shape(height: int, width: int, reach: int, batch: int, templates: 
     want tall blocks on small channel counts (lite0: 4x4, or 2x4 from batch 4), and at 128 channels or more
     a 2x2 tile from batch 4 (1.15x 2x4 at the paper's shapes).
     """
-    if dtype not in (torch.bfloat16,):
+    if dtype != torch.bfloat16:
         def cost(tile):
             th, tw = min(tile[0], max(1, height)), min(tile[1], max(1, width))
             columns = batch * min(th + 2 * reach, height + 2 * reach) * min(tw + 2 * reach, width + 2 * reach)
