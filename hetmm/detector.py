@@ -24,7 +24,7 @@ from .retrieval import Codebook
 from .data import measured_prefetched, prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
 from .scoring import LayerMatches, template_coreset, template_isolation
-from .selection import image_descriptors, spread, spread_images
+from .selection import image_descriptors, spread, spread_images, unit_means
 
 
 # precision -> (backbone dtype, matching dtype); products always accumulate in float32
@@ -155,7 +155,7 @@ ISOLATION_NEIGHBOURS = 64
 
 def _most_similar_images(features: torch.Tensor, k: int) -> torch.Tensor:
     """``[N, k]``: for each image, the ``k`` others whose mean feature is closest in cosine (never itself)."""
-    pooled = torch.nn.functional.normalize(features.float().mean(dim=(2, 3)), dim=1)
+    pooled = unit_means(features)
     similarity = pooled @ pooled.t()
     similarity.fill_diagonal_(-float("inf"))
     return similarity.topk(k, dim=1).indices.cpu()
@@ -415,12 +415,18 @@ class HETMM:
         parts = []
         for fold in range(int(folds.max()) + 1):
             held_out, rest = folds == fold, folds != fold
-            helper = copy.copy(self)  # this detector's network and options, with a bank of the other folds
-            helper._retrieval_cache, helper._graphs = None, {}
-            helper.bank = TemplateBank({k: compress(v[rest], self.tsize).cpu() for k, v in features.items()}, self.config)
+            helper = self.with_bank(TemplateBank({k: compress(v[rest], self.tsize).cpu() for k, v in features.items()},
+                                                 self.config))
             helper._ensure_isolation()
             parts.append(helper._score_features({k: v[held_out] for k, v in features.items()}))
         return Calibration.from_scores(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+    def with_bank(self, bank: TemplateBank) -> "HETMM":
+        """A shallow copy of this detector (the same network and options) holding ``bank``, with nothing cached
+        from this one's bank (retrieval histograms, captured graphs)."""
+        helper = copy.copy(self)
+        helper.bank, helper._retrieval_cache, helper._graphs = bank, None, {}
+        return helper
 
     def calibrate_on(self, images) -> "HETMM":
         """Calibrate with held-out normal images (not in the bank), scored as any new image is.

@@ -18,6 +18,7 @@ import hetmm_kernels as hk
 from hetmm_kernels.reference import MATCH_FLOOR  # the value every match map starts from
 
 from .parameters import PostProcess, parse_params
+from .selection import unit_means
 
 
 ISOLATION_CHUNK = 8  # templates matched against the others per call
@@ -117,7 +118,7 @@ def similar_groups(temp: torch.Tensor, groups: int) -> list:
     in the order of their mean features along the direction those vary most (the top principal direction, its
     sign fixed by its largest component), cut into consecutive runs. Independent of the templates' order but for
     exact ties."""
-    pooled = torch.nn.functional.normalize(temp.float().mean(dim=(2, 3)), dim=1).cpu().double()
+    pooled = unit_means(temp)
     centred = pooled - pooled.mean(0)
     direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
     direction = direction * direction[direction.abs().argmax()].sign()
@@ -154,7 +155,7 @@ def coreset_match(query: torch.Tensor, coreset: tuple, indices: torch.Tensor | N
     if gather is None:  # the Triton path keeps everything on the device; the host path may read the indices
         gather = hk.backend.resolve(query.device, dtype=query.dtype) != "triton"
     if gather:  # each query against its own rows only
-        best = torch.full((batch, height, width), MATCH_FLOOR)
+        best = torch.full((batch, height, width), MATCH_FLOOR, device=query.device)
         for b in range(batch):
             own = rows[torch.isin(owners, indices[b].to(owners.device))]
             if len(own):

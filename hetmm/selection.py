@@ -17,10 +17,15 @@ import torch.nn.functional as F
 DESCRIPTOR_LAYER = "layer3"  # the deepest tap: what an image shows, least moved by where it was cropped
 
 
+def unit_means(features: torch.Tensor) -> torch.Tensor:
+    """``[N, C]`` float64 unit vectors on the host: each image's mean feature over its pixels (``[N, C, h, w]``)."""
+    return F.normalize(features.double().mean(dim=(2, 3)), dim=1).cpu()
+
+
 def image_descriptors(features: dict) -> torch.Tensor:
     """``[N, C]`` float64 unit vectors: each image's mean feature of ``DESCRIPTOR_LAYER`` (a batch's at a time,
     if need be: each row depends on its own image only)."""
-    return F.normalize(features[DESCRIPTOR_LAYER].double().mean(dim=(2, 3)), dim=1).cpu()
+    return unit_means(features[DESCRIPTOR_LAYER])
 
 
 def spread_images(features: dict, count: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import copy
 import hmac
 import io
 import time
@@ -178,11 +177,8 @@ class Service:
     # ------------------------------------------------------------------ hot update
     def _updated(self, image: torch.Tensor) -> HETMM:
         """A copy of the detector with ``image`` added and its bank saved; the serving one is untouched."""
-        current = self.detector
-        bank = current.bank
-        helper = copy.copy(current)
-        helper.bank = TemplateBank(dict(bank.features), bank.config, dict(bank.extras))
-        helper._retrieval_cache, helper._graphs = None, {}
+        bank = self.detector.bank
+        helper = self.detector.with_bank(TemplateBank(dict(bank.features), bank.config, dict(bank.extras)))
         helper.add_templates(image[None])
         helper.save(self.bank_path)  # atomic: a restart finds the old bank or the new one
         return helper
