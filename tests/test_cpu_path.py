@@ -49,6 +49,28 @@ def test_tiled_matching_ignores_the_padding_when_every_real_match_is_negative():
         assert torch.allclose(back, torch.full_like(back, -1.0), atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["tiled", "dense"])
+@pytest.mark.parametrize("sign", ["positive", "negative", "mixed"])
+def test_bfloat16_window_maxima_with_masked_padding(path, sign):
+    # the bfloat16 maxima skip their negative-value pass when the template maxima are all non-negative (the
+    # masks' all -inf padding rows are then right as int16 maxima); with any negative they must not skip it
+    query, temp = _unit(2, 8, 9, 11, seed=5), _unit(3, 8, 9, 11, seed=6)
+    if sign != "mixed":
+        query = query.abs() if sign == "positive" else -query.abs()
+        temp = temp.abs()
+    query, temp = query.to(torch.bfloat16), temp.to(torch.bfloat16)
+    if path == "tiled":
+        fore, back = atm.mutual_max_tiled(query, atm.TiledTemplates(temp, (2, 2)), 2, 1)
+    else:
+        fore, back = atm.mutual_max_dense(query, atm.DenseTemplates(temp), 2, 1)
+    # bfloat16 products of bfloat16 inputs, each rounded once: the float32 reference's maxima, rounded
+    ref_fore = reference.forward_ATM(query.float(), temp.float(), 5).amax(1).to(torch.bfloat16).float()
+    ref_back = reference.backward_ATM(query.float(), temp.float(), 3).amax(1).to(torch.bfloat16).float()
+    assert (fore < 0).any() == (back < 0).any() == (sign == "negative")
+    torch.testing.assert_close(fore, ref_fore.clamp_min(-1), atol=2 ** -7, rtol=0)
+    torch.testing.assert_close(back, ref_back.clamp_min(-1), atol=2 ** -7, rtol=0)
+
+
 @pytest.mark.parametrize("block", [1, 700, 1 << 22])
 def test_tiled_block_size_does_not_change_the_result(monkeypatch, block):
     query, temp = _unit(2, 8, 10, 10, seed=3), _unit(3, 8, 10, 10, seed=4)
