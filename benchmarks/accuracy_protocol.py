@@ -158,6 +158,13 @@ CANDIDATES = {
     "r16-noL1-L3-l03": dict(params=ROUND15.split("|", 1)[1].replace("L3:23x3_a=0.9_l=0.5", "L3:23x3_a=0.9_l=0.3")),
     "r16-noL1-L3-l02": dict(params=ROUND15.split("|", 1)[1].replace("L3:23x3_a=0.9_l=0.5", "L3:23x3_a=0.9_l=0.2")),
     "round15": dict(params=ROUND15),
+    # the seventeenth round, from round 15's DEFAULT: fewer products (float32 CPUs compute DEFAULT's 1.55 GFLOP an
+    # image at 40 templates too slowly): layer 3's near-global 23x23 window as a 7x7 or 3x3 window plus a coreset
+    # of its template pixels, and layer 2's window 5x5 beside its coreset
+    "r17-L3-7x3-c10": dict(params=ROUND15.replace("L3:23x3_a=0.9_l=0.5_i=1", "L3:7x3_a=0.9_l=0.5_i=1_c=10")),
+    "r17-L3-7x3-c25": dict(params=ROUND15.replace("L3:23x3_a=0.9_l=0.5_i=1", "L3:7x3_a=0.9_l=0.5_i=1_c=25")),
+    "r17-L3-3x3-c25": dict(params=ROUND15.replace("L3:23x3_a=0.9_l=0.5_i=1", "L3:3x3_a=0.9_l=0.5_i=1_c=25")),
+    "r17-L2-5x3": dict(params=ROUND15.replace("L2:9x3_a=0.9", "L2:5x3_a=0.9")),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
