@@ -165,6 +165,12 @@ CANDIDATES = {
     "r17-L3-7x3-c25": dict(params=ROUND15.replace("L3:23x3_a=0.9_l=0.5_i=1", "L3:7x3_a=0.9_l=0.5_i=1_c=25")),
     "r17-L3-3x3-c25": dict(params=ROUND15.replace("L3:23x3_a=0.9_l=0.5_i=1", "L3:3x3_a=0.9_l=0.5_i=1_c=25")),
     "r17-L2-5x3": dict(params=ROUND15.replace("L2:9x3_a=0.9", "L2:5x3_a=0.9")),
+    # and magnitude-aware layers (the stereographic lift of the unnormalised features, hetmm.magnitude), every layer
+    # at k = 2 and 4: the report set's faint wood-tile stains change the features' length more than their direction
+    "r17-m2": dict(params=ROUND15.replace("_i=1|", "_i=1_m=2|").replace("_c=10|", "_c=10_m=2|")
+                   .replace("_i=1;", "_i=1_m=2;")),
+    "r17-m4": dict(params=ROUND15.replace("_i=1|", "_i=1_m=4|").replace("_c=10|", "_c=10_m=4|")
+                   .replace("_i=1;", "_i=1_m=4;")),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }

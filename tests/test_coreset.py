@@ -10,7 +10,7 @@ import hetmm_kernels as hk
 from hetmm.bank import BankInvalid, TemplateBank
 from hetmm.parameters import parse_params
 from hetmm.scoring import LayerMatches, coreset_rows, coreset_size, template_coreset
-from helpers import edit_saved_bank, features
+from helpers import edit_saved_bank, features, random_images, tiny_detector
 
 
 def _greedy_by_hand(temp: torch.Tensor, count: int) -> list:
@@ -152,12 +152,10 @@ PARAMS = "L1:3x3_a=0.5_l=1_i=1|L2:3x3_a=0.9_l=0.8_i=1_c=25|L3:3x3_a=0.9_l=0.5;im
 
 
 def _detector(params=PARAMS, **kw):
-    return hetmm.HETMM(backbone="resnet18", weights=None, image_size=64, out_size=64, precision="fp32",
-                       params=params, **kw)
+    return tiny_detector(params=params, **kw)
 
 
-def _images(n, seed):
-    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+_images = random_images
 
 
 @pytest.fixture(scope="module")

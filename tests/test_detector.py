@@ -13,6 +13,7 @@ from hetmm.data import ImageError, MVTecCategory, read_image
 from hetmm.demo import build_dataset
 from hetmm.evaluation import evaluate_category
 from hetmm.parameters import DEFAULT
+from helpers import random_images
 
 
 def _small_detector(**kw):
@@ -21,8 +22,7 @@ def _small_detector(**kw):
     return hetmm.HETMM(backbone="resnet18", weights=None, image_size=64, out_size=64, **{"precision": "fp32", **kw})
 
 
-def _images(n, seed):
-    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+_images = random_images
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):

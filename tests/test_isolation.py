@@ -16,7 +16,7 @@ from hetmm.detector import _without_self
 from hetmm.parameters import DEFAULT, parse_params
 from hetmm.scoring import LayerMatches, template_isolation
 from hetmm_kernels import reference
-from helpers import edit_saved_bank, features
+from helpers import edit_saved_bank, features, random_images, tiny_detector
 
 WITHOUT_ISOLATION = DEFAULT.replace("_i=1", "")
 
@@ -119,12 +119,10 @@ def test_the_paper_strings_have_no_isolation():
 
 
 # ---------------------------------------------------------------- the detector and its bank
-def _detector(**kw):
-    return hetmm.HETMM(backbone="resnet18", weights=None, image_size=64, out_size=64, precision="fp32", **kw)
+_detector = tiny_detector
 
 
-def _images(n, seed):
-    return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+_images = random_images
 
 
 @pytest.fixture(scope="module")
