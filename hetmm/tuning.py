@@ -39,6 +39,7 @@ def problems(backbone: str, image_size: int, params, templates: int, batches: li
     found = []
     for layer, p in params.active_layers.items():
         _, channels, height, width = features[layer].shape
+        channels += 1 if p.magnitude else 0  # a magnitude-aware layer's lift has one more (hetmm.magnitude)
         for batch in batches:
             found.append(Problem("mutual", layer, batch, (batch, height, width, channels), templates,
                                  p.fore // 2, p.back // 2, p.coreset))
