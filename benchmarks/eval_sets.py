@@ -11,7 +11,8 @@
   hetmm's demo defects (``hetmm.demo.paint_defect``: scratches, blobs, patches of another texture,
   bright/dark spots; on colour images it paints the luminance and adds the change to every channel)
   and, on the colour ones, discoloured, smudged and dented regions (``paint_choose_defect``); the
-  grained ones get fine defects instead of most of those: smooth hairlines and faint flat tints.
+  grained ones get fine defects instead of most of those: smooth hairlines, faint flat tints, soft-edged
+  stains and specks; the featureless ones stains and specks among the colour kinds.
 * ``report``: six robosuite photographs (brushed steel, felt, wood tiles, ceramic, white bricks,
   plaster), in colour, with defects painted by a *different* generator (below): cracks, stains,
   holes, foreign matter, local warps. No photograph, generator or parameter is shared with ``choose``;
@@ -74,9 +75,15 @@ REPORT_DEFECTS = ("crack", "stain", "hole", "foreign", "warp")
 # the colour categories of ``choose`` also get defects that change colour or structure, not only grey
 # level (drawn by ``paint_choose_defect``, a generator of its own: elliptical regions, hard-edged)
 CHOOSE_COLOUR_DEFECTS = ("scratch", "discolour", "blob", "smudge", "patch", "dent", "spot")
-# fine defects for ``CHOOSE_FINE``: a smooth hairline (a few pixels wide, part-darkened or lightened) and a
-# faint flat tint, between the colour kinds
-CHOOSE_FINE_DEFECTS = ("hairline", "tint", "discolour", "hairline", "tint", "dent", "smudge")
+# fine defects for ``CHOOSE_FINE``: a smooth hairline (a few pixels wide, part-darkened or lightened), a
+# faint flat tint, a soft-edged stain (a low-contrast change of brightness and colour, the texture kept) and
+# specks (a cluster of dots of 1-2 px: fine contamination), between the colour kinds; the plain categories
+# (``CHOOSE_PLAIN``) get the stain and the specks among their colour kinds (both added after round 17: the
+# report set's stains on plain wood tiles were the one kind the choose set lacked)
+CHOOSE_FINE_DEFECTS = ("hairline", "tint", "stain", "discolour", "specks", "hairline", "tint", "stain", "dent",
+                       "smudge")
+CHOOSE_PLAIN_DEFECTS = ("scratch", "stain", "discolour", "blob", "specks", "smudge", "stain", "patch", "dent",
+                        "spot")
 
 
 def photograph(package: str, name: str) -> np.ndarray:
@@ -187,6 +194,23 @@ def paint_choose_defect(image: np.ndarray, kind: str, rng: np.random.Generator, 
         out = image.copy()
         opacity = rng.uniform(0.2, 0.35)
         out[mask] = (1 - opacity) * out[mask] + opacity * rng.uniform(0.1, 0.9, size=3)
+    elif kind == "stain":  # soft-edged: brightness and colour scaled a little, fading out, the texture kept
+        region = _ellipse_mask(rng, (h, w), 10, 22)
+        weight = ndimage.gaussian_filter(region.astype(np.float64), rng.uniform(3, 6))
+        weight /= weight.max()
+        mask = weight >= 0.5
+        gains = rng.uniform(0.78, 0.9) if rng.random() < 0.6 else rng.uniform(1.1, 1.2)
+        gains = gains * rng.uniform(0.95, 1.05, size=3)  # a cast: the channels a little apart
+        out = image * (1 + weight[..., None] * (gains - 1))
+    elif kind == "specks":  # fine contamination: a few dots of 1-2 px, dark or bright, close together
+        mask = np.zeros((h, w), bool)
+        centre = rng.uniform(0.2, 0.8, size=2) * (h, w)
+        yy, xx = np.mgrid[:h, :w]
+        for _ in range(int(rng.integers(4, 9))):
+            cy, cx = centre + rng.normal(0, 6, size=2)
+            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= rng.uniform(0.6, 1.6) ** 2
+        out = image.copy()
+        out[mask] = out[mask] * rng.uniform(0.3, 0.55) if rng.random() < 0.7 else 1 - (1 - out[mask]) * 0.4
     elif kind == "discolour":
         mask = _ellipse_mask(rng, (h, w), 10, 22)
         gains = rng.uniform(0.55, 1.45, size=3)
@@ -252,8 +276,8 @@ def build_set(root, which: str, n_train: int = 40, n_good: int = 20, n_defective
         for i in range(n_defective):
             clean = _resized(_crop(image, rng, (split, image.shape[0]), crop), size)
             if which == "choose":
-                kinds = (CHOOSE_FINE_DEFECTS if category in CHOOSE_FINE
-                         else CHOOSE_COLOUR_DEFECTS if colour else DEFECTS)
+                kinds = (CHOOSE_FINE_DEFECTS if category in CHOOSE_FINE else CHOOSE_PLAIN_DEFECTS
+                         if category in CHOOSE_PLAIN else CHOOSE_COLOUR_DEFECTS if colour else DEFECTS)
                 kind = kinds[i % len(kinds)]
                 piece = _resized(_crop(other, rng, (0, other.shape[0]), min(other.shape[:2]) // 2), size)
                 if colour:
