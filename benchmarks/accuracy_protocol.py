@@ -171,6 +171,10 @@ CANDIDATES = {
                    .replace("_i=1;", "_i=1_m=2;")),
     "r17-m4": dict(params=ROUND15.replace("_i=1|", "_i=1_m=4|").replace("_c=10|", "_c=10_m=4|")
                    .replace("_i=1;", "_i=1_m=4;")),
+    # on the rebuilt choose set (stains and specks added): the lift on layer 3 alone, and every layer at k = 1
+    "r17-m2-L3": dict(params=ROUND15.replace("_i=1;", "_i=1_m=2;")),
+    "r17-m1": dict(params=ROUND15.replace("_i=1|", "_i=1_m=1|").replace("_c=10|", "_c=10_m=1|")
+                   .replace("_i=1;", "_i=1_m=1;")),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
