@@ -438,7 +438,6 @@ class Backbone(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W]; got {tuple(images.shape)}")
         dtype = next(self.parameters()).dtype
-        out_dtype = getattr(self, "feature_dtype", dtype)
         if self.runs_openvino():
             if self._openvino is None:
                 self._openvino = OpenVINOStages(self)
@@ -446,7 +445,11 @@ class Backbone(nn.Module):
             features = dict(zip(LAYERS, self._openvino(images.to(self._mean.device), precision)))
         else:
             features = {name: self.neighbourhood_mean(f) for name, f in self._torch_stages(images, dtype).items()}
-        if normalize:  # unit directions, or for a magnitude-aware layer its lift (hetmm.magnitude)
-            features = {name: (lift(f, self.lift[name]) if name in self.lift else F.normalize(f.float(), dim=1))
-                        .to(out_dtype) for name, f in features.items()}
-        return features
+        return self.normalized(features) if normalize else features
+
+    def normalized(self, features: dict) -> dict:
+        """Raw stage outputs (``forward(..., normalize=False)``) as the features leave: unit directions, or for a
+        magnitude-aware layer its lift (hetmm.magnitude), in the feature dtype."""
+        out_dtype = getattr(self, "feature_dtype", next(self.parameters()).dtype)
+        return {name: (lift(f, self.lift[name]) if name in self.lift else F.normalize(f.float(), dim=1)).to(out_dtype)
+                for name, f in features.items()}

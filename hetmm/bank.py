@@ -20,6 +20,7 @@ import hetmm_kernels as hk
 from . import calibration
 from .backbone import LAYERS
 from .distributed import shard_range
+from .magnitude import scales_problem
 from .parameters import parse_params
 from .scoring import coreset_rows, isolated_templates
 
@@ -380,12 +381,10 @@ def _checked_config(path: Path, metadata: dict) -> dict:
     except (TypeError, ValueError) as error:
         raise BankInvalid(f"bank: {path}: {error}") from None
     magnitude = sorted(layer for layer, p in params.active_layers.items() if p.magnitude)
-    scales = config.get("magnitude_scales")
-    if magnitude and not (isinstance(scales, dict) and all(
-            isinstance(scales.get(layer), (int, float)) and not isinstance(scales.get(layer), bool)
-            and 0 < scales[layer] < float("inf") for layer in magnitude)):
+    problem = scales_problem(config.get("magnitude_scales"), magnitude) if magnitude else None
+    if problem:
         raise BankInvalid(f"bank: {path}: its parameters make {magnitude} magnitude-aware (m=), so magnitude_scales "
-                          f"must give each a finite positive length; got {scales!r}")
+                          f"must give each a finite positive length: {problem}")
     return config
 
 

@@ -24,7 +24,7 @@ from .retrieval import Codebook
 from .data import measured_prefetched, prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
 from .scoring import LayerMatches, template_coreset, template_isolation
-from .magnitude import directions, rms_length
+from .magnitude import directions, rms_length, scales_problem
 from .selection import DESCRIPTOR_LAYER, image_descriptors, spread, spread_images, unit_means
 
 
@@ -360,18 +360,16 @@ class HETMM:
         if self.magnitude and self.magnitude_scales is None:
             raw = self.backbone(batch, normalize=False)
             self.set_magnitude_scales({layer: rms_length(raw[layer]) for layer in self.magnitude})
+            return self.backbone.normalized(raw)
         return self.backbone(batch)
 
     def set_magnitude_scales(self, scales: dict | None) -> None:
         """The RMS feature length ``s`` of each magnitude-aware layer (``hetmm.magnitude``), as a bank stores it;
         ``None`` forgets them (the next extraction measures them again)."""
         if scales is not None:
-            missing = sorted(set(self.magnitude) - set(scales))
-            bad = {k: v for k, v in scales.items()
-                   if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf")}
-            if missing or bad:
-                raise ValueError(f"magnitude_scales must give a finite positive length for each of "
-                                 f"{sorted(self.magnitude)}; missing {missing}, invalid {bad}")
+            problem = scales_problem(scales, self.magnitude)
+            if problem:
+                raise ValueError(f"magnitude_scales: {problem}")
             scales = {layer: float(scales[layer]) for layer in sorted(self.magnitude)}
         self.magnitude_scales = scales
         self.backbone.lift = {} if scales is None else {layer: self.magnitude[layer] * s for layer, s in scales.items()}
@@ -711,7 +709,7 @@ class HETMM:
 
     def _forward(self, images: torch.Tensor):
         """The GPU part of predict for one batch on the device: ``(scores, anomaly maps, PRO maps)``."""
-        return self._score(self._features(images))
+        return self._score(self.backbone(images))
 
     def _score(self, features: dict, indices: torch.Tensor | None = None):
         """``(scores, anomaly maps, PRO maps)`` of extracted features (see ``match`` for ``indices``)."""

@@ -24,15 +24,24 @@ import math
 import torch
 import torch.nn.functional as F
 
-MAX_SCALE_FACTOR = 100.0  # k; beyond it every lifted feature sits at one pole, in float32 too
-
-
 def rms_length(features: torch.Tensor) -> float:
     """The RMS length of ``[N, C, h, w]`` features over all their pixels (the lift's scale ``s``)."""
     value = math.sqrt(features.double().pow(2).sum(1).mean().item())
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"features: their RMS length must be finite and positive to scale the lift; got {value}")
     return value
+
+
+def scales_problem(scales, layers) -> str | None:
+    """What is wrong with ``scales`` (layer -> RMS length ``s``) for the magnitude-aware ``layers``; None: nothing."""
+    if not isinstance(scales, dict):
+        return f"expected a finite positive length for each of {sorted(layers)}; got {scales!r}"
+    missing = sorted(set(layers) - set(scales))
+    invalid = {k: v for k, v in scales.items()
+               if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf}
+    if missing or invalid:
+        return f"expected a finite positive length for each of {sorted(layers)}; missing {missing}, invalid {invalid}"
+    return None
 
 
 def lift(features: torch.Tensor, scale: float) -> torch.Tensor:

@@ -118,7 +118,7 @@ LAYER_COUNT = 3
 MAX_LAMBDA = 1e3
 MAX_ISOLATION_WEIGHT = 10.0
 MAX_BLUR_SIGMA = 256.0
-MAX_MAGNITUDE_SCALE = 100.0  # hetmm.magnitude.MAX_SCALE_FACTOR
+MAX_MAGNITUDE_SCALE = 100.0  # k (hetmm.magnitude); beyond it every lifted feature sits at one pole
 MAX_KERNEL = 1025
 
 
