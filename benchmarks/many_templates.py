@@ -2,6 +2,7 @@
 
     python benchmarks/many_templates.py --data MANY --build --category grass planks tiles --sizes 40 160 320 1000
     python benchmarks/many_templates.py --data MANY --category grass --sizes 40 320 --systems all auto --patchcore
+    python benchmarks/many_templates.py --data MANY --category planks --sizes 40 320 --systems auto --draws 6
 
 ``--build`` writes the choose set under ``--data`` with ``max(sizes) - 40`` further training crops per named
 category (``eval_sets.build_set(..., more_train=)``): the first 40 training images and every test image are
@@ -11,7 +12,9 @@ predict images/s at batch 1 and 8 (the systems at that N interleaved, median per
 AUROC and PRO, the bank's size on disk and, with ``--memory``, the peak resident memory of a fresh process
 that fits and predicts. hetmm systems are ``HETMM`` options by name (``SYSTEMS``); ``--patchcore`` adds
 anomalib's PatchCore (coreset 0.1, the same lite0 weights) at every N whose fit its measured growth says
-finishes within ``--budget`` seconds, and says where it does not.
+finishes within ``--budget`` seconds, and says where it does not. ``--test-each 60`` builds 60 normal and 60
+defective test images a category (one draw of 40 moves image AUROC by 0.01-0.03); ``--draws K`` adds K banks of
+40 drawn at random from the first max(N) images: the spread a bank's choice of images gives by itself.
 """
 
 from __future__ import annotations
@@ -128,10 +131,41 @@ def run(root: Path, category: str, sizes, systems, patchcore: bool, budget: floa
     return rows
 
 
+def draws(root: Path, category: str, pool: int, count: int, size: int = BASE, seed: int = 0) -> dict:
+    """The yardstick for comparing N: image / pixel AUROC and PRO of ``count`` banks of ``size`` images drawn at
+    random (seeded) from the first ``pool`` training images. Which images a bank holds moves a category's
+    metrics by itself; ``auto`` at N is judged against this spread, not against one bank of the first 40."""
+    _, test, labels, masks = load_category(root, category)
+    files = training_files(root, category)[:pool]
+    extractor = HETMM(LITE0, "imagenet", device="cpu")
+    features = extractor.extract(files, progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    rows = {}
+    for i in range(count):
+        chosen = torch.randperm(len(files), generator=generator)[:size].sort().values
+        system = HetmmFiles(f"random{size}of{len(files)}#{i}")
+        system.detector = HETMM(LITE0, "imagenet", device="cpu").fit_features(
+            {layer: value[chosen] for layer, value in features.items()})
+        rows[system.name] = scored(system, test, labels, masks)
+        print(f"{category} {system.name}: {rows[system.name]}", flush=True)
+    banks = list(rows.values())
+    for metric in ("image_auroc", "pixel_auroc", "pro"):
+        values = sorted(row[metric] for row in banks)
+        rows[f"spread_{metric}"] = dict(min=values[0], median=values[len(values) // 2], max=values[-1])
+    return rows
+
+
 def format_rows(category: str, rows: dict) -> str:
     lines = [f"{category:10s} {'system@N':22s} {'fit s':>7s} {'b1/s':>7s} {'b8/s':>7s} {'img':>6s} {'pix':>6s} "
              f"{'PRO':>6s} {'bank MB':>8s} {'RSS MiB':>8s}"]
     for key, row in rows.items():
+        if key.startswith("spread_"):
+            lines.append(f"{'':10s} {key:22s} min {row['min']:.3f}, median {row['median']:.3f}, max {row['max']:.3f}")
+            continue
+        if "fit_seconds" not in row:  # a random draw's bank: accuracy only
+            lines.append(f"{'':10s} {key:22s} {'':7s} {'':7s} {'':7s} {row['image_auroc']:6.3f} "
+                         f"{row['pixel_auroc']:6.3f} {row['pro']:6.3f}")
+            continue
         if "skipped" in row:
             lines.append(f"{'':10s} {key:22s} skipped: {row['skipped']}")
             continue
@@ -153,17 +187,29 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=900.0, help="seconds a PatchCore fit may take (default 900)")
     parser.add_argument("--memory", action="store_true", help="peak RSS of a fresh process per system and N")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--test-each", type=int, default=20,
+                        help="with --build: normal and defective test images per category (default 20 each)")
+    parser.add_argument("--draws", type=int, default=0,
+                        help="also this many banks of 40 drawn at random from the first max(--sizes) training "
+                             "images: the spread that which images a bank holds gives by itself")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if min(args.sizes) < 2:
         parser.error("--sizes: every N must be at least 2")
+    if args.test_each < 1:
+        parser.error(f"--test-each: expected a count >= 1, got {args.test_each}")
+    if args.draws < 0 or (args.draws and max(args.sizes) <= BASE):
+        parser.error(f"--draws: expected a count >= 0, and a largest --sizes above {BASE}")
     root = Path(args.data)
     if args.build:
-        build_set(root, "choose", more_train=max(0, max(args.sizes) - BASE), more_categories=args.category)
+        build_set(root, "choose", n_good=args.test_each, n_defective=args.test_each,
+                  more_train=max(0, max(args.sizes) - BASE), more_categories=args.category)
     results = {}
     for category in args.category:
         results[category] = run(root, category, args.sizes, args.systems, args.patchcore, args.budget, args.memory,
                                 args.rounds)
+        if args.draws:
+            results[category].update(draws(root, category, max(args.sizes), args.draws))
         print(format_rows(category, results[category]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -17,8 +17,8 @@ import hetmm_kernels as hk
 from . import distributed
 from .backbone import LAYERS, Backbone
 from .bank import MAX_IMAGE_SIZE, TemplateBank
-from .calibration import (DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, Regions, calibration_neighbours,
-                          normalised)
+from .calibration import (DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, Regions, calibration_groups,
+                          calibration_neighbours, normalised, outside_own_group)
 from .clustering import compress
 from .retrieval import Codebook
 from .data import measured_prefetched, prefetched, read_image
@@ -428,8 +428,9 @@ class HETMM:
 
     def calibrate(self, features: dict | None = None) -> Calibration | None:
         """Score normal images as new ones would be: the bank's templates each against the others
-        (leave-one-out; with retrieval, against its K nearest; beyond 65, its 64 most similar), less those it
-        shares content with (overlapping crops, near-identical frames: ``calibration_neighbours``), or,
+        (leave-one-out; with retrieval, against its K nearest; beyond 65, its 64 most similar), less its
+        calibration cluster (from 16 images on: ``calibration_groups``) and those it shares content with
+        (overlapping crops, near-identical frames: ``calibration_neighbours``), or,
         given the training ``features`` of a PTS bank, each fold against the PTS set of the other folds.
         ``None`` for fewer than two images.
         """
@@ -443,6 +444,7 @@ class HETMM:
             neighbours = self._neighbours()
             if neighbours is None:
                 neighbours = _most_similar_images(last, len(bank) - 1)
+            neighbours = outside_own_group(neighbours, calibration_groups(unit_means(last)))
             scores, maps = self._score_features(bank.features, calibration_neighbours(last, neighbours))
             return Calibration.from_scores(scores, maps)
         count = len(features[LAYERS[0]])

@@ -292,13 +292,14 @@ def test_the_false_alarm_rate_on_held_out_normal_images():
     assert flagged / total <= _tolerance(total), f"{flagged} of {total} normal images flagged"
 
 
-def test_held_out_calibration_where_leave_one_out_is_not_like_new_images():
-    """Training crops from the top of each photograph overlap one another, new ones come from the bottom:
-    leave-one-out thresholds flag far more than 10% of them; calibrated on other bottom crops, at most
-    the tolerance above."""
+def test_calibration_where_new_images_come_from_elsewhere(monkeypatch):
+    """Training crops from the top of each photograph overlap one another, new ones come from the bottom.
+    Scored each without its own cluster (fit's calibration from 16 images on), or calibrated on other bottom
+    crops (``calibrate_on``), the thresholds flag at most the tolerance above 10% of the new ones; scored
+    against its own cluster's look-alikes (leave-one-out, clusters turned off), more than twice as many."""
     from hetmm.demo import SPLIT_ROW
 
-    flagged = {"leave-one-out": 0, "held-out": 0}
+    flagged = {"clusters": 0, "leave-one-out": 0, "held-out": 0}
     total = 0
     for seed in range(2):
         for texture in TEXTURES:
@@ -306,12 +307,44 @@ def test_held_out_calibration_where_leave_one_out_is_not_like_new_images():
             det = hetmm.HETMM("tf_efficientnet_lite0", image_size=128, out_size=128, fpr=FPR)
             det.fit(_crops(texture, (0, SPLIT_ROW), 16, seed))
             new = _crops(texture, bottom, 16, 200 + seed)
+            flagged["clusters"] += int(det.predict(new).pred_label.sum())
+            with monkeypatch.context() as patch:
+                patch.setattr(calibration, "CLUSTER_SIZE", 10**6)
+                det.bank.set_calibration(det.calibrate())
             flagged["leave-one-out"] += int(det.predict(new).pred_label.sum())
             det.calibrate_on(_crops(texture, bottom, 24, 300 + seed))
             flagged["held-out"] += int(det.predict(new).pred_label.sum())
             total += 16
+    assert flagged["clusters"] / total <= _tolerance(total), flagged
     assert flagged["held-out"] / total <= _tolerance(total), flagged
-    assert flagged["leave-one-out"] > 2 * flagged["held-out"], flagged  # the case calibrate_on is for
+    assert flagged["leave-one-out"] > 2 * max(flagged["clusters"], flagged["held-out"]), flagged
+
+
+def test_calibration_groups_leave_out_whole_clusters():
+    """Four tight groups of images: k-means finds them, and each image is scored against images of other
+    groups only, in its candidates' order, the same number for every image."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(4, 16, generator=generator), dim=1)
+    truth = torch.arange(32) % 4
+    descriptors = centres[truth] + 0.01 * torch.randn(32, 16, generator=generator)
+    groups = calibration.calibration_groups(descriptors)
+    assert groups is not None and groups.unique().numel() == 4
+    assert all(len(set(groups[truth == g].tolist())) == 1 for g in range(4))  # the same partition
+    candidates = torch.stack([torch.roll(torch.arange(32), -i - 1)[:31] for i in range(32)])  # every other image
+    kept = calibration.outside_own_group(candidates, groups)
+    assert kept.shape == (32, 24)
+    assert (groups[kept] != groups[:, None]).all()
+    for i in range(32):  # in the candidates' order
+        order = [int(c) for c in candidates[i] if groups[c] != groups[i]]
+        assert kept[i].tolist() == order[:24]
+
+
+def test_few_or_alike_images_are_scored_leave_one_out():
+    assert calibration.calibration_groups(torch.randn(2 * calibration.CLUSTER_SIZE - 1, 8)) is None
+    assert calibration.calibration_groups(torch.ones(40, 8)) is None  # one cluster: nothing to leave out
+    candidates = torch.arange(6).roll(1).view(1, 6).repeat(6, 1)
+    assert torch.equal(calibration.outside_own_group(candidates, None), candidates)
+    assert torch.equal(calibration.outside_own_group(candidates, torch.zeros(6, dtype=torch.long)), candidates)
 
 
 def _texture_height(texture: str) -> int:
