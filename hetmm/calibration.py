@@ -24,15 +24,16 @@ belong to (crops of one part of a sheet, frames of one batch): an image scored a
 look-alikes still scores lower than an image from elsewhere will (on the choose set 9% of unseen normal
 images flagged at a 1% target on average, 85% on parquet). So from ``2 * CLUSTER_SIZE`` images on, the
 images are clustered by their mean last-layer feature (k-means, about ``CLUSTER_SIZE`` images a cluster,
-at least ``MIN_CLUSTERS`` clusters)
-and each is scored without its whole cluster (``calibration_groups``, ``outside_own_group``): as an image
-from another part of the category's variation would be. Where new images are drawn exactly like the
-training images, this errs towards fewer false alarms than asked for, and fewer defects found.
+at least ``MIN_CLUSTERS`` clusters) and each is scored without its whole cluster (``calibration_groups``,
+``outside_own_group``): as an image from another part of the category's variation would be. Where new
+images are drawn exactly like the training images, this errs towards fewer false alarms than asked for, and
+fewer defects found. (k-means on 40 / 1,000 descriptors: ~2 / ~110 ms.)
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -167,8 +168,6 @@ def calibration_groups(descriptors: torch.Tensor) -> torch.Tensor | None:
     """``[N]`` the calibration cluster of each image, from its descriptor ``[N, C]`` (k-means, ``max(MIN_CLUSTERS,
     N // CLUSTER_SIZE)`` clusters, seeded: the same images give the same clusters); ``None`` (leave-one-out) for
     fewer than ``2 * CLUSTER_SIZE`` images or where the images do not form two clusters."""
-    import warnings
-
     count = descriptors.shape[0]
     if count < 2 * CLUSTER_SIZE:
         return None
