@@ -49,15 +49,19 @@ def read_image(path, size: int) -> torch.Tensor:
                     raise ImageError(f"image {path}: {img.mode} pixel values must lie in [0, 1] "
                                      f"(got {values.min():.4g} to {values.max():.4g})")
                 grey = Image.fromarray(values, mode="F").resize((size, size), Image.BILINEAR)
-                return torch.from_numpy(np.asarray(grey, dtype=np.float32).copy()).clamp_(0, 1)[None].repeat(3, 1, 1)
+                grey = np.clip(np.asarray(grey, dtype=np.float32), 0, 1)
+                return torch.from_numpy(np.repeat(grey[None], 3, axis=0))
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
     except ImageError:
         raise
     except Exception as error:
         raise ImageError(f"cannot read image {path}: {error}") from None
     # times 1/255 as torchvision's to_dtype(scale=True) does (not / 255, which rounds differently in the last
-    # bit): a file read here equals the same file read by torchvision or anomalib, bit for bit
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().mul_(1.0 / 255)
+    # bit): a file read here equals the same file read by torchvision or anomalib, bit for bit. In numpy, not
+    # torch: the service decodes on request threads, which must start no OpenMP team (hetmm.serve)
+    pixels = np.asarray(img, dtype=np.uint8).astype(np.float32) * np.float32(1.0 / 255)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
 
 
 def read_mask(path, size: int, image_size: tuple | None = None) -> torch.Tensor:

@@ -303,7 +303,10 @@ class HETMM:
         return items
 
     def _host_batch(self, items) -> torch.Tensor:
-        """Decode and resize one batch on the host (in a decoding thread when there are file paths)."""
+        """Decode and resize one batch on the host (in a decoding thread when there are file paths). The stack
+        below starts an OpenMP team in a decoding thread, and that is kept on purpose: with more team threads
+        than cores libgomp's waits sleep at once instead of spinning, which leaves the cores to the decoders
+        (1024 px PNGs, 2 decoding threads: 59-60 images/s, 52.5 when the threads started no team)."""
         tensors = [read_image(x, self.image_size) if isinstance(x, (str, Path)) else x.float() for x in items]
         batch = torch.stack([t if t.shape[-2:] == (self.image_size,) * 2 else
                              F.interpolate(t[None], size=(self.image_size,) * 2, mode="bilinear",

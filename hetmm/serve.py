@@ -16,6 +16,7 @@ import base64
 import contextlib
 import hmac
 import io
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,32 @@ def overlay_png(image: torch.Tensor, anomaly: torch.Tensor, threshold: float | N
     return out.getvalue()
 
 
+async def _in_own_thread(function, *args):
+    """``function(*args)`` on a thread of its own that ends when it returns: its OpenMP team (torch's threads
+    for that thread) ends with it instead of slowing the scoring thread's for as long as the process lives."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(outcome, error) -> None:
+        if future.done():  # the awaiting request went away
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(outcome)
+
+    def run() -> None:
+        try:
+            outcome = function(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, error)
+        else:
+            loop.call_soon_threadsafe(settle, outcome, None)
+
+    threading.Thread(target=run, name="hetmm-update", daemon=True).start()
+    return await future
+
+
 class Service:
     """The detector behind the endpoints, the batcher, the hot update and the counters."""
 
@@ -100,18 +127,30 @@ class Service:
             raise ValueError(f"max_batch must be >= 1, max_wait_ms >= 0 and max_bytes >= 1; got {max_batch}, "
                              f"{max_wait_ms}, {max_bytes}")
         self.bank_path = Path(bank)
-        self.detector = HETMM.load(self.bank_path, **{"batch_size": max_batch, **load_options})
-        self.detector.thresholds()  # a bank saved before calibration is calibrated now, not on the first request
+        # Every torch computation of the service runs on this one thread (loading, scoring, overlays), updates
+        # on a thread that ends with each (``_in_own_thread``), decoding in numpy (``read_image``). A thread that
+        # has run one parallel torch operation keeps an OpenMP team while it lives, and with more team threads
+        # than cores libgomp makes every team's threads sleep between parallel regions instead of spinning: a
+        # batch-1 predict on 2 cores ran 9.0 -> 14.0 ms (3 -> 206 context switches a call) while another such
+        # thread lived. Kept off the event loop and the request threads: 1 client 45.9 -> 66.8 images/s, 8
+        # clients 125.8 -> 164.0 (benchmarks/serve_load.py, 15 s each).
+        self.scoring = ThreadPoolExecutor(1, thread_name_prefix="hetmm-score")  # one batch at a time
+        options = {"batch_size": max_batch, **load_options}
+        self.detector = self.scoring.submit(self._loaded, self.bank_path, options).result()
         self.token, self.max_batch, self.max_wait = token, max_batch, max_wait_ms / 1000
         self.max_bytes = max_bytes
         self.queue: asyncio.Queue | None = None
-        self.scoring = ThreadPoolExecutor(1, thread_name_prefix="hetmm-score")  # one batch at a time
-        self.updating = ThreadPoolExecutor(1, thread_name_prefix="hetmm-update")  # beside the scoring
         self.update_lock = asyncio.Lock()
         self.recent: deque = deque(maxlen=RECENT)
         self.started = time.time()
         self.scored = 0
         self._metrics()
+
+    @staticmethod
+    def _loaded(path: Path, options: dict) -> HETMM:
+        detector = HETMM.load(path, **options)
+        detector.thresholds()  # a bank saved before calibration is calibrated now, not on the first request
+        return detector
 
     def _metrics(self) -> None:
         self.registry = CollectorRegistry()
@@ -142,7 +181,7 @@ class Service:
             detector = self.detector  # the whole batch against one bank, whatever an update does meanwhile
             try:
                 result = await loop.run_in_executor(self.scoring, self._score, detector,
-                                                    torch.stack([image for image, _ in items]))
+                                                    [image for image, _ in items])
             except Exception as error:  # noqa: BLE001 - every waiting request gets the error, the loop goes on
                 for _, future in items:
                     if not future.done():
@@ -153,9 +192,9 @@ class Service:
                     future.set_result((result, index))
 
     @staticmethod
-    def _score(detector: HETMM, images: torch.Tensor):
+    def _score(detector: HETMM, images: list):
         with torch.inference_mode():
-            return detector.predict(images)
+            return detector.predict(torch.stack(images))
 
     async def predict(self, image: torch.Tensor):
         future = asyncio.get_running_loop().create_future()
@@ -185,7 +224,7 @@ class Service:
 
     async def add_template(self, image: torch.Tensor) -> int:
         async with self.update_lock:  # updates one after another, each from the last one's bank
-            updated = await asyncio.get_running_loop().run_in_executor(self.updating, self._updated, image)
+            updated = await _in_own_thread(self._updated, image)
             self.detector = updated  # one assignment: later batches see the new bank
         self.templates.set(len(updated.bank))
         return len(updated.bank)
@@ -243,11 +282,11 @@ def create_app(service: Service):
         service.scored += 1
         if verdict["label"]:
             service.flagged.inc()
-        # the overlay is drawn when someone looks (the live page, ?heatmap=png), off the event loop
+        # the overlay is drawn when someone looks (the live page, ?heatmap=png), on the scoring thread
         draw = (image, result.anomaly_map[index], result.pixel_threshold)
         service.recent.appendleft({**verdict, "time": time.time(), "draw": draw})
         if heatmap == "png":
-            png = await asyncio.get_running_loop().run_in_executor(None, overlay_png, *draw)
+            png = await asyncio.get_running_loop().run_in_executor(service.scoring, overlay_png, *draw)
             return answer("predict", 200, response=Response(png, media_type="image/png"))
         return answer("predict", 200, verdict)
 
@@ -275,7 +314,7 @@ def create_app(service: Service):
         loop = asyncio.get_running_loop()
         for entry in entries:
             if "overlay" not in entry:  # drawn once, the first time the page asks
-                png = await loop.run_in_executor(None, overlay_png, *entry["draw"])
+                png = await loop.run_in_executor(service.scoring, overlay_png, *entry["draw"])
                 entry["overlay"] = base64.b64encode(png).decode()
         thresholds = service.detector.thresholds()
         elapsed = max(time.time() - service.started, 1e-9)

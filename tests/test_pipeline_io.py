@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -204,3 +205,45 @@ def test_a_stopped_predict_resumes_to_the_same_results(tmp_path, folder, monkeyp
     assert strip(resumed) == strip(whole)
     for a, b in zip(whole, resumed):
         assert Path(a["heatmap"]).read_bytes() == Path(b["heatmap"]).read_bytes()
+
+
+# A helper thread that runs one parallel torch operation keeps an OpenMP team (its worker threads) for as long
+# as it lives, and with more team threads than cores libgomp makes every team sleep between parallel regions
+# (hetmm.serve). The service's request threads, which decode the uploads, must therefore start none.
+def _team_threads_left_by(work) -> int:
+    """Threads that running ``work`` in a helper thread adds to the process while the helper lives (counted
+    from inside it, once the count has settled: a team of an earlier helper ends a little after it)."""
+    count = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+    added = []
+
+    def run():
+        settled = [count()]
+        while len(settled) < 3 or len(set(settled[-3:])) > 1:
+            time.sleep(0.02)
+            settled.append(count())
+        work()
+        added.append(count() - settled[-1])
+
+    helper = threading.Thread(target=run)
+    helper.start()
+    helper.join()
+    return added[0]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2
+                    or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="counts OpenMP threads through Linux's /proc with several torch threads")
+@pytest.mark.parametrize("side", [256, 1024])
+def test_decoding_an_upload_starts_no_openmp_team(tmp_path, side):
+    from hetmm.serve import decode_upload
+
+    assert _team_threads_left_by(lambda: torch.ones(1 << 22).mul_(2)) >= 1  # what the check detects
+    rng = np.random.default_rng(side)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(paths[-1])
+    grey = tmp_path / "grey16.png"
+    Image.fromarray(rng.integers(0, 65536, (side, side), dtype=np.uint16)).save(grey)
+    for path in (*paths, grey):
+        assert _team_threads_left_by(lambda: decode_upload(path.read_bytes(), 256)) == 0
