@@ -271,3 +271,29 @@ def test_the_command_line_refuses_bad_settings_by_name(bank_file, tmp_path, caps
     assert "--max-batch" in capsys.readouterr().err
     assert main(["serve", "--bank", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_a_hot_update_runs_on_a_thread_that_ends_with_it():
+    """Its result or its error reaches the awaiting request, and no update thread outlives the update (its
+    OpenMP team would slow the scoring thread's for as long as it lived: docs/serve.md)."""
+    import asyncio
+
+    from hetmm.serve import _in_own_thread
+
+    seen = {}
+
+    def work(value):
+        seen["thread"] = threading.current_thread()
+        if value < 0:
+            raise ValueError("negative")
+        return value * 2
+
+    async def main():
+        assert await _in_own_thread(work, 21) == 42
+        with pytest.raises(ValueError, match="negative"):
+            await _in_own_thread(work, -1)
+
+    asyncio.run(main())
+    seen["thread"].join(timeout=5)
+    assert seen["thread"] is not threading.main_thread() and not seen["thread"].is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "hetmm-update"]
