@@ -63,7 +63,6 @@ def read_image(path, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-
 def read_mask(path, size: int, image_size: tuple | None = None) -> torch.Tensor:
     """Binary mask resized (nearest) to ``size x size``: every non-zero pixel is defect.
 

@@ -132,8 +132,8 @@ class Service:
         # has run one parallel torch operation keeps an OpenMP team while it lives, and with more team threads
         # than cores libgomp makes every team's threads sleep between parallel regions instead of spinning: a
         # batch-1 predict on 2 cores ran 9.0 -> 14.0 ms (3 -> 206 context switches a call) while another such
-        # thread lived. Kept off the event loop and the request threads: 1 client 45.9 -> 66.8 images/s, 8
-        # clients 125.8 -> 164.0 (benchmarks/serve_load.py, 15 s each).
+        # thread lived. Kept off the event loop and the request threads: with 1 client 46-48 -> 59-67 images/s
+        # (benchmarks/serve_load.py; docs/serve.md has 8 clients).
         self.scoring = ThreadPoolExecutor(1, thread_name_prefix="hetmm-score")  # one batch at a time
         options = {"batch_size": max_batch, **load_options}
         self.detector = self.scoring.submit(self._loaded, self.bank_path, options).result()
