@@ -81,7 +81,7 @@ def amax(x: torch.Tensor, dim, masked_nonnegative: bool = False) -> torch.Tensor
     bits = x.view(torch.int16)
     high = bits.amax(dim)
     # rows with no non-negative value are rare in matching, but a mask's padding rows are all -inf: without
-    # the caller's word every such call paid this second pass (~10% of a batch-1 predict)
+    # the caller's word every such call paid this second pass (1.02x / 1.01x predict at batch 1 / 8 on real images)
     if not masked_nonnegative and high.numel() and high.min() < 0:
         high = torch.where(high < 0, bits.amin(dim), high)
     return high.view(torch.bfloat16)
