@@ -175,6 +175,12 @@ CANDIDATES = {
     "r17-m2-L3": dict(params=ROUND15.replace("_i=1;", "_i=1_m=2;")),
     "r17-m1": dict(params=ROUND15.replace("_i=1|", "_i=1_m=1|").replace("_c=10|", "_c=10_m=1|")
                    .replace("_i=1;", "_i=1_m=1;")),
+    # the eighteenth round, on the choose set with translucent films added (issue 32): the lift's strength on
+    # layer 3 alone, and on layers 2 and 3
+    "r18-m1-L3": dict(params=ROUND15.replace("_i=1;", "_i=1_m=1;")),
+    "r18-m3-L3": dict(params=ROUND15.replace("_i=1;", "_i=1_m=3;")),
+    "r18-m4-L3": dict(params=ROUND15.replace("_i=1;", "_i=1_m=4;")),
+    "r18-m2-L23": dict(params=ROUND15.replace("_c=10|", "_c=10_m=2|").replace("_i=1;", "_i=1_m=2;")),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }

@@ -79,10 +79,13 @@ CHOOSE_COLOUR_DEFECTS = ("scratch", "discolour", "blob", "smudge", "patch", "den
 # faint flat tint, a soft-edged stain (a low-contrast change of brightness and colour, the texture kept) and
 # specks (a cluster of dots of 1-2 px: fine contamination), between the colour kinds; the plain categories
 # (``CHOOSE_PLAIN``) get the stain and the specks among their colour kinds (both added after round 17: the
-# report set's stains on plain wood tiles were the one kind the choose set lacked)
-CHOOSE_FINE_DEFECTS = ("hairline", "tint", "stain", "discolour", "specks", "hairline", "tint", "stain", "dent",
+# report set's stains on plain wood tiles were the one kind the choose set lacked), and both a translucent film
+# in place of one tint / one stain (glue, oil or wax over the surface: the texture washed out, the colour a
+# little off; MVTec AD's leather "glue" and tile "oil"; added for issue 32: the stain scales the texture and
+# keeps its contrast, a film lowers it)
+CHOOSE_FINE_DEFECTS = ("hairline", "tint", "stain", "discolour", "specks", "hairline", "film", "stain", "dent",
                        "smudge")
-CHOOSE_PLAIN_DEFECTS = ("scratch", "stain", "discolour", "blob", "specks", "smudge", "stain", "patch", "dent",
+CHOOSE_PLAIN_DEFECTS = ("scratch", "stain", "discolour", "blob", "specks", "smudge", "film", "patch", "dent",
                         "spot")
 
 
@@ -177,7 +180,7 @@ def paint_choose_defect(image: np.ndarray, kind: str, rng: np.random.Generator, 
     """
     from scipy import ndimage
 
-    from hetmm.demo import _ellipse_mask, paint_defect
+    from hetmm.demo import DEFECTS, _ellipse_mask, paint_defect
 
     h, w = image.shape[:2]
     if kind == "hairline":  # a smooth curve (a quadratic through three random points), thin, part-contrast
@@ -202,6 +205,14 @@ def paint_choose_defect(image: np.ndarray, kind: str, rng: np.random.Generator, 
         gains = rng.uniform(0.78, 0.9) if rng.random() < 0.6 else rng.uniform(1.1, 1.2)
         gains = gains * rng.uniform(0.95, 1.05, size=3)  # a cast: the channels a little apart
         out = image * (1 + weight[..., None] * (gains - 1))
+    elif kind == "film":  # translucent, soft-edged: blended toward the region's own colour, a little off
+        region = _ellipse_mask(rng, (h, w), 10, 22)
+        weight = ndimage.gaussian_filter(region.astype(np.float64), rng.uniform(2, 4))
+        weight /= weight.max()
+        mask = weight >= 0.5
+        colour = image[region].mean(axis=0) * rng.uniform(0.85, 1.15, size=3)
+        opacity = rng.uniform(0.35, 0.6)
+        out = image + opacity * weight[..., None] * (colour - image)
     elif kind == "specks":  # fine contamination: a few dots of 1-2 px, dark or bright, close together
         mask = np.zeros((h, w), bool)
         centre = rng.uniform(0.2, 0.8, size=2) * (h, w)
@@ -227,10 +238,13 @@ def paint_choose_defect(image: np.ndarray, kind: str, rng: np.random.Generator, 
         zoom = np.where(mask, rng.uniform(0.5, 0.7), 1.0)  # sample nearer the centre: magnified
         coords = [cy + (yy - cy) * zoom, cx + (xx - cx) * zoom]
         out = np.stack([ndimage.map_coordinates(image[..., c], coords, order=1, mode="reflect") for c in range(3)], -1)
-    else:
+    elif kind in DEFECTS:
         grey = image.mean(axis=2)
         painted, mask = paint_defect(grey, kind, rng, piece)
         out = image + (painted - grey)[..., None]
+    else:
+        kinds = sorted(set(CHOOSE_FINE_DEFECTS + CHOOSE_PLAIN_DEFECTS + CHOOSE_COLOUR_DEFECTS + DEFECTS))
+        raise ValueError(f"unknown defect kind {kind!r}; expected one of {kinds}")
     return np.clip(out, 0, 1), mask
 
 
