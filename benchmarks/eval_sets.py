@@ -12,7 +12,7 @@
   bright/dark spots; on colour images it paints the luminance and adds the change to every channel)
   and, on the colour ones, discoloured, smudged and dented regions (``paint_choose_defect``); the
   grained ones get fine defects instead of most of those: smooth hairlines, faint flat tints, soft-edged
-  stains and specks; the featureless ones stains and specks among the colour kinds.
+  stains, translucent films and specks; the featureless ones stains, films and specks among the colour kinds.
 * ``report``: six robosuite photographs (brushed steel, felt, wood tiles, ceramic, white bricks,
   plaster), in colour, with defects painted by a *different* generator (below): cracks, stains,
   holes, foreign matter, local warps. No photograph, generator or parameter is shared with ``choose``;
