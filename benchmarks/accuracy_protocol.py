@@ -181,6 +181,11 @@ CANDIDATES = {
     "r18-m3-L3": dict(params=ROUND15.replace("_i=1;", "_i=1_m=3;")),
     "r18-m4-L3": dict(params=ROUND15.replace("_i=1;", "_i=1_m=4;")),
     "r18-m2-L23": dict(params=ROUND15.replace("_c=10|", "_c=10_m=2|").replace("_i=1;", "_i=1_m=2;")),
+    # and the image score alone re-measured on the six draws (the pixel maps unchanged): the top 1% of the map
+    # instead of its maximum, a sharper blur, and every layer in it
+    "r18-img-top1": dict(params=ROUND15.replace("img_AUC:blur_s=8.0_k=33_L=23", "img_AUC:blur_s=8.0_k=33_top=1_L=23")),
+    "r18-img-s4": dict(params=ROUND15.replace("img_AUC:blur_s=8.0_k=33_L=23", "img_AUC:blur_s=4.0_k=33_L=23")),
+    "r18-img-L123": dict(params=ROUND15.replace("img_AUC:blur_s=8.0_k=33_L=23", "img_AUC:blur_s=8.0_k=33")),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }
