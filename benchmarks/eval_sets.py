@@ -172,6 +172,19 @@ def paint_report_defect(image: np.ndarray, kind: str, rng: np.random.Generator, 
     return np.clip(out, 0, 1), mask
 
 
+def _faded_ellipse(rng, shape, sigmas):
+    """An elliptical region (radii 10-22 px), its weight faded out by a Gaussian of sigma drawn from ``sigmas``
+    (1 at its peak) and the mask where the weight is at least half: (region, weight, mask)."""
+    from scipy import ndimage
+
+    from hetmm.demo import _ellipse_mask
+
+    region = _ellipse_mask(rng, shape, 10, 22)
+    weight = ndimage.gaussian_filter(region.astype(np.float64), rng.uniform(*sigmas))
+    weight /= weight.max()
+    return region, weight, weight >= 0.5
+
+
 def paint_choose_defect(image: np.ndarray, kind: str, rng: np.random.Generator, piece: np.ndarray):
     """(defective image, mask) for the colour categories of ``choose``; ``image`` is ``[H, W, 3]``.
 
@@ -198,18 +211,12 @@ def paint_choose_defect(image: np.ndarray, kind: str, rng: np.random.Generator, 
         opacity = rng.uniform(0.2, 0.35)
         out[mask] = (1 - opacity) * out[mask] + opacity * rng.uniform(0.1, 0.9, size=3)
     elif kind == "stain":  # soft-edged: brightness and colour scaled a little, fading out, the texture kept
-        region = _ellipse_mask(rng, (h, w), 10, 22)
-        weight = ndimage.gaussian_filter(region.astype(np.float64), rng.uniform(3, 6))
-        weight /= weight.max()
-        mask = weight >= 0.5
+        _, weight, mask = _faded_ellipse(rng, (h, w), (3, 6))
         gains = rng.uniform(0.78, 0.9) if rng.random() < 0.6 else rng.uniform(1.1, 1.2)
         gains = gains * rng.uniform(0.95, 1.05, size=3)  # a cast: the channels a little apart
         out = image * (1 + weight[..., None] * (gains - 1))
     elif kind == "film":  # translucent, soft-edged: blended toward the region's own colour, a little off
-        region = _ellipse_mask(rng, (h, w), 10, 22)
-        weight = ndimage.gaussian_filter(region.astype(np.float64), rng.uniform(2, 4))
-        weight /= weight.max()
-        mask = weight >= 0.5
+        region, weight, mask = _faded_ellipse(rng, (h, w), (2, 4))
         colour = image[region].mean(axis=0) * rng.uniform(0.85, 1.15, size=3)
         opacity = rng.uniform(0.35, 0.6)
         out = image + opacity * weight[..., None] * (colour - image)
