@@ -137,15 +137,14 @@ def draws(root: Path, category: str, pool: int, count: int, size: int = BASE, se
     metrics by itself; ``auto`` at N is judged against this spread, not against one bank of the first 40."""
     _, test, labels, masks = load_category(root, category)
     files = training_files(root, category)[:pool]
-    extractor = HETMM(LITE0, "imagenet", device="cpu")
-    features = extractor.extract(files, progress=False)
+    detector = HETMM(LITE0, "imagenet", device="cpu")  # one network: each draw refits its bank, then is scored
+    features = detector.extract(files, progress=False)
     generator = torch.Generator().manual_seed(seed)
     rows = {}
     for i in range(count):
         chosen = torch.randperm(len(files), generator=generator)[:size].sort().values
         system = HetmmFiles(f"random{size}of{len(files)}#{i}")
-        system.detector = HETMM(LITE0, "imagenet", device="cpu").fit_features(
-            {layer: value[chosen] for layer, value in features.items()})
+        system.detector = detector.fit_features({layer: value[chosen] for layer, value in features.items()})
         rows[system.name] = scored(system, test, labels, masks)
         print(f"{category} {system.name}: {rows[system.name]}", flush=True)
     banks = list(rows.values())
