@@ -3,7 +3,8 @@
 A drop-in for the published HETMM CUDA extension (``forward_ATM``, ``backward_ATM``,
 ``PTS``) plus the fused ops the detector uses (``mutual_match``, ``global_match``, ``aggregate_maps``). Every op has three implementations behind one
 contract: ``reference`` (naive PyTorch, the ground truth), ``torch`` (vectorised,
-the CPU path) and ``triton`` (the GPU path). See ``set_backend``.
+the CPU path) and ``triton`` (the GPU path). See ``set_backend``. Templates given as ``QuantizedTemplates``
+(rows as ``QuantizedRows``) are matched with int8 products (compiled for CPUs with AVX512-VNNI).
 """
 
 from . import reference
@@ -20,6 +21,7 @@ from .ops import (
     mutual_match,
     retrieve_topk,
 )
+from .quantized import QuantizedRows, QuantizedTemplates, quantize_int8
 from .templates import PreparedTemplates, prepare_templates
 from .validation import trusted_values
 
@@ -29,6 +31,8 @@ __all__ = [
     "HistogramBank",
     "PTS",
     "PreparedTemplates",
+    "QuantizedRows",
+    "QuantizedTemplates",
     "aggregate_maps",
     "backward_ATM",
     "block_histograms",
@@ -37,6 +41,7 @@ __all__ = [
     "global_match",
     "mutual_match",
     "prepare_templates",
+    "quantize_int8",
     "reference",
     "retrieve_topk",
     "set_backend",

@@ -14,6 +14,7 @@ import torch
 
 from . import reference
 from .backend import resolve
+from .quantized import QuantizedRows, QuantizedTemplates, dequantize, quantize_int8
 from .templates import PreparedTemplates, prepare_templates
 from .torch_ops import aggregate as torch_aggregate
 from .torch_ops import atm as torch_atm
@@ -22,7 +23,7 @@ from .torch_ops import pts as torch_pts
 from .torch_ops import retrieval as torch_retrieval
 from .validation import all_finite, check_feature_tensor, check_same_maps, check_window, checking_values
 
-TemplatesLike = torch.Tensor | PreparedTemplates
+TemplatesLike = torch.Tensor | PreparedTemplates | QuantizedTemplates
 
 
 def _checked(query, temp) -> PreparedTemplates:
@@ -34,6 +35,11 @@ def _checked(query, temp) -> PreparedTemplates:
     bank = prepare_templates(temp)
     check_same_maps(query, bank.shape, bank.dtype, bank.device)
     return bank
+
+
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating torch.dtype or None; got {out_dtype!r}")
 
 
 def _triton_atm():
@@ -106,6 +112,10 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     ``out_dtype``: the maps' dtype (default the query's); ``torch.float32`` keeps the float32
     accumulated maxima of 16-bit products unrounded (the detector asks for it).
 
+    ``temp`` a ``QuantizedTemplates``: int8 products (``hetmm_kernels.quantized``): the query is rounded per pixel
+    as the templates were, every product is exact, each template pixel's bias is added; the maps are float32 by
+    default. Compiled for CPUs with AVX512-VNNI; elsewhere the same similarities from the dequantised features.
+
     >>> q = torch.nn.functional.normalize(torch.randn(1, 32, 8, 8), dim=1)
     >>> fore, back = mutual_match(q, q, 5, 3)
     >>> bool(torch.allclose(fore, torch.ones(1, 8, 8), atol=1e-5))
@@ -113,11 +123,12 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     """
     fore_patch = check_window("fore_patch", fore_patch)
     back_patch = check_window("back_patch", back_patch)
+    if isinstance(temp, QuantizedTemplates):
+        return _int8_mutual_match(query, temp, fore_patch, back_patch, indices, out_dtype, backend)
     bank = _checked(query, temp)
     if indices is not None:
         _check_indices(indices, query.shape[0], len(bank), query.device)
-    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
-        raise TypeError(f"out_dtype must be a floating torch.dtype or None; got {out_dtype!r}")
+    _check_out_dtype(out_dtype)
     out_dtype = out_dtype or query.dtype
     impl = resolve(query.device, backend, query.dtype)
     if query.shape[0] == 0:
@@ -140,6 +151,78 @@ def mutual_match(query: torch.Tensor, temp: TemplatesLike, fore_patch: int, back
     return fore.to(out_dtype), back.to(out_dtype)
 
 
+def _cpu_int8():
+    """The compiled int8 kernels when they run here (numba, AVX512-VNNI), else None."""
+    from .cpu_ops import int8_match  # lazily: numba's import costs ~0.14 s
+
+    return int8_match if int8_match.available() else None
+
+
+def _dequantized_query(query: torch.Tensor, biased: bool) -> torch.Tensor:
+    """float32 query rounded as the int8 products round it, with a channel of ones to meet a template bias."""
+    q = dequantize(*quantize_int8(query)).float()
+    return torch.cat([q, torch.ones_like(q[:, :1])], 1) if biased else q
+
+
+def _dequantized_templates(bank: QuantizedTemplates) -> PreparedTemplates:
+    """float32 templates as the int8 products see them, the bias as one more channel (built once per set)."""
+    def build(b):
+        t = b.dequantized().float()
+        return prepare_templates(torch.cat([t, b.bias[:, None].to(t.device)], 1) if b.bias is not None else t)
+
+    return bank.layout("dequantized", build)
+
+
+def _int8_mutual_match(query, bank: QuantizedTemplates, fore_patch: int, back_patch: int, indices, out_dtype, backend):
+    check_feature_tensor("query", query, allow_empty_batch=True)
+    check_same_maps(query, bank.shape, query.dtype, bank.device)
+    if indices is not None:
+        _check_indices(indices, query.shape[0], len(bank), query.device)
+    _check_out_dtype(out_dtype)
+    out_dtype = out_dtype or torch.float32
+    impl = resolve(query.device, backend)
+    if query.shape[0] == 0:
+        empty = query.new_empty((0, *query.shape[2:]), dtype=out_dtype)
+        return empty, empty.clone()
+    compiled = _cpu_int8() if impl == "torch" and query.device.type == "cpu" else None
+    if impl == "reference":
+        fore, back = reference.int8_mutual_match(query, bank.values, bank.scales, bank.bias, fore_patch, back_patch,
+                                                 indices)
+    elif compiled is not None:
+        height, width = query.shape[2:]
+        layout = bank.layout("cpu-int8", lambda b: compiled.template_lanes(b.values, b.scales, b.bias))
+        fore, back = compiled.mutual_match(query, layout, height, width, fore_patch // 2, back_patch // 2, indices)
+        fore, back = fore.clamp_min_(reference.MATCH_FLOOR), back.clamp_min_(reference.MATCH_FLOOR)
+    else:  # the same similarities from the dequantised features, through this backend's float32 kernels
+        fore, back = mutual_match(_dequantized_query(query, bank.bias is not None), _dequantized_templates(bank),
+                                  fore_patch, back_patch, indices=indices, out_dtype=torch.float32, backend=impl)
+    return fore.to(out_dtype), back.to(out_dtype)
+
+
+def _int8_global_match(query: torch.Tensor, rows: QuantizedRows, out_dtype, backend) -> torch.Tensor:
+    if rows.shape[1] != query.shape[1] or rows.device != query.device:
+        raise ValueError(f"rows must match the query's channels and device: rows are {tuple(rows.shape)} on "
+                         f"{rows.device}, the query {tuple(query.shape)} on {query.device}")
+    out_dtype = out_dtype or torch.float32
+    impl = resolve(query.device, backend)
+    if query.shape[0] == 0:
+        return query.new_empty((0, *query.shape[2:]), dtype=out_dtype)
+    compiled = _cpu_int8() if impl == "torch" and query.device.type == "cpu" else None
+    if impl == "reference":
+        best = reference.int8_global_match(query, rows.values, rows.scales, rows.bias)
+    elif compiled is not None:
+        layout = rows.layout("cpu-int8", lambda r: compiled.row_lanes(r.values, r.scales, r.bias))
+        best = compiled.global_match(query, layout).clamp_min_(reference.MATCH_FLOOR)
+    else:
+        def build(r):
+            t = r.dequantized().float()
+            return torch.cat([t, r.bias[:, None].to(t.device)], 1) if r.bias is not None else t
+
+        best = global_match(_dequantized_query(query, rows.bias is not None), rows.layout("dequantized", build),
+                            out_dtype=torch.float32, backend=impl)
+    return best.to(out_dtype)
+
+
 def global_match(query: torch.Tensor, rows: torch.Tensor, *, out_dtype: torch.dtype | None = None,
                  backend: str | None = None) -> torch.Tensor:
     """Forward matching without a window: ``[B, H, W]``, each query pixel's largest dot product with
@@ -151,8 +234,13 @@ def global_match(query: torch.Tensor, rows: torch.Tensor, *, out_dtype: torch.dt
     >>> rows = q.permute(0, 2, 3, 1).reshape(16, 8)
     >>> bool(torch.allclose(global_match(q, rows), torch.ones(1, 4, 4), atol=1e-5))
     True
+
+    ``rows`` a ``QuantizedRows``: int8 products, as ``mutual_match`` with ``QuantizedTemplates`` (float32 maps).
     """
     check_feature_tensor("query", query, allow_empty_batch=True)
+    if isinstance(rows, QuantizedRows):
+        _check_out_dtype(out_dtype)
+        return _int8_global_match(query, rows, out_dtype, backend)
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.shape[0] < 1:
         raise ValueError(f"rows must be a tensor [N >= 1, C] of template pixels; got "
                          f"{tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__}")
@@ -161,8 +249,7 @@ def global_match(query: torch.Tensor, rows: torch.Tensor, *, out_dtype: torch.dt
                          f"{rows.dtype} on {rows.device}, the query {tuple(query.shape)} {query.dtype} on {query.device}")
     if checking_values() and not all_finite(rows):
         raise ValueError("rows contains NaN or inf values; features must be finite")
-    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
-        raise TypeError(f"out_dtype must be a floating torch.dtype or None; got {out_dtype!r}")
+    _check_out_dtype(out_dtype)
     out_dtype = out_dtype or query.dtype
     impl = resolve(query.device, backend, query.dtype)
     if query.shape[0] == 0:

@@ -216,3 +216,32 @@ def global_match(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     for n in range(r.shape[0]):
         out = torch.maximum(out, torch.einsum("bchw,c->bhw", q, r[n]))
     return out.to(query.dtype)
+
+
+def _as_int8_products(query: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, bias, dim: int = 1):
+    """float64 query and templates as int8 products see them: the query rounded per pixel (``quantize_int8``),
+    both sides dequantised (each product then exact), and a template's bias as one more channel (query: 1)."""
+    from .quantized import dequantize, quantize_int8
+
+    q = dequantize(*quantize_int8(query))
+    t = dequantize(values, scales, dim)
+    if bias is not None:
+        q = torch.cat([q, torch.ones_like(q[:, :1])], 1)
+        t = torch.cat([t, bias.double().unsqueeze(dim)], dim)
+    return q, t
+
+
+def int8_mutual_match(query, values, scales, bias, fore_patch, back_patch, indices=None):
+    """``mutual_match`` of int8 products: the query and the templates ``values [T, C, H, W]`` (int8) x
+    ``scales [T, H, W]`` each rounded per pixel, every product exact, plus ``bias [T, H, W]`` (or None) on every
+    similarity of a template pixel; ``indices [B, K]``: query b against its templates only. float64 ``[B, H, W]``."""
+    q, t = _as_int8_products(query, values, scales, bias)
+    if indices is not None:
+        return mutual_match_subset(q, t, fore_patch, back_patch, indices)
+    return mutual_match(q, t, fore_patch, back_patch)
+
+
+def int8_global_match(query, values, scales, bias):
+    """``global_match`` of int8 products against rows ``values [N, C]`` x ``scales [N]`` (+ ``bias [N]``)."""
+    q, rows = _as_int8_products(query, values, scales, bias, dim=-1)
+    return global_match(q, rows)

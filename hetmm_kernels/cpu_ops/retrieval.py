@@ -16,10 +16,10 @@ differ by an ulp where torch's float32 square root (not always correctly rounded
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
+
+from . import POOL
 
 try:
     import numba
@@ -29,9 +29,6 @@ except ImportError:  # the elementwise torch path serves without it
 # Bank entries a tile holds side by side: the innermost loops run over a tile's lanes, which the
 # compiler turns into vector instructions (16 float32 lanes a zmm register, 4 of them).
 TILE = 64
-# numba's default thread pool (workqueue) must not be entered by two threads at once; a scan uses
-# every core anyway, so concurrent callers take turns.
-_POOL = threading.Lock()
 # Distances one scan call writes ([Q, entries] float32): a chunk of the bank at a time beyond this.
 SCAN_ELEMENTS = 1 << 22
 
@@ -236,7 +233,7 @@ def trimmed_distances(query: torch.Tensor, own: torch.Tensor, tiled: torch.Tenso
     end included: the caller cuts them). ``query [Q, L, bins]`` (plus eps for KL) and ``own [Q, L]``
     float32 as the torch path computes them; ``used``: the table entries a count may index (area + 1)."""
     out = np.empty((query.shape[0], tiles * TILE), np.float32)
-    with _POOL:
+    with POOL:
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         _scan_kernel(tiled.numpy(), first_tile, query.contiguous().numpy(), own.contiguous().numpy(),
                      table.numpy(), used, drop, method == "kl", out)
