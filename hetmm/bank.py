@@ -161,15 +161,36 @@ class TemplateBank:
             indices = self.coreset(layer, percent)
             if indices is None:
                 raise KeyError(f"the bank holds no {percent:g}% coreset of {layer}")
-            self._prepared[key] = coreset_rows(self.prepared(layer, device, dtype, fore, isolation), indices)
+            if dtype == torch.int8:  # the rows' own features rounded to int8, their isolation as a bias
+                rows, owners = coreset_rows(hk.prepare_templates(self.features[layer].to(device)), indices)
+                bias = self._isolation_bias(layer, fore, isolation)
+                bias = None if bias is None else bias.reshape(-1)[indices.to(bias.device)].to(device)
+                self._prepared[key] = (hk.QuantizedRows(rows, bias), owners)
+            else:
+                self._prepared[key] = coreset_rows(self.prepared(layer, device, dtype, fore, isolation), indices)
         return self._prepared[key]
 
+    def _isolation_bias(self, layer: str, fore: int, isolation: float) -> torch.Tensor | None:
+        """``isolation`` times the layer's isolation for the ``fore`` window (``[N, h, w]``), or None without one."""
+        if not isolation:
+            return None
+        values = self.isolation(layer, fore)
+        if values is None:
+            raise KeyError(f"the bank holds no isolation of {layer} for the {fore}x{fore} window")
+        return isolation * values.float()
+
     def prepared(self, layer: str, device: torch.device, dtype: torch.dtype, fore: int = 0,
-                 isolation: float = 0.0) -> hk.PreparedTemplates:
+                 isolation: float = 0.0) -> "hk.PreparedTemplates | hk.QuantizedTemplates":
         """The layer's templates on ``device``/``dtype``, laid out once for the kernels; with an
-        ``isolation`` weight, carrying the isolation for the ``fore`` window (``set_isolation`` first)."""
+        ``isolation`` weight, carrying the isolation for the ``fore`` window (``set_isolation`` first).
+        ``torch.int8``: a ``QuantizedTemplates`` of the float32 features, the weighted isolation as its bias."""
         key = (layer, str(device), dtype, fore if isolation else 0, isolation)
         if key not in self._prepared:
+            if dtype == torch.int8:
+                bias = self._isolation_bias(layer, fore, isolation)
+                self._prepared[key] = hk.QuantizedTemplates(self.features[layer].to(device, torch.float32),
+                                                            None if bias is None else bias.to(device))
+                return self._prepared[key]
             features = self.features[layer].to(device, dtype)
             if isolation:
                 values = self.isolation(layer, fore)

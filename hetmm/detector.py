@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,13 +29,15 @@ from .magnitude import directions, rms_length, scales_problem
 from .selection import DESCRIPTOR_LAYER, image_descriptors, spread, spread_images, unit_means
 
 
-# precision -> (backbone dtype, matching dtype); products always accumulate in float32
+# precision -> (backbone dtype, matching dtype); products always accumulate in float32 (int32 for int8). int8:
+# the features rounded to int8 per pixel and multiplied exactly (hetmm_kernels.quantized), the backbone in
+# bfloat16 where the CPU computes it natively, else float32 (``backbone_dtype``).
 PRECISIONS = {"fp32": (torch.float32, torch.float32), "fp16": (torch.float16, torch.float16),
-              "bf16": (torch.bfloat16, torch.bfloat16), "bf16-backbone": (torch.bfloat16, torch.float32)}
-
-
-# What ``auto`` picks on a CPU with native bfloat16 (see resolve_precision for the measurement).
-AUTO_CPU_PRECISION = "bf16"
+              "bf16": (torch.bfloat16, torch.bfloat16), "bf16-backbone": (torch.bfloat16, torch.float32),
+              "int8": (None, torch.int8)}
+# HETMM_NO_BF16=1: behave as on a CPU without native bfloat16 (``auto``'s choice and int8's backbone), to measure
+# and test that pairing on a CPU that has it.
+NO_BF16_VARIABLE = "HETMM_NO_BF16"
 
 
 class OptionsError(ValueError):
@@ -42,35 +45,58 @@ class OptionsError(ValueError):
 
 
 def native_bf16_cpu() -> bool:
-    """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere it is emulated, slowly."""
+    """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX) and ``HETMM_NO_BF16`` is not set;
+    elsewhere bfloat16 is emulated, slowly."""
+    if os.environ.get(NO_BF16_VARIABLE, "0") not in ("", "0"):
+        return False
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(precision: str = "auto", half=False, device=torch.device("cpu")) -> str:
-    """``fp32``, ``fp16`` or ``bf16`` for a detector on ``device``.
+def int8_cpu() -> bool:
+    """True when the int8 matching is compiled for this CPU (numba, AVX512-VNNI: Intel Xeon since Cascade Lake,
+    Core since Ice Lake, AMD since Zen 4); elsewhere it would run dequantised, slower than float32."""
+    from hetmm_kernels.cpu_ops import int8_match
 
-    ``auto``: bfloat16 on a CPU that computes it natively (measured: 2.3x the float32 matmul rate, the
-    lite0 backbone 4-5x faster, every metric of the comparison harness within 0.005 of float32), float32
-    elsewhere, including GPUs (``fp16``/``bf16`` there are explicit). ``half`` is the older spelling
-    (True = ``fp16``) and wins over ``auto``. float16 on a CPU is refused: no CPU has fast kernels for it.
+    return int8_match.available()
+
+
+def resolve_precision(precision: str = "auto", half=False, device=torch.device("cpu")) -> str:
+    """``fp32``, ``fp16``, ``bf16``, ``bf16-backbone`` or ``int8`` for a detector on ``device``.
+
+    ``auto`` on a CPU: ``int8`` where the int8 matching is compiled (AVX512-VNNI), with the backbone in bfloat16
+    where the CPU has it natively and float32 elsewhere (``backbone_dtype``); else ``bf16`` where bfloat16 is
+    native; else float32. On GPUs ``auto`` is float32 (``fp16``/``bf16`` there are explicit). ``half`` is the older
+    spelling (True = ``fp16``) and wins over ``auto``. float16 on a CPU is refused: no CPU has fast kernels for it.
     """
     if half not in (False, None, True, "fp16", "bf16"):
         raise OptionsError(f"half must be False, True (float16), 'fp16' or 'bf16'; got {half!r}")
     if precision not in ("auto", *PRECISIONS):
-        raise OptionsError(f"precision must be 'auto', 'fp32', 'fp16', 'bf16' or 'bf16-backbone'; got {precision!r}")
+        raise OptionsError(f"precision must be 'auto', 'fp32', 'fp16', 'bf16', 'bf16-backbone' or 'int8'; "
+                           f"got {precision!r}")
     legacy = {True: "fp16", "fp16": "fp16", "bf16": "bf16"}.get(half)
     if legacy and precision not in ("auto", legacy):
         raise OptionsError(f"half={half!r} and precision={precision!r} disagree; give one of them")
     device = torch.device(device)
     chosen = legacy or precision
     if chosen == "auto":
-        return AUTO_CPU_PRECISION if device.type == "cpu" and native_bf16_cpu() else "fp32"
+        if device.type != "cpu":
+            return "fp32"
+        return "int8" if int8_cpu() else "bf16" if native_bf16_cpu() else "fp32"
     if device.type == "cpu" and chosen == "fp16":  # (bf16-backbone is for CPUs; on a GPU it is what it says)
         raise OptionsError("precision='fp16' (half=True) has no fast CPU kernels; on a CPU use precision='bf16' "
                          "(native on AVX512-BF16/AMX cores) or 'fp32'")
     return chosen
+
+
+def backbone_dtype(precision: str, device=torch.device("cpu")) -> torch.dtype:
+    """The backbone's dtype for a resolved ``precision``: int8's is bfloat16 on a CPU with native bfloat16,
+    float32 elsewhere."""
+    dtype = PRECISIONS[precision][0]
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cpu" and native_bf16_cpu() else torch.float32
+    return dtype
 
 
 @dataclass
@@ -112,7 +138,7 @@ class DetectorOptions:
 
     category / params: the parameter string (the paper's for its MVTec AD categories, ``DEFAULT``
     otherwise); image_size / out_size: input and map size (16-4096); device; precision ("auto",
-    "fp32", "fp16", "bf16", "bf16-backbone"; ``half`` is the older switch); batch_size; threshold
+    "fp32", "fp16", "bf16", "bf16-backbone", "int8"; ``half`` is the older switch); batch_size; threshold
     (a number: labels and masks at it; "f1": the F1-optimal image threshold ``calibrate_f1`` stored, with
     the calibrated pixel threshold; None: the calibrated thresholds); fpr / pixel_fpr (the false-alarm
     rates the calibrated image / pixel thresholds aim at; pixel_fpr None: fpr); download (allow hub
@@ -247,7 +273,7 @@ class HETMM:
         if neighbourhood is None:
             neighbourhood = neighbourhood_for(opts.category, opts.params)
         self.backbone = Backbone(backbone, weights, download=opts.download, neighbourhood=neighbourhood).to(self.device)
-        self.backbone.set_precision(PRECISIONS[self.precision][0], self.feature_dtype)
+        self.backbone.set_precision(backbone_dtype(self.precision, self.device), self.feature_dtype)
         # magnitude-aware layers (``_m=``): their scale factor k; the RMS lengths s come from the first images extracted
         self.magnitude = {layer: p.magnitude for layer, p in self.params.active_layers.items() if p.magnitude}
         self.magnitude_scales: dict | None = None
@@ -270,9 +296,14 @@ class HETMM:
                     magnitude_scales=self.magnitude_scales)
 
     @property
-    def feature_dtype(self) -> torch.dtype:
-        """The dtype of the backbone's features and of the matching's products (accumulation is float32)."""
+    def matching_dtype(self) -> torch.dtype:
+        """The dtype the matching multiplies in (accumulation float32; int32 for int8)."""
         return PRECISIONS[self.precision][1]
+
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        """The dtype of the backbone's features: the matching's, but float32 for int8 (rounded per pixel there)."""
+        return torch.float32 if self.matching_dtype == torch.int8 else self.matching_dtype
 
     @property
     def half(self):
@@ -580,7 +611,7 @@ class HETMM:
                                "the whole bank; save the fitted bank and load its shards from that file")
         neighbours = self._neighbours()
         for layer, p in missing.items():
-            templates = bank.prepared(layer, self.device, self.feature_dtype)
+            templates = bank.prepared(layer, self.device, self.matching_dtype)
             bank.set_isolation(layer, p.fore, template_isolation(templates, p.fore, neighbours))
 
     def _ensure_coresets(self) -> None:
@@ -684,14 +715,14 @@ class HETMM:
         """Per-layer matches of extracted query features against the bank (``indices [B, K]``: each
         query against those templates only; otherwise all, or the retrieved K)."""
         bank = self._require_bank()
-        dtype = self.feature_dtype
+        dtype = self.matching_dtype
         self._ensure_isolation()
         self._ensure_coresets()
         templates = {layer: bank.prepared(layer, self.device, dtype, p.fore, p.isolation)
                      for layer, p in self.params.active_layers.items()}
         coresets = {layer: bank.coreset_rows(layer, self.device, dtype, p.coreset, p.fore, p.isolation)
                     for layer, p in self.params.active_layers.items() if p.coreset}
-        query = {layer: features[layer].to(self.device, dtype) for layer in self.params.active_layers}
+        query = {layer: features[layer].to(self.device, self.feature_dtype) for layer in self.params.active_layers}
         if bank.is_shard and self.group is None:
             raise RuntimeError("the bank is a shard: give the detector its process group (HETMM.shard / load(shard=))")
         absent = None

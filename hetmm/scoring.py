@@ -33,11 +33,14 @@ def leave_one_out(count: int, device=None) -> torch.Tensor:
 def template_isolation(temp, fore: int, neighbours: torch.Tensor | None = None) -> torch.Tensor:
     """``[T, h, w]`` float32: ``1 - `` each template pixel's best similarity to the *other* templates
     within the ``fore x fore`` window (forward matching, leave-one-out), floored at 0; 0 for one template.
+    ``temp``: features, ``PreparedTemplates``, or ``QuantizedTemplates`` (int8 products, as predict's).
 
     ``neighbours [T, K]`` (optional): template ``t`` is compared with templates ``neighbours[t]`` only
     (its retrieved nearest images, as a query like it would be); they must not include ``t``.
     """
-    bank = hk.prepare_templates(temp)
+    quantized = isinstance(temp, hk.QuantizedTemplates)  # int8 products; the templates themselves as queries
+    bank = temp if quantized else hk.prepare_templates(temp)
+    queries = bank.dequantized().float() if quantized else bank.temp
     count, (height, width) = len(bank), bank.shape[2:]
     if neighbours is None:
         if count < 2:
@@ -48,7 +51,7 @@ def template_isolation(temp, fore: int, neighbours: torch.Tensor | None = None) 
     parts = []
     for start in range(0, count, ISOLATION_CHUNK):
         rows = slice(start, min(start + ISOLATION_CHUNK, count))
-        best, _ = hk.mutual_match(bank.temp[rows], bank, fore, 1, indices=neighbours[rows].to(bank.device))
+        best, _ = hk.mutual_match(queries[rows], bank, fore, 1, indices=neighbours[rows].to(bank.device))
         parts.append((1 - best.float()).clamp_min(0).cpu())
     return torch.cat(parts)
 
@@ -154,10 +157,11 @@ def coreset_match(query: torch.Tensor, coreset: tuple, indices: torch.Tensor | N
     batch, channels, height, width = query.shape
     if gather is None:  # the Triton path keeps everything on the device; the host path may read the indices
         gather = hk.backend.resolve(query.device, dtype=query.dtype) != "triton"
-    if gather:  # each query against its own rows only
+    if gather or isinstance(rows, hk.QuantizedRows):  # each query against its own rows only
         best = torch.full((batch, height, width), MATCH_FLOOR, device=query.device)
         for b in range(batch):
-            own = rows[torch.isin(owners, indices[b].to(owners.device))]
+            mine = torch.isin(owners, indices[b].to(owners.device))
+            own = rows.take(mine) if isinstance(rows, hk.QuantizedRows) else rows[mine]
             if len(own):
                 best[b] = hk.global_match(query[b:b + 1], own, out_dtype=torch.float32)[0]
         return best
@@ -219,7 +223,10 @@ class LayerMatches:
             if layer not in query_feats or layer not in temp_feats:
                 raise KeyError(f"params use {layer}, but the features have {sorted(query_feats)} / {sorted(temp_feats)}")
             query, temp = query_feats[layer], temp_feats[layer]
-            if p.isolation:
+            if isinstance(temp, hk.QuantizedTemplates):  # int8 products: the isolation travels as the bias
+                if p.isolation and temp.bias is None:
+                    raise ValueError(f"{layer} has an isolation weight, but its quantised templates carry no bias")
+            elif p.isolation:
                 if temp.shape[1] == query.shape[1]:
                     temp = isolated_templates(hk.prepare_templates(temp).temp, template_isolation(temp, p.fore),
                                               p.isolation)

@@ -112,6 +112,14 @@ class QuantizedRows:
     def __len__(self) -> int:
         return self.values.shape[0]
 
+    def take(self, index: torch.Tensor) -> "QuantizedRows":
+        """The rows ``index`` selects (a boolean mask or indices), as they were rounded: nothing is quantised again."""
+        taken = object.__new__(QuantizedRows)
+        taken.values, taken.scales = self.values[index], self.scales[index]
+        taken.bias = None if self.bias is None else self.bias[index]
+        taken._layouts = {}
+        return taken
+
     def dequantized(self) -> torch.Tensor:
         """float64 ``[N, C]``."""
         return dequantize(self.values, self.scales)

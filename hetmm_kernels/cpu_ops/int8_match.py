@@ -18,6 +18,7 @@ micro-kernel with all rows as the lanes of one "pixel".
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -31,13 +32,17 @@ except ImportError:  # the dequantised torch path serves without it
     numba = None
 
 LANES = 16  # 32-bit lanes of a 512-bit register
-GROUP = 8  # at most this many query pixels share each template load
+HALF = 8  # lanes are padded to a multiple of this: a last half vector runs on 256-bit registers (40 templates:
+# 2.5 vectors, not 3; 256-bit VNNI costs half a 512-bit one on Zen 4)
+GROUP = 6  # at most this many query pixels share each template load (measured best on lite0 layers: 5-6)
 CHUNK = 4  # template vectors per pass: GROUP * CHUNK accumulators, CHUNK template and GROUP best registers
 OFFSET = 128  # added to the query's int8 values (vpdpbusd's unsigned operand)
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """numba compiles here, for this host, and the host multiplies bytes with AVX512-VNNI."""
+    """numba compiles here, for this host, and the host multiplies bytes with AVX512-VNNI (asked once: the
+    question costs ~0.2 ms, each op asks it)."""
     if numba is None or numba.config.DISABLE_JIT:
         return False
     if numba.config.CPU_NAME is not None or numba.config.CPU_FEATURES is not None:
@@ -66,7 +71,7 @@ def channel_words(channels: int) -> int:
 def pack_lanes(values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> Lanes:
     """``values int8 [P, T, C]``, ``scales [P, T]``, ``bias [P, T]`` (or None) -> ``Lanes`` (host memory)."""
     pixels, count, channels = values.shape
-    words, padded = channel_words(channels), -(-count // LANES) * LANES
+    words, padded = channel_words(channels), -(-count // HALF) * HALF
     data = torch.zeros(pixels, padded, words * 4, dtype=torch.int8)
     data[:, :count, :channels] = values.cpu()
     lanes = data.view(pixels, padded, words, 4).permute(0, 2, 1, 3).contiguous().view(torch.int32)
@@ -112,14 +117,23 @@ if numba is not None:
                 arrays = {n: context.make_array(signature.args[i])(context, builder, args[i])
                           for i, n in enumerate(names) if isinstance(signature.args[i], numba.types.Array)}
                 i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
-                vint, vflt, vbyte = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES), ir.VectorType(ir.IntType(8), 64)
-                dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vint, [vint, vbyte, vbyte]),
-                                                     "llvm.x86.avx512.vpdpbusd.512")
-                fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vflt, [vflt, vflt, vflt]),
-                                                     "llvm.fma.v16f32")
                 const = lambda v: ir.Constant(i64, v)  # noqa: E731
+                # per width (lanes): int32, float32 and byte vectors, and the VNNI / FMA intrinsics
+                kinds = {}
+                for lanes_n in (LANES, HALF):
+                    vint, vflt = ir.VectorType(i32, lanes_n), ir.VectorType(f32, lanes_n)
+                    vbyte = ir.VectorType(ir.IntType(8), 4 * lanes_n)
+                    bits = 32 * lanes_n
+                    kinds[lanes_n] = dict(
+                        int=vint, float=vflt, byte=vbyte,
+                        dot=cgutils.get_or_insert_function(builder.module, ir.FunctionType(vint, [vint, vbyte, vbyte]),
+                                                           f"llvm.x86.avx512.vpdpbusd.{bits}"),
+                        fma=cgutils.get_or_insert_function(builder.module, ir.FunctionType(vflt, [vflt, vflt, vflt]),
+                                                           f"llvm.fma.v{lanes_n}f32"))
+                vflt = kinds[LANES]["float"]
                 _, words, padded = cgutils.unpack_tuple(builder, arrays["lanes"].shape, 3)
-                vectors = builder.udiv(padded, const(LANES))
+                full = builder.udiv(padded, const(LANES))  # whole vectors; then a half one if padded % 16 == 8
+                slots = builder.udiv(builder.add(padded, const(HALF)), const(LANES))  # vectors, a half one counted
 
                 def vload(name, offset, kind):
                     at = builder.gep(arrays[name].data, [offset])
@@ -127,7 +141,8 @@ if numba is not None:
 
                 def splat(value, kind):
                     one = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(i32, 0))
-                    return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined), ir.Constant(vint, [0] * LANES))
+                    index = ir.Constant(ir.VectorType(i32, kind.count), [0] * kind.count)
+                    return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined), index)
 
                 def larger(x, y):  # vmaxps (no NaN reaches here: the inputs were checked finite)
                     return builder.select(builder.fcmp_ordered(">", x, y), x, y)
@@ -135,62 +150,76 @@ if numba is not None:
                 def horizontal_max(x):
                     for step in (8, 4, 2, 1):
                         swapped = builder.shuffle_vector(x, ir.Constant(vflt, ir.Undefined),
-                                                         ir.Constant(vint, [l ^ step for l in range(LANES)]))
+                                                         ir.Constant(ir.VectorType(i32, LANES),
+                                                                     [l ^ step for l in range(LANES)]))
                         x = larger(x, swapped)
                     return builder.extract_element(x, ir.Constant(i32, 0))
 
+                def widened(x):  # a half vector's values twice over: the maximum is the same
+                    return builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, LANES), list(range(HALF)) * 2))
+
                 qrow = [builder.add(a["first"], const(g)) for g in range(group)]
                 qbase = [builder.mul(r, words) for r in qrow]
-                qscale_v = [splat(builder.load(builder.gep(arrays["qscale"].data, [r])), vflt) for r in qrow]
+                qscale = [builder.load(builder.gep(arrays["qscale"].data, [r])) for r in qrow]
                 mask_base = builder.mul(a["image"], padded)
                 best = [cgutils.alloca_once_value(builder, ir.Constant(vflt, [float("-inf")] * LANES))
                         for _ in range(group)]
                 row_lane0 = builder.mul(a["row"], padded)  # corr / scale / bias [row, 0]
                 row_word0 = builder.mul(builder.mul(a["row"], words), padded)  # lanes [row, 0, 0]
 
-                def emit(first, width):
-                    accs = [[cgutils.alloca_once(builder, vint) for _ in range(width)] for _ in range(group)]
-                    lane0 = [builder.mul(builder.add(first, const(v)), const(LANES)) for v in range(width)]
-                    for v in range(width):
-                        start = vload("corr", builder.add(row_lane0, lane0[v]), vint)
+                def emit(first, width, half):
+                    """One pass over the words for ``width`` whole vectors from vector ``first`` and, with ``half``,
+                    the half vector after them."""
+                    shapes = [LANES] * width + [HALF] * half
+                    accs = [[cgutils.alloca_once(builder, kinds[n]["int"]) for n in shapes] for _ in range(group)]
+                    lane0 = [builder.mul(builder.add(first, const(v)), const(LANES)) for v in range(len(shapes))]
+                    for v, n in enumerate(shapes):
+                        start = vload("corr", builder.add(row_lane0, lane0[v]), kinds[n]["int"])
                         for g in range(group):
                             builder.store(start, accs[g][v])
                     with cgutils.for_range(builder, words) as loop:
                         base = builder.add(row_word0, builder.mul(loop.index, padded))
-                        temps = [builder.bitcast(vload("lanes", builder.add(base, lane0[v]), vint), vbyte)
-                                 for v in range(width)]
+                        temps = [builder.bitcast(vload("lanes", builder.add(base, lane0[v]), kinds[n]["int"]),
+                                                 kinds[n]["byte"]) for v, n in enumerate(shapes)]
                         for g in range(group):
                             word = builder.load(builder.gep(arrays["query"].data, [builder.add(qbase[g], loop.index)]))
-                            q = builder.bitcast(splat(word, vint), vbyte)
-                            for v in range(width):
-                                builder.store(builder.call(dot, [builder.load(accs[g][v]), q, temps[v]]), accs[g][v])
-                    for v in range(width):
+                            q = {n: builder.bitcast(splat(word, kinds[n]["int"]), kinds[n]["byte"]) for n in set(shapes)}
+                            for v, n in enumerate(shapes):
+                                total = builder.call(kinds[n]["dot"], [builder.load(accs[g][v]), q[n], temps[v]])
+                                builder.store(total, accs[g][v])
+                    for v, n in enumerate(shapes):
                         at = builder.add(row_lane0, lane0[v])
-                        scale_v, bias_v = vload("scale", at, vflt), vload("bias", at, vflt)
+                        scale_v, bias_v = vload("scale", at, kinds[n]["float"]), vload("bias", at, kinds[n]["float"])
                         if masked:
-                            bias_v = builder.fadd(bias_v, vload("mask", builder.add(mask_base, lane0[v]), vflt))
+                            bias_v = builder.fadd(bias_v, vload("mask", builder.add(mask_base, lane0[v]), kinds[n]["float"]))
                         for g in range(group):
-                            x = builder.call(fma, [builder.sitofp(builder.load(accs[g][v]), vflt),
-                                                   builder.fmul(scale_v, qscale_v[g]), bias_v])
-                            builder.store(larger(builder.load(best[g]), x), best[g])
+                            factor = builder.fmul(scale_v, splat(qscale[g], kinds[n]["float"]))
+                            x = builder.call(kinds[n]["fma"], [builder.sitofp(builder.load(accs[g][v]), kinds[n]["float"]),
+                                                               factor, bias_v])
+                            builder.store(larger(builder.load(best[g]), x if n == LANES else widened(x)), best[g])
 
-                with cgutils.for_range_slice(builder, const(0), vectors, const(width_max)) as (first, _):
-                    left = builder.sub(vectors, first)
-                    # width_max vectors a pass, then the remainder's width, each unrolled
-                    branches = [(w, builder.icmp_signed(">=", left, const(w))) for w in range(width_max, 0, -1)]
+                with cgutils.for_range_slice(builder, const(0), slots, const(width_max)) as (first, _):
+                    left, whole = builder.sub(slots, first), builder.sub(full, first)
 
-                    def chain(i):
-                        width, condition = branches[i]
-                        if i == len(branches) - 1:
-                            emit(first, width)
+                    def chain(width):
+                        """``width`` slots this pass (the remainder's when fewer are left): whole vectors only, or
+                        ``width - 1`` of them and the half vector."""
+                        def this_pass():
+                            with builder.if_else(builder.icmp_signed(">=", whole, const(width))) as (wholes, last):
+                                with wholes:
+                                    emit(first, width, 0)
+                                with last:
+                                    emit(first, width - 1, 1)
+                        if width == 1:
+                            this_pass()
                             return
-                        with builder.if_else(condition) as (wide, narrow):
+                        with builder.if_else(builder.icmp_signed(">=", left, const(width))) as (wide, narrow):
                             with wide:
-                                emit(first, width)
+                                this_pass()
                             with narrow:
-                                chain(i + 1)
+                                chain(width - 1)
 
-                    chain(0)
+                    chain(width_max)
                 for g in range(group):
                     builder.store(horizontal_max(builder.load(best[g])), builder.gep(arrays["out"].data, [const(g)]))
                 return context.get_dummy_value()
@@ -332,6 +361,8 @@ def mutual_match(query: torch.Tensor, layout: Lanes, height: int, width: int, fo
                  indices: torch.Tensor | None = None, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fore, back)`` float32 ``[B, H, W]`` of ``query [B, C, H, W]`` against template lanes (``template_lanes``),
     floored at -1 by the caller. ``indices [B, K]``: query b against templates ``indices[b]`` only."""
+    if not 1 <= group <= GROUP:
+        raise ValueError(f"group must be 1 to {GROUP} (query pixels per micro-kernel call); got {group}")
     batch = query.shape[0]
     packed, scales = quantized_query(query, layout.lanes.shape[1])
     threads = _threads()
