@@ -186,6 +186,12 @@ CANDIDATES = {
     "r18-img-top1": dict(params=ROUND15.replace("img_AUC:blur_s=8.0_k=33_L=23", "img_AUC:blur_s=8.0_k=33_top=1_L=23")),
     "r18-img-s4": dict(params=ROUND15.replace("img_AUC:blur_s=8.0_k=33_L=23", "img_AUC:blur_s=4.0_k=33_L=23")),
     "r18-img-L123": dict(params=ROUND15.replace("img_AUC:blur_s=8.0_k=33_L=23", "img_AUC:blur_s=8.0_k=33")),
+    # the nineteenth round (issue 42): int8 products (precision="auto" where AVX512-VNNI compiles them), against
+    # the bfloat16 products "auto" chose before, with the backbone in bfloat16 (this CPU) and as on a CPU without
+    # it (float32, HETMM_NO_BF16)
+    "r19-bf16": dict(precision="bf16"),
+    "r19-int8-no-bf16": dict(precision="int8", no_bf16=True),
+    "r19-fp32": dict(precision="fp32"),
     "round11": dict(params=layers(l2="9x3_a=0.9_l=0.8", l3="7x3_a=0.9_l=0.5", isolation=1) + ";" + SCORES),
     "default": dict(),  # hetmm.DEFAULT, neighbourhood and precision as HETMM's defaults
 }

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import hetmm_kernels as hk
+from hetmm_kernels.validation import all_finite
 
 from . import distributed
 from .backbone import LAYERS, Backbone
@@ -797,7 +798,7 @@ class HETMM:
             host_maps = [packed[:, 1 + i * size:1 + (i + 1) * size].view_as(anomaly) for i in range(len(maps))]
             host = (packed[:, 0], host_maps[0], host_maps[-1])
         checked = host if pro is not anomaly else host[:2]  # (the PRO map is often the pixel map itself)
-        if not all(torch.isfinite(t).all() for t in checked):  # what the ops' value checks would have caught
+        if not all(all_finite(t) for t in checked):  # what the ops' value checks would have caught
             raise FloatingPointError("predict produced NaN or inf scores (non-finite images, features or bank; "
                                      "with precision='fp16', values beyond its range)")
         return host

@@ -130,20 +130,34 @@ def test_bf16_matching_on_the_cpu_is_the_rounded_reference():
 
 
 # ---------------------------------------------------------------- precision
-def test_auto_precision_follows_the_cpu(monkeypatch):
-    monkeypatch.setattr(detector_module, "native_bf16_cpu", lambda: True)
-    assert detector_module.resolve_precision("auto", device="cpu") == detector_module.AUTO_CPU_PRECISION
-    monkeypatch.setattr(detector_module, "native_bf16_cpu", lambda: False)
-    assert detector_module.resolve_precision("auto", device="cpu") == "fp32"  # never emulated bf16
+@pytest.mark.parametrize("vnni,bf16,expected,backbone", [
+    (True, True, "int8", torch.bfloat16), (True, False, "int8", torch.float32),
+    (False, True, "bf16", torch.bfloat16), (False, False, "fp32", torch.float32)])
+def test_auto_precision_follows_the_cpu(monkeypatch, vnni, bf16, expected, backbone):
+    """int8 matching wherever it is compiled (AVX512-VNNI), its backbone in bfloat16 only where that is native;
+    without VNNI bfloat16 where native, else float32 (never emulated bfloat16)."""
+    monkeypatch.setattr(detector_module, "int8_cpu", lambda: vnni)
+    monkeypatch.setattr(detector_module, "native_bf16_cpu", lambda: bf16)
+    assert detector_module.resolve_precision("auto", device="cpu") == expected
+    assert detector_module.backbone_dtype(expected) == backbone
     assert detector_module.resolve_precision("auto", device="cuda") == "fp32"
     assert detector_module.resolve_precision("auto", half=True, device="cuda") == "fp16"
     assert detector_module.resolve_precision("bf16", device="cpu") == "bf16"
 
 
+def test_no_bf16_variable_makes_the_cpu_one_without_it(monkeypatch):
+    monkeypatch.setenv("HETMM_NO_BF16", "1")
+    assert not detector_module.native_bf16_cpu()
+    assert detector_module.backbone_dtype("int8") == torch.float32
+    monkeypatch.setenv("HETMM_NO_BF16", "0")
+    assert detector_module.backbone_dtype("int8") == (torch.bfloat16 if detector_module.native_bf16_cpu()
+                                                      else torch.float32)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(precision="fp16"), "no fast CPU kernels"),
     (dict(half=True), "no fast CPU kernels"),
-    (dict(precision="int8"), "precision must be"),
+    (dict(precision="int4"), "precision must be"),
     (dict(half="bf16", precision="fp32"), "disagree"),
     (dict(half="yes"), "half must be"),
 ])

@@ -174,3 +174,47 @@ def test_int8_inputs_are_checked():
     rows = hk.QuantizedRows(features(5, 8, 1, 1)[:, :, 0, 0])
     with pytest.raises(ValueError, match="rows must match the query's channels"):
         hk.global_match(features(1, 7, 4, 4), rows)
+
+
+# ---------------------------------------------------------------- the detector in int8
+def _detector(precision: str, **options):
+    import hetmm
+
+    return hetmm.HETMM("resnet18", None, image_size=64, out_size=64, precision=precision, **options)
+
+
+def test_int8_detector_scores_as_float32_does_within_the_rounding():
+    from helpers import random_images
+
+    train, query = random_images(6, 0), random_images(3, 5)
+    exact = _detector("fp32").fit(train)
+    rounded = _detector("int8").fit(train)
+    assert rounded.matching_dtype == torch.int8 and rounded.feature_dtype == torch.float32
+    for layer, p in rounded.params.active_layers.items():
+        assert isinstance(rounded.bank.prepared(layer, rounded.device, torch.int8, p.fore, p.isolation),
+                          hk.QuantizedTemplates)
+    a, b = exact.predict(query), rounded.predict(query)
+    # every layer's similarities move by the rounding (~0.005 here); the maps sum three layers' dissimilarities
+    assert (a.anomaly_map - b.anomaly_map).abs().max() < 0.05
+    assert (a.pred_score - b.pred_score).abs().max() < 0.05
+    assert (a.anomaly_map - b.anomaly_map).abs().mean() < 0.01
+
+
+def test_int8_bank_round_trip_hot_update_and_retrieval(tmp_path):
+    import hetmm
+    from helpers import random_images
+
+    images = random_images(6, 0)
+    det = _detector("int8", retrieval_k=2).fit(images)
+    # a training image retrieves itself: its int8 self-similarity is 1 to the rounding of its length
+    assert det.predict(images[4:5]).pred_score.item() < 0.02
+    assert det.thresholds() is not None  # calibrated leave-one-out with the masked int8 kernel
+    path = det.save(tmp_path / "int8.safetensors")
+    loaded = hetmm.HETMM.load(path, precision="int8")
+    assert all(t.dtype == torch.float32 for t in loaded.bank.features.values())  # rounded when matched, not stored
+    query = random_images(2, 3)
+    before = det.predict(query)
+    assert torch.equal(loaded.predict(query).anomaly_map, before.anomaly_map)
+    newcomer = random_images(1, 77)
+    loaded.add_templates(newcomer)
+    assert len(loaded.bank) == 7 and loaded.predict(newcomer).pred_score.item() < 0.02
