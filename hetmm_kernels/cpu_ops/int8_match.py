@@ -102,10 +102,11 @@ if numba is not None:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    def _lanes_max(group: int, masked: bool):
+    def _lanes_max(group: int):
         """The micro-kernel for ``group`` consecutive query pixels, as an intrinsic: for ``g < group``,
         ``out[g] = max over lanes l of scale[row, l] * qscale[first + g] * dot(lanes[row, :, l], query[first + g])
-        + bias[row, l]`` (+ ``mask[image, l]`` when ``masked``). Accumulators, template vectors and running maxima
+        + bias[row, l] + mask[image, l]`` (the mask: 0, or -inf on the lanes of templates the image may not use;
+        one add per vector a call, so unmasked calls pass a row of zeros). Accumulators, template vectors and running maxima
         stay in registers (``group * width`` accumulators for ``width`` template vectors a pass: at most 25 of the
         32 vector registers); one store per query pixel."""
         width_max = 4 if group <= 4 else 3 if group <= 6 else 2
@@ -190,8 +191,7 @@ if numba is not None:
                     for v, n in enumerate(shapes):
                         at = builder.add(row_lane0, lane0[v])
                         scale_v, bias_v = vload("scale", at, kinds[n]["float"]), vload("bias", at, kinds[n]["float"])
-                        if masked:
-                            bias_v = builder.fadd(bias_v, vload("mask", builder.add(mask_base, lane0[v]), kinds[n]["float"]))
+                        bias_v = builder.fadd(bias_v, vload("mask", builder.add(mask_base, lane0[v]), kinds[n]["float"]))
                         for g in range(group):
                             factor = builder.fmul(scale_v, splat(qscale[g], kinds[n]["float"]))
                             x = builder.call(kinds[n]["fma"], [builder.sitofp(builder.load(accs[g][v]), kinds[n]["float"]),
@@ -230,22 +230,19 @@ if numba is not None:
         return intrinsic(build)
 
     GROUPS = tuple(range(1, GROUP + 1))
-    _KERNELS = {(g, m): _lanes_max(g, m) for g in GROUPS for m in (False, True)}
+    _KERNELS = {g: _lanes_max(g) for g in GROUPS}
 
-    def _dispatch_source(masked: bool) -> str:
-        lines = [f"def run(lanes, corr, scale, bias, row, query, first, count, qscale, out, mask, image):"]
+    def _dispatcher():
+        """``run(..., first, count, ...)``: the micro-kernel for ``count`` (1 .. GROUP) consecutive query pixels."""
+        lines = ["def run(lanes, corr, scale, bias, row, query, first, count, qscale, out, mask, image):"]
         for g in GROUPS:
             lines.append(f"    {'if' if g == 1 else 'elif'} count == {g}:")
             lines.append(f"        k_{g}(lanes, corr, scale, bias, row, query, first, qscale, out, mask, image)")
-        return "\n".join(lines)
-
-    def _dispatcher(masked: bool):
-        """``run(..., first, count, ...)``: the micro-kernel for ``count`` (1 .. GROUP) consecutive query pixels."""
-        namespace = {f"k_{g}": _KERNELS[g, masked] for g in GROUPS}
-        exec(_dispatch_source(masked), namespace)  # an if-chain over compile-time group sizes
+        namespace = {f"k_{g}": _KERNELS[g] for g in GROUPS}
+        exec("\n".join(lines), namespace)  # an if-chain over compile-time group sizes
         return numba.njit(inline="always", boundscheck=False)(namespace["run"])
 
-    _run_plain, _run_masked = _dispatcher(False), _dispatcher(True)
+    _run = _dispatcher()
 
     @numba.njit(parallel=True, cache=True, boundscheck=False, nogil=True)
     def _quantize_rows(x, out, scales):  # pragma: no cover - compiled
@@ -265,7 +262,7 @@ if numba is not None:
                 out[n, c] = OFFSET
 
     @numba.njit(parallel=True, cache=True, boundscheck=False, nogil=True)
-    def _window_kernel(lanes, corr, scale, bias, query, qscale, mask, masked, batch, height, width, fore_radius,
+    def _window_kernel(lanes, corr, scale, bias, query, qscale, mask, batch, height, width, fore_radius,
                        back_radius, group, fore_parts, back):  # pragma: no cover - compiled
         """Every (template pixel, query pixel) pair within ``max(fore_radius, back_radius)`` (Chebyshev, inside the
         map), for every image: ``fore_parts[c, b*HW + q]`` the largest similarity of query pixel q over the template
@@ -293,12 +290,8 @@ if numba is not None:
                             for part in range(parts):
                                 q0 = j0 + part * (j1 + 1 - j0) // parts
                                 count = j0 + (part + 1) * (j1 + 1 - j0) // parts - q0
-                                if masked:
-                                    _run_masked(lanes, corr, scale, bias, p, query, start + q0, count, qscale, out,
-                                                mask, b)
-                                else:
-                                    _run_plain(lanes, corr, scale, bias, p, query, start + q0, count, qscale, out,
-                                               mask, b)
+                                _run(lanes, corr, scale, bias, p, query, start + q0, count, qscale, out, mask,
+                                     b if mask.shape[0] > 1 else 0)
                                 for g in range(count):
                                     x = out[g]
                                     distance = max(near_row, abs(q0 + g - j))
@@ -309,9 +302,9 @@ if numba is not None:
                         back[b * pixels + p] = best_back
 
     @numba.njit(parallel=True, cache=True, boundscheck=False, nogil=True)
-    def _rows_kernel(lanes, corr, scale, bias, query, qscale, mask, masked, pixels, best):  # pragma: no cover
-        """``best[q]``: query pixel q's largest similarity over every lane (row) of ``lanes[0]``; ``masked``: plus
-        its image's row of ``mask`` (``q // pixels``). GROUP query pixels of one image per call."""
+    def _rows_kernel(lanes, corr, scale, bias, query, qscale, mask, pixels, best):  # pragma: no cover
+        """``best[q]``: query pixel q's largest similarity over every lane (row) of ``lanes[0]``, plus its image's row
+        of ``mask`` (``q // pixels``; one row of zeros for every image when unmasked). GROUP pixels of one image a call."""
         images = query.shape[0] // pixels
         runs = -(-pixels // GROUP)
         for task in numba.prange(images * runs):
@@ -319,10 +312,7 @@ if numba is not None:
             b = task // runs
             first = b * pixels + (task % runs) * GROUP
             count = min(GROUP, (b + 1) * pixels - first)
-            if masked:
-                _run_masked(lanes, corr, scale, bias, 0, query, first, count, qscale, out, mask, b)
-            else:
-                _run_plain(lanes, corr, scale, bias, 0, query, first, count, qscale, out, mask, b)
+            _run(lanes, corr, scale, bias, 0, query, first, count, qscale, out, mask, b if mask.shape[0] > 1 else 0)
             for g in range(count):
                 best[first + g] = out[g]
 
@@ -372,8 +362,8 @@ def mutual_match(query: torch.Tensor, layout: Lanes, height: int, width: int, fo
     mask = lane_mask(indices, layout.lanes.shape[2])
     with POOL:
         numba.set_num_threads(threads)
-        _window_kernel(layout.lanes, layout.corr, layout.scale, layout.bias, packed, scales, mask, indices is not None,
-                       batch, height, width, fore_radius, back_radius, group, fore_parts, back)
+        _window_kernel(layout.lanes, layout.corr, layout.scale, layout.bias, packed, scales, mask, batch, height, width,
+                       fore_radius, back_radius, group, fore_parts, back)
     fore = torch.from_numpy(fore_parts).amax(0) if chunks > 1 else torch.from_numpy(fore_parts[0])
     return fore.view(batch, height, width), torch.from_numpy(back).view(batch, height, width)
 
@@ -388,6 +378,5 @@ def global_match(query: torch.Tensor, layout: Lanes, indices: torch.Tensor | Non
     mask = lane_mask(indices, layout.lanes.shape[2], owners)
     with POOL:
         numba.set_num_threads(_threads())
-        _rows_kernel(layout.lanes, layout.corr, layout.scale, layout.bias, packed, scales, mask, indices is not None,
-                     height * width, best)
+        _rows_kernel(layout.lanes, layout.corr, layout.scale, layout.bias, packed, scales, mask, height * width, best)
     return torch.from_numpy(best).view(batch, height, width)
