@@ -48,7 +48,41 @@ def _check_bias(name: str, bias, shape: tuple) -> torch.Tensor | None:
     return bias.float().contiguous()
 
 
-class QuantizedTemplates:
+class _Quantized:
+    """int8 ``values``, float32 ``scales`` (one per vector), an optional float32 ``bias`` (one per vector), and
+    the layouts kernels build from them once (``layout``)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+    _layouts: dict
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def dequantized(self) -> torch.Tensor:
+        """float64: the vectors as the int8 products see them (without the bias)."""
+        return dequantize(self.values, self.scales, 1)
+
+    def layout(self, key: str, build: Callable):
+        """The layout named ``key``, built from this set by ``build`` on first use."""
+        if key not in self._layouts:
+            self._layouts[key] = build(self)
+        return self._layouts[key]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={tuple(self.shape)}, bias={self.bias is not None}, device={self.device})"
+
+
+class QuantizedTemplates(_Quantized):
     """Templates ``[T, C, H, W]`` rounded to int8 per pixel, with an optional ``bias [T, H, W]``; quantised once,
     laid out for the kernels once (``layout``), as ``PreparedTemplates`` does for float templates.
 
@@ -61,34 +95,10 @@ class QuantizedTemplates:
         check_feature_tensor("temp", temp)
         self.values, self.scales = quantize_int8(temp)
         self.bias = _check_bias("bias", bias, (temp.shape[0], *temp.shape[2:]))
-        self._layouts: dict = {}
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.values.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    def __len__(self) -> int:
-        return self.values.shape[0]
-
-    def dequantized(self) -> torch.Tensor:
-        """float64 ``[T, C, H, W]``: the templates as the int8 products see them (without the bias)."""
-        return dequantize(self.values, self.scales)
-
-    def layout(self, key: str, build: Callable[["QuantizedTemplates"], object]):
-        """The layout named ``key``, built from this set by ``build`` on first use."""
-        if key not in self._layouts:
-            self._layouts[key] = build(self)
-        return self._layouts[key]
-
-    def __repr__(self) -> str:
-        return f"QuantizedTemplates(shape={tuple(self.shape)}, bias={self.bias is not None}, device={self.device})"
+        self._layouts = {}
 
 
-class QuantizedRows:
+class QuantizedRows(_Quantized):
     """Template pixels ``rows [N, C]`` (e.g. a coreset) rounded to int8 per row, with an optional ``bias [N]``."""
 
     def __init__(self, rows: torch.Tensor, bias: torch.Tensor | None = None):
@@ -99,18 +109,7 @@ class QuantizedRows:
             raise ValueError("rows contains NaN or inf values; features must be finite")
         self.values, self.scales = quantize_int8(rows)
         self.bias = _check_bias("bias", bias, (rows.shape[0],))
-        self._layouts: dict = {}
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.values.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    def __len__(self) -> int:
-        return self.values.shape[0]
+        self._layouts = {}
 
     def take(self, index: torch.Tensor) -> "QuantizedRows":
         """The rows ``index`` selects (a boolean mask or indices), as they were rounded: nothing is quantised again."""
@@ -119,15 +118,3 @@ class QuantizedRows:
         taken.bias = None if self.bias is None else self.bias[index]
         taken._layouts = {}
         return taken
-
-    def dequantized(self) -> torch.Tensor:
-        """float64 ``[N, C]``."""
-        return dequantize(self.values, self.scales)
-
-    def layout(self, key: str, build: Callable[["QuantizedRows"], object]):
-        if key not in self._layouts:
-            self._layouts[key] = build(self)
-        return self._layouts[key]
-
-    def __repr__(self) -> str:
-        return f"QuantizedRows(shape={tuple(self.shape)}, bias={self.bias is not None}, device={self.device})"
