@@ -77,6 +77,10 @@ def matmul_rate() -> dict[str, float]:
         ROOFLINE["bfloat16"] = measure_matmul(torch.bfloat16)
         if torch.cuda.is_available():
             ROOFLINE["float16"] = measure_matmul(torch.float16, repeats=50)
+        else:  # int8 products with int32 accumulation (torch._int_mm), what the CPU's int8 matching is held to
+            from cpu_rates import SHAPES, product_rate
+
+            ROOFLINE["int8"] = max(product_rate(torch.int8, shape) for shape in SHAPES) * 1e9
     return ROOFLINE
 
 
@@ -110,9 +114,16 @@ def _table() -> list[str]:
     # speed-ups are against the slow implementations of the same problem in the same run
     ref_ms = {key_of(r): r["ms"] for r in RESULTS if r["backend"] == "reference"}
     naive_ms = {key_of(r): r["ms"] for r in RESULTS if r["backend"] == "naive"}
+    if torch.cuda.is_available():
+        where = torch.cuda.get_device_name()
+    else:
+        from cpu_rates import cpu_identity
+
+        cpu = cpu_identity()
+        where = f"{cpu['model name']} (family {cpu['family']}, model {cpu['model']}, {cpu['mhz']} MHz; {cpu['isa']})"
     lines = [
-        f"matmul roofline: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in ROOFLINE.items())
-        + f" on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+        "matmul roofline: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in ROOFLINE.items())
+        + f" on {where}",
         "",
         "| op | layer | windows | B | T | dtype | backend | mode | ms | model ms | GFLOP/s | of matmul | vs reference "
         "| vs naive |",

@@ -190,3 +190,47 @@ def test_layer2_coreset_fallback(benchmark, matmul_rate, percent, batch):
     record(benchmark, 2 * batch * side * side * len(rows) * channels, matmul_rate, torch.bfloat16, None,
            op="global_match", layer="lite0 layer2", windows=f"coreset {percent}%", batch=batch, templates=templates,
            backend="torch", mode="steady")
+
+
+LITE0_LAYERS = {"layer1": (24, 64, 5), "layer2": (40, 32, 9), "layer3": (112, 16, 23)}  # channels, side, fore window
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("layer", [*LITE0_LAYERS, "layer2 coreset"])
+@pytest.mark.parametrize("products", ["bfloat16", "int8"])
+def test_cpu_int8_against_bfloat16(benchmark, matmul_rate, products, layer, batch):
+    """``DEFAULT``'s matching of lite0 at 256 px on the CPU, 40 templates with isolation, as the detector runs it:
+    bfloat16 products (the isolation as one more channel) against int8 ones (``QuantizedTemplates``, the isolation
+    as a bias); ``layer2 coreset``: its 10% coreset (4,096 rows). Useful products only: the pairs inside the
+    larger window (clipped at the borders), or every query pixel against every row."""
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-path benchmark: not timed on the GPU machine's short device budget")
+    channels, side, fore = LITE0_LAYERS[layer.split()[0]]
+    templates, g = 40, torch.Generator().manual_seed(2)
+    query = _features(batch, channels, side, torch.float32, 0).cpu()
+    temp = _features(templates, channels, side, torch.float32, 1).cpu()
+    isolation = torch.rand(templates, side, side, generator=g)
+    if layer.endswith("coreset"):
+        rows = temp.permute(0, 2, 3, 1).reshape(-1, channels)
+        chosen = torch.randperm(len(rows), generator=g)[:len(rows) // 10]
+        if products == "int8":
+            coreset = hk.QuantizedRows(rows[chosen], isolation.reshape(-1)[chosen])
+            q = query
+        else:
+            coreset = torch.cat([rows[chosen], isolation.reshape(-1)[chosen, None]], 1).to(torch.bfloat16)
+            q = torch.cat([query, torch.ones(batch, 1, side, side)], 1).to(torch.bfloat16)
+        run(benchmark, lambda: hk.global_match(q, coreset, out_dtype=torch.float32), 5)
+        flops, windows = 2 * batch * side * side * len(chosen) * channels, "coreset 10%"
+    else:
+        if products == "int8":
+            bank, q = hk.QuantizedTemplates(temp, isolation), query
+        else:
+            bank = hk.prepare_templates(torch.cat([temp, isolation[:, None]], 1).to(torch.bfloat16))
+            q = torch.cat([query, torch.ones(batch, 1, side, side)], 1).to(torch.bfloat16)
+        run(benchmark, lambda: hk.mutual_match(q, bank, fore, BACK_WINDOW, out_dtype=torch.float32), 5)
+        reach = fore // 2
+        span = sum(min(side - 1, i + reach) - max(0, i - reach) + 1 for i in range(side))
+        flops, windows = 2 * batch * templates * span * span * channels, f"{fore}x{BACK_WINDOW}"
+    record(benchmark, flops, matmul_rate, torch.int8 if products == "int8" else torch.bfloat16, None,
+           op="lite0 DEFAULT match", layer=layer, windows=windows, batch=batch, templates=templates,
+           backend=f"torch-{products}", mode="steady")
