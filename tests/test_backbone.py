@@ -159,7 +159,7 @@ def test_openvino_batches_of_any_size_give_each_image_its_own_features():
     assert {(key[0], key[-1]) for key in net._openvino._compiled} == {(1, True), (1, False)}
     net.set_precision(torch.bfloat16)
     halves = [net(images[:2]), net(images[2:])]
-    assert {key[0] for key in net._openvino._compiled if key[-2] == "bf16"} == {2, 3}
+    assert {key[0] for key in net._openvino._compiled if key[-2] == "bf16"} == {2, 1}  # in parts of two at most
     for layer in whole:  # bfloat16's rounding of the same features
         cosine = (torch.cat([h[layer] for h in halves]).float() * whole[layer]).sum(1)
         assert cosine.min() > 0.98, layer
