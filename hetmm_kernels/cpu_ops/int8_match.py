@@ -18,6 +18,7 @@ micro-kernel with all rows as the lanes of one "pixel".
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -266,41 +267,40 @@ if numba is not None:
     def _window_kernel(lanes, corr, scale, bias, query, qscale, mask, batch, height, width, fore_radius,
                        back_radius, group, fore_parts, back):  # pragma: no cover - compiled
         """Every (template pixel, query pixel) pair within ``max(fore_radius, back_radius)`` (Chebyshev, inside the
-        map), for every image: ``fore_parts[c, b*HW + q]`` the largest similarity of query pixel q over the template
-        pixels of chunk c's rows within ``fore_radius`` (merged by the caller), ``back[b*HW + p]`` template pixel p's
+        map), for every image: ``fore_parts[t, b*HW + q]`` the largest similarity of query pixel q over the template
+        pixels thread t visited within ``fore_radius`` (merged by the caller), ``back[b*HW + p]`` template pixel p's
         largest over the query pixels within ``back_radius``. A window row's query pixels are consecutive: up to
-        GROUP of them per micro-kernel call. The template rows are split into chunks, one task each."""
+        GROUP of them per micro-kernel call. One task per template row, handed out as threads come free (the
+        caller sets a chunk size of 1)."""
         reach = max(fore_radius, back_radius)
         pixels = height * width
-        chunks = fore_parts.shape[0]
-        for chunk in numba.prange(chunks):
+        for i in numba.prange(height):
             out = np.empty(GROUP, np.float32)
-            fore = fore_parts[chunk]
-            for i in range(chunk * height // chunks, (chunk + 1) * height // chunks):
-                i0, i1 = max(0, i - reach), min(height - 1, i + reach)
-                for j in range(width):
-                    j0, j1 = max(0, j - reach), min(width - 1, j + reach)
-                    p = i * width + j
-                    for b in range(batch):
-                        best_back = -np.inf
-                        for qi in range(i0, i1 + 1):
-                            near_row = abs(qi - i)
-                            start = b * pixels + qi * width
-                            # the row's run of query pixels in near-equal parts of at most GROUP
-                            parts = -(-(j1 + 1 - j0) // group)
-                            for part in range(parts):
-                                q0 = j0 + part * (j1 + 1 - j0) // parts
-                                count = j0 + (part + 1) * (j1 + 1 - j0) // parts - q0
-                                _run(lanes, corr, scale, bias, p, query, start + q0, count, qscale, out, mask,
-                                     b if mask.shape[0] > 1 else 0)
-                                for g in range(count):
-                                    x = out[g]
-                                    distance = max(near_row, abs(q0 + g - j))
-                                    if distance <= fore_radius and x > fore[start + q0 + g]:
-                                        fore[start + q0 + g] = x
-                                    if distance <= back_radius and x > best_back:
-                                        best_back = x
-                        back[b * pixels + p] = best_back
+            fore = fore_parts[numba.get_thread_id()]
+            i0, i1 = max(0, i - reach), min(height - 1, i + reach)
+            for j in range(width):
+                j0, j1 = max(0, j - reach), min(width - 1, j + reach)
+                p = i * width + j
+                for b in range(batch):
+                    best_back = -np.inf
+                    for qi in range(i0, i1 + 1):
+                        near_row = abs(qi - i)
+                        start = b * pixels + qi * width
+                        # the row's run of query pixels in near-equal parts of at most GROUP
+                        parts = -(-(j1 + 1 - j0) // group)
+                        for part in range(parts):
+                            q0 = j0 + part * (j1 + 1 - j0) // parts
+                            count = j0 + (part + 1) * (j1 + 1 - j0) // parts - q0
+                            _run(lanes, corr, scale, bias, p, query, start + q0, count, qscale, out, mask,
+                                 b if mask.shape[0] > 1 else 0)
+                            for g in range(count):
+                                x = out[g]
+                                distance = max(near_row, abs(q0 + g - j))
+                                if distance <= fore_radius and x > fore[start + q0 + g]:
+                                    fore[start + q0 + g] = x
+                                if distance <= back_radius and x > best_back:
+                                    best_back = x
+                    back[b * pixels + p] = best_back
 
     @numba.njit(parallel=True, cache=True, boundscheck=False, nogil=True)
     def _rows_kernel(lanes, corr, scale, bias, query, qscale, mask, pixels, best):  # pragma: no cover
@@ -320,6 +320,22 @@ if numba is not None:
 
 def _threads() -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+ROWS_CHUNK = 8  # tasks (GROUP query pixels each) a thread takes at a time in the rows kernel
+
+
+@contextlib.contextmanager
+def _dynamic(threads: int, chunk: int = 1):
+    """numba's pool at ``threads``, its parallel loops handing out ``chunk`` iterations at a time as threads come
+    free: a core slowed by another process (or rows near the borders, which cost less) no longer holds the other
+    waiting at the end of a statically split loop."""
+    numba.set_num_threads(threads)
+    previous = numba.set_parallel_chunksize(chunk)
+    try:
+        yield
+    finally:
+        numba.set_parallel_chunksize(previous)
 
 
 def quantized_query(query: torch.Tensor, words: int) -> tuple[np.ndarray, np.ndarray]:
@@ -355,15 +371,13 @@ def mutual_match(query: torch.Tensor, layout: Lanes, height: int, width: int, fo
     batch = query.shape[0]
     packed, scales = quantized_query(query, layout.lanes.shape[1])
     threads = _threads()
-    chunks = min(height, 2 * threads)  # two tasks a thread: rows near the borders cost less
-    fore_parts = np.full((chunks, batch * height * width), -np.inf, np.float32)
+    fore_parts = np.full((threads, batch * height * width), -np.inf, np.float32)
     back = np.empty(batch * height * width, np.float32)
     mask = lane_mask(indices, layout.lanes.shape[2])
-    with POOL:
-        numba.set_num_threads(threads)
+    with POOL, _dynamic(threads):
         _window_kernel(layout.lanes, layout.corr, layout.scale, layout.bias, packed, scales, mask, batch, height, width,
                        fore_radius, back_radius, group, fore_parts, back)
-    fore = torch.from_numpy(fore_parts).amax(0) if chunks > 1 else torch.from_numpy(fore_parts[0])
+    fore = torch.from_numpy(fore_parts).amax(0) if threads > 1 else torch.from_numpy(fore_parts[0])
     return fore.view(batch, height, width), torch.from_numpy(back).view(batch, height, width)
 
 
@@ -375,7 +389,6 @@ def global_match(query: torch.Tensor, layout: Lanes, indices: torch.Tensor | Non
     packed, scales = quantized_query(query, layout.lanes.shape[1])
     best = np.empty(packed.shape[0], np.float32)
     mask = lane_mask(indices, layout.lanes.shape[2], owners)
-    with POOL:
-        numba.set_num_threads(_threads())
+    with POOL, _dynamic(_threads(), ROWS_CHUNK):
         _rows_kernel(layout.lanes, layout.corr, layout.scale, layout.bias, packed, scales, mask, height * width, best)
     return torch.from_numpy(best).view(batch, height, width)
