@@ -70,12 +70,18 @@ def image_scores(maps: torch.Tensor, image_score) -> torch.Tensor | None:
 
 
 def aggregate_maps(fores, backs, alphas, ldas, out_size, blur=None, image_score=None):
+    """``sum_l rows_l @ map_l @ cols_l^T`` as one product: the layers' ``rows_l @ map_l`` side by side times their
+    ``cols_l`` stacked (the sum over layers is the product's own inner sum; batch 1, lite0: one output-sized
+    product instead of three and their additions)."""
     height, width = out_size
-    total = None
+    lefts, rights = [], []
     for fore, back, alpha, lda in zip(fores, backs, alphas, ldas):
         rows = axis_matrix(height, fore.shape[-2], blur, fore.device)
-        cols = axis_matrix(width, fore.shape[-1], blur, fore.device)
-        layer = rows @ combine(fore, back, alpha, lda) @ cols.t()
-        total = layer if total is None else total.add_(layer)
+        lefts.append(rows @ combine(fore, back, alpha, lda))  # [B, H, w_l]
+        rights.append(axis_matrix(width, fore.shape[-1], blur, fore.device))  # [W, w_l]
+    if len(lefts) == 1:
+        total = lefts[0] @ rights[0].t()
+    else:
+        total = torch.cat(lefts, -1) @ torch.cat(rights, -1).t()
     total = total[:, None]
     return total, image_scores(total, image_score)
