@@ -14,6 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
+# hetmm.detector.PRECISIONS and "auto", spelled out: the parser is built without importing torch
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "bf16-backbone", "int8")
+
+
 class UsageError(Exception):
     """A problem with the command's arguments or files: one line on stderr, exit status 2."""
 
@@ -416,8 +420,9 @@ def _add_run_options(parser):
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--half", nargs="?", const="fp16", default=False, choices=("fp16", "bf16"),
                         help="half precision on CUDA: float16 (--half), or bfloat16 (--half bf16)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "bf16-backbone"),
-                        help="auto (default): bf16 on CPUs with native bfloat16 (AVX512-BF16/AMX), else fp32")
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                        help="auto (default): on CPUs int8 where AVX512-VNNI compiles it (the backbone in bf16 where "
+                             "native, else fp32), else bf16 where native, else fp32; fp32 on GPUs")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None,
                         help="threads decoding images ahead of the model (default: all cores but one on a GPU; "
@@ -517,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a batch waits this long after its latest request for more (at most 4x in all; default 5)")
     serve.add_argument("--max-bytes", type=int, default=32 << 20, help="largest request body (default 32 MiB)")
     serve.add_argument("--device", default=None)
-    serve.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "bf16-backbone"))
+    serve.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
     serve.add_argument("--fpr", type=float, default=None, help="false-alarm rate of the verdicts (default the bank's 1%%)")
     serve.set_defaults(run=_serve)
 

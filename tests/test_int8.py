@@ -218,3 +218,10 @@ def test_int8_bank_round_trip_hot_update_and_retrieval(tmp_path):
     newcomer = random_images(1, 77)
     loaded.add_templates(newcomer)
     assert len(loaded.bank) == 7 and loaded.predict(newcomer).pred_score.item() < 0.02
+
+
+def test_the_command_line_offers_every_precision():
+    from hetmm.cli import PRECISION_CHOICES
+    from hetmm.detector import PRECISIONS
+
+    assert set(PRECISION_CHOICES) == {"auto", *PRECISIONS}
