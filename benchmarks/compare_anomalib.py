@@ -86,14 +86,15 @@ class HetmmSystem:
     def fit(self, images: torch.Tensor) -> None:
         # no_bf16: the detector is made as on a CPU without native bfloat16 (HETMM_NO_BF16=1 while it is built:
         # precision="auto" and int8's backbone are decided there)
-        saved = dict(os.environ)
-        if self.no_bf16:
-            os.environ["HETMM_NO_BF16"] = "1"
+        previous = os.environ.get("HETMM_NO_BF16")
+        os.environ["HETMM_NO_BF16"] = "1" if self.no_bf16 else "0"
         try:
             self.detector = HETMM(LITE0, "imagenet", device="cpu", **self.options)
         finally:
-            os.environ.clear()
-            os.environ.update(saved)
+            if previous is None:
+                del os.environ["HETMM_NO_BF16"]
+            else:
+                os.environ["HETMM_NO_BF16"] = previous
         self.detector.fit(images)
 
     def predict(self, images: torch.Tensor):

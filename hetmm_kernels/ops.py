@@ -166,11 +166,7 @@ def _dequantized_query(query: torch.Tensor, biased: bool) -> torch.Tensor:
 
 def _dequantized_templates(bank: QuantizedTemplates) -> PreparedTemplates:
     """float32 templates as the int8 products see them, the bias as one more channel (built once per set)."""
-    def build(b):
-        t = b.dequantized().float()
-        return prepare_templates(torch.cat([t, b.bias[:, None].to(t.device)], 1) if b.bias is not None else t)
-
-    return bank.layout("dequantized", build)
+    return bank.layout("dequantized", lambda b: prepare_templates(b.with_bias_channel()))
 
 
 def _int8_mutual_match(query, bank: QuantizedTemplates, fore_patch: int, back_patch: int, indices, out_dtype, backend):
@@ -214,12 +210,9 @@ def _int8_global_match(query: torch.Tensor, rows: QuantizedRows, out_dtype, back
         layout = rows.layout("cpu-int8", lambda r: compiled.row_lanes(r.values, r.scales, r.bias))
         best = compiled.global_match(query, layout).clamp_min_(reference.MATCH_FLOOR)
     else:
-        def build(r):
-            t = r.dequantized().float()
-            return torch.cat([t, r.bias[:, None].to(t.device)], 1) if r.bias is not None else t
-
-        best = global_match(_dequantized_query(query, rows.bias is not None), rows.layout("dequantized", build),
-                            out_dtype=torch.float32, backend=impl)
+        best = global_match(_dequantized_query(query, rows.bias is not None),
+                            rows.layout("dequantized", QuantizedRows.with_bias_channel), out_dtype=torch.float32,
+                            backend=impl)
     return best.to(out_dtype)
 
 

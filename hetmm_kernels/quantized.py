@@ -72,6 +72,14 @@ class _Quantized:
         """float64: the vectors as the int8 products see them (without the bias)."""
         return dequantize(self.values, self.scales, 1)
 
+    def with_bias_channel(self) -> torch.Tensor:
+        """float32 vectors as the int8 products see them, the bias (if any) as one more channel: what a float
+        kernel multiplies with a query that carries a channel of ones to give the same similarities."""
+        vectors = self.dequantized().float()
+        if self.bias is None:
+            return vectors
+        return torch.cat([vectors, self.bias.unsqueeze(1).to(vectors.device)], 1)
+
     def layout(self, key: str, build: Callable):
         """The layout named ``key``, built from this set by ``build`` on first use."""
         if key not in self._layouts:

@@ -6,7 +6,9 @@ templates' similarities are accumulated at once (``lanes [P, KB, TP]``: the ``T`
 only the pairs inside the window are visited (the float path multiplies whole tile unions, a fraction
 ``k^2 / U`` of them useful). The products never leave the registers: the window's maxima over templates are
 taken there, then folded into the forward map of the query pixel and the backward map of the template pixel.
-Four query pixels share every template load (``GROUP``), up to four template vectors at a time (``CHUNK``).
+Up to ``GROUP`` consecutive query pixels share every template load, up to four template vectors at a time
+(fewer for larger groups: every accumulator stays in a register); lanes are padded to a multiple of 8, a last
+half vector running on 256-bit registers.
 
 ``vpdpbusd`` multiplies unsigned by signed bytes: the query is stored with 128 added (``u = q + 128``), and
 every template pixel's accumulator starts from ``-128 * sum(t)`` so that the sum is exactly ``sum(q * t)``.
@@ -36,7 +38,6 @@ LANES = 16  # 32-bit lanes of a 512-bit register
 HALF = 8  # lanes are padded to a multiple of this: a last half vector runs on 256-bit registers (40 templates:
 # 2.5 vectors, not 3; 256-bit VNNI costs half a 512-bit one on Zen 4)
 GROUP = 6  # at most this many query pixels share each template load (measured best on lite0 layers: 5-6)
-CHUNK = 4  # template vectors per pass: GROUP * CHUNK accumulators, CHUNK template and GROUP best registers
 OFFSET = 128  # added to the query's int8 values (vpdpbusd's unsigned operand)
 
 
