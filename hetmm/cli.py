@@ -374,9 +374,13 @@ def _serve(args) -> int:
         raise UsageError(f"--token-file {args.token_file} is empty: put the bearer token in it")
     if args.max_batch < 1 or args.max_wait_ms < 0 or args.max_bytes < 1:
         raise UsageError("--max-batch and --max-bytes must be at least 1 and --max-wait-ms at least 0")
+    if args.bank_idle_s <= 0 or (args.max_bank_bytes is not None and args.max_bank_bytes < 1):
+        raise UsageError("--bank-idle-s and --max-bank-bytes must be positive")
+    folder = args.banks is not None
     serve(args.bank, host=args.host, port=args.port, token_file=args.token_file, max_batch=args.max_batch,
-          max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, device=args.device, precision=args.precision,
-          **options)
+          max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, banks=args.banks,
+          idle_s=args.bank_idle_s if folder else None, max_bank_bytes=args.max_bank_bytes, device=args.device,
+          precision=args.precision, **options)
     return 0
 
 
@@ -512,7 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(run=_tune)
 
     serve = commands.add_parser("serve", help="an inspection service over a saved bank (pip install -e \".[serve]\")")
-    serve.add_argument("--bank", required=True)
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bank", help="one bank file, served under its stem (and at /predict, /templates)")
+    source.add_argument("--banks", help="a folder: every *.safetensors in it served under its stem, followed as "
+                                        "files are added, replaced or removed")
+    serve.add_argument("--bank-idle-s", type=float, default=900.0,
+                       help="with --banks: a bank unused this long is dropped from memory (default 900)")
+    serve.add_argument("--max-bank-bytes", type=int, default=None,
+                       help="keep the banks in memory within this many bytes, least recently used dropped first")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token-file", default=None,

@@ -680,17 +680,22 @@ class HETMM:
         return self._require_bank().save(path, dtype if dtype in (torch.bfloat16, torch.float16) else None)
 
     @classmethod
-    def load(cls, path, *, weights=None, device=None, half=False, batch_size: int = 8,
-             threshold: float | str | None = None, fpr: float = DEFAULT_FPR, pixel_fpr: float | None = None,
-             download: bool = False, progress: bool = False,
-             shard=None, cuda_graph: bool = False, precision: str = "auto", workers: int | None = None,
-             prefetch: int = 2) -> "HETMM":
-        """A detector from a saved bank, with the bank's backbone, image size and parameters.
-
-        ``weights`` defaults to the ones the bank was made with. ``shard``: a
-        ``hetmm.distributed.Group``; each rank then reads only its share of the templates (see ``shard``).
+    def load(cls, path, *, shard=None, **options) -> "HETMM":
+        """A detector from a saved bank, with the bank's backbone, image size and parameters; ``options`` as
+        ``from_bank`` takes them. ``shard``: a ``hetmm.distributed.Group``; each rank then reads only its share of
+        the templates (see ``shard``).
         """
         bank = TemplateBank.load(path, shard=None if shard is None else (shard.rank, shard.world))
+        return cls.from_bank(bank, shard=shard, **options)
+
+    @classmethod
+    def from_bank(cls, bank: TemplateBank, *, weights=None, device=None, half=False, batch_size: int = 8,
+                  threshold: float | str | None = None, fpr: float = DEFAULT_FPR, pixel_fpr: float | None = None,
+                  download: bool = False, progress: bool = False,
+                  shard=None, cuda_graph: bool = False, precision: str = "auto", workers: int | None = None,
+                  prefetch: int = 2) -> "HETMM":
+        """A detector holding a bank already read (``TemplateBank.load``), with the bank's backbone, image size and
+        parameters. ``weights`` defaults to the ones the bank was made with; the other options as for ``HETMM``."""
         cfg = bank.config
         det = cls(cfg["backbone"], cfg["weights"] if weights is None else weights, category=cfg.get("category"),
                   params=cfg["params"], image_size=cfg["image_size"], out_size=cfg.get("out_size", 256),

@@ -102,7 +102,7 @@ def test_predict_answers_what_hetmm_predict_gives(data, bank_file, tmp_path):
                                                  {"Content-Type": "application/octet-stream"})
             assert status == 200, body
             verdict = json.loads(body)
-            assert set(verdict) == {"score", "norm_score", "label", "regions", "image_threshold", "ms"}
+            assert set(verdict) == {"bank", "score", "norm_score", "label", "regions", "image_threshold", "ms"}
             assert verdict["score"] == pytest.approx(float(offline.pred_score[index]), rel=1e-4, abs=1e-5)
             assert verdict["label"] == bool(offline.pred_label[index])
             assert verdict["image_threshold"] == pytest.approx(offline.image_threshold)
@@ -111,11 +111,12 @@ def test_predict_answers_what_hetmm_predict_gives(data, bank_file, tmp_path):
         assert status == 200 and headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(body)).size == (SIZE, SIZE)
         status, _, body = running.call("GET", "/healthz")
-        assert status == 200 and json.loads(body) == {"ok": True, "templates": 6}
+        assert status == 200 and json.loads(body) == {"ok": True, "templates": 6, "banks": {"brick": 6}}
         status, _, body = running.call("GET", "/metrics")
         text = body.decode()
-        assert status == 200 and 'hetmm_requests_total{endpoint="predict",status="200"}' in text
-        assert "hetmm_predict_seconds_bucket" in text and "hetmm_images_flagged_total" in text
+        assert status == 200 and 'hetmm_requests_total{bank="brick",endpoint="predict",status="200"}' in text
+        assert 'hetmm_predict_seconds_bucket{bank="brick"' in text and "hetmm_images_flagged_total" in text
+        assert 'hetmm_templates{bank="brick"} 6.0' in text and 'hetmm_bank_loads_total{bank="brick"} 1.0' in text
         status, _, body = running.call("GET", "/recent")
         assert status == 200 and len(json.loads(body)["verdicts"]) == len(files) + 1
 
@@ -224,7 +225,7 @@ def test_hot_update_under_load_is_old_or_new_never_a_mix_and_survives_a_restart(
             stop.set()
             for c in clients:
                 c.result(timeout=120)
-        assert status == 200 and json.loads(body) == {"templates": 7}
+        assert status == 200 and json.loads(body) == {"bank": "brick", "templates": 7}
     assert answers and all(status == 200 for _, status, _ in answers)
     seen = set()
     for index, _, verdict in answers:
