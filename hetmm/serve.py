@@ -344,9 +344,10 @@ class Service:
             served = min(waiting, key=lambda b: waiting[b][0][3])  # the bank of the oldest request
             batch = waiting[served]
             # wait max_wait after the bank's latest arrival (clients answered together come back spread over
-            # their decoding), but never more than BATCH_WAIT_CAP times max_wait after its first
+            # their decoding), but never more than BATCH_WAIT_CAP times max_wait after its first, and not at all
+            # while another bank's requests wait: the scoring thread would idle while they could be scored
             cap = batch[0][3] + BATCH_WAIT_CAP * self.max_wait
-            while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and len(waiting) == 1:
                 remaining = min(batch[-1][3] + self.max_wait, cap) - loop.time()
                 if remaining <= 0:
                     break
