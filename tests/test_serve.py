@@ -71,14 +71,42 @@ class Running:
         self.thread.join(timeout=30)
 
     def call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        """``(status, headers, body bytes)``; never raises for an HTTP error status."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method=method,
-                                         headers=headers or {})
+        return call(self.port, method, path, body, headers)
+
+
+def call(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """``(status, headers, body bytes)`` of one request to 127.0.0.1:``port``; never raises for an HTTP error
+    status."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def under_load(running: Running, path: str, queries: list, clients: int, during):
+    """``(answers, during())``: ``during`` runs while ``clients`` threads post ``queries`` in turn to ``path`` (each
+    at least 4 times); ``answers`` holds ``(query index, status, JSON answer)`` of every request."""
+    answers, stop = [], threading.Event()
+
+    def client(offset):
+        count = 0
+        while not stop.is_set() or count < 4:
+            index = (offset + count) % len(queries)
+            status, _, body = running.call("POST", path, queries[index].read_bytes())
+            answers.append((index, status, json.loads(body)))
+            count += 1
+
+    with ThreadPoolExecutor(clients) as pool:
+        posting = [pool.submit(client, i) for i in range(clients)]
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), error.read()
+            outcome = during()
+        finally:
+            stop.set()
+        for done in posting:
+            done.result(timeout=120)
+    return answers, outcome
 
 
 def _copy(bank_file: Path, folder: Path) -> Path:
@@ -206,25 +234,14 @@ def test_hot_update_under_load_is_old_or_new_never_a_mix_and_survives_a_restart(
     flipped = io.BytesIO()
     Image.fromarray((hetmm.data.read_image(new_template, SIZE).flip(2).permute(1, 2, 0).numpy() * 255).round()
                     .astype(np.uint8)).save(flipped, format="PNG")
-    answers, stop = [], threading.Event()
-
     with Running(Service(path, token="t0ken", max_wait_ms=2)) as running:
-        def client(offset):
-            count = 0
-            while not stop.is_set() or count < 4:
-                index = (offset + count) % len(queries)
-                status, _, body = running.call("POST", "/predict", queries[index].read_bytes())
-                answers.append((index, status, json.loads(body)))
-                count += 1
+        def update():
+            time.sleep(1.0)
+            answer = running.call("POST", "/templates", flipped.getvalue(), {"Authorization": "Bearer t0ken"})
+            time.sleep(1.0)
+            return answer
 
-        with ThreadPoolExecutor(8) as pool:
-            clients = [pool.submit(client, i) for i in range(8)]
-            time.sleep(1.0)
-            status, _, body = running.call("POST", "/templates", flipped.getvalue(), {"Authorization": "Bearer t0ken"})
-            time.sleep(1.0)
-            stop.set()
-            for c in clients:
-                c.result(timeout=120)
+        answers, (status, _, body) = under_load(running, "/predict", queries, 8, update)
         assert status == 200 and json.loads(body) == {"bank": "brick", "templates": 7}
     assert answers and all(status == 200 for _, status, _ in answers)
     seen = set()

@@ -11,10 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +25,7 @@ pytest.importorskip("starlette")
 import hetmm  # noqa: E402
 from hetmm.demo import build_dataset  # noqa: E402
 from hetmm.serve import Service  # noqa: E402
-from test_serve import SIZE, Running, _free_port  # noqa: E402
+from test_serve import SIZE, Running, _free_port, call, under_load  # noqa: E402
 
 NOTICE_S = 2.0  # a change in the folder is served within this (the bound)
 
@@ -150,24 +147,13 @@ def test_requests_in_flight_never_fail_while_their_bank_is_replaced(demo, banks,
     shutil.copyfile(banks["grass"], path)
     queries = sorted((demo / "grass" / "test").rglob("*.png"))
     expected = {name: hetmm.HETMM.load(banks[name]).predict(queries).pred_score for name in ("grass", "grass7")}
-    answers, stop = [], threading.Event()
     with Running(Service(banks=tmp_path, watch_s=0.05, max_wait_ms=2)) as running:
-        def client(offset):
-            count = 0
-            while not stop.is_set():
-                index = (offset + count) % len(queries)
-                status, _, body = running.call("POST", "/banks/grass/predict", queries[index].read_bytes())
-                answers.append((index, status, json.loads(body)))
-                count += 1
-
-        with ThreadPoolExecutor(4) as pool:
-            clients = [pool.submit(client, i) for i in range(4)]
+        def replace():
             for version in ("grass7", "grass", "grass7", "grass", "grass7"):
                 _put(banks[version], path)
                 time.sleep(0.4)
-            stop.set()
-            for c in clients:
-                c.result(timeout=120)
+
+        answers, _ = under_load(running, "/banks/grass/predict", queries, 4, replace)
     assert answers and all(status == 200 for _, status, _ in answers), [a for a in answers if a[1] != 200][:2]
     for index, _, verdict in answers:
         assert any(verdict["score"] == pytest.approx(float(scores[index]), rel=1e-4, abs=1e-5)
@@ -216,13 +202,7 @@ class Replica:
             return False
 
     def call(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method=method,
-                                         headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), error.read()
+        return call(self.port, method, path, body, headers)
 
     def stop(self) -> None:
         self.process.terminate()
