@@ -187,7 +187,7 @@ class Service:
 
     @property
     def detector(self) -> HETMM:
-        """The detector of the one bank served (``ValueError`` when there are several)."""
+        """The detector of the one bank served (``BadInput`` 400 when there are several)."""
         return self._only_bank().detector
 
     def _metrics(self) -> None:
