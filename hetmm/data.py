@@ -19,6 +19,11 @@ from PIL import Image, ImageOps
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
+# Shorter sides below this are refused: such an image resized to the network's size is a few flat colours,
+# scored as a confident defect when predicted and a meaningless template when added.
+MIN_SIDE = 32
+
+
 class ImageError(ValueError):
     """An image or mask that cannot be used, named by its file."""
 
@@ -39,6 +44,9 @@ def read_image(path, size: int) -> torch.Tensor:
     """
     try:
         with Image.open(path) as img:
+            if min(img.size) < MIN_SIDE:
+                raise ImageError(f"image {path}: {img.size[0]} x {img.size[1]} pixels; the shorter side must be at "
+                                 f"least {MIN_SIDE}")
             if JPEG_DRAFT and img.format == "JPEG" and min(img.size) >= 2 * size:
                 img.draft("RGB", (size, size))  # DCT-scaled decoding: 1/2 to 1/8 of the pixels, still >= size
             img = ImageOps.exif_transpose(img)

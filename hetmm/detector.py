@@ -23,7 +23,7 @@ from .calibration import (DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, R
                           calibration_neighbours, normalised, outside_own_group)
 from .clustering import compress
 from .retrieval import Codebook
-from .data import measured_prefetched, prefetched, read_image
+from .data import MIN_SIDE, measured_prefetched, prefetched, read_image
 from .parameters import neighbourhood_for, params_for, parse_params
 from .scoring import LayerMatches, template_coreset, template_isolation
 from .magnitude import directions, rms_length, scales_problem
@@ -113,12 +113,18 @@ class Prediction:
     anomaly_map: torch.Tensor  # [B, H, W] pixel anomaly map (post-processed for pixel AUROC)
     pro_map: torch.Tensor  # [B, H, W] the map post-processed for PRO
     pred_label: torch.Tensor | None = None  # [B] bool: pred_score >= image_threshold
-    pred_mask: torch.Tensor | None = None  # [B, H, W] bool: anomaly_map >= pixel_threshold
+    pred_mask: torch.Tensor | None = None  # [B, H, W] bool: anomaly_map >= pixel_threshold, empty where not pred_label
     regions: Sequence | None = None  # per image: regions of pred_mask (box, area, peak), largest first; lazy
     norm_score: torch.Tensor | None = None  # [B] score / (score + image threshold): 0..1, 0.5 at the threshold
     norm_map: torch.Tensor | None = None  # [B, H, W] the same with the pixel threshold
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+
+
+def _check_side(images: torch.Tensor) -> None:
+    height, width = images.shape[-2:]
+    if min(height, width) < MIN_SIDE:
+        raise ValueError(f"images are {width} x {height} pixels; the shorter side must be at least {MIN_SIDE}")
 
 
 def _check_pixels(images: torch.Tensor) -> None:
@@ -320,6 +326,7 @@ class HETMM:
                 raise ValueError(f"images must be [N, 3, H, W] floats in [0, 1]; got {tuple(images.shape)}")
             if images.shape[0] == 0:
                 raise ValueError("images is empty")
+            _check_side(images)
             _check_pixels(images)
             return list(images)
         items = list(images)
@@ -329,6 +336,7 @@ class HETMM:
             if isinstance(item, torch.Tensor):
                 if item.dim() != 3 or item.shape[0] != 3:
                     raise ValueError(f"each image must be [3, H, W] floats in [0, 1]; got {tuple(item.shape)}")
+                _check_side(item)
                 _check_pixels(item)
             elif not isinstance(item, (str, Path)):
                 raise TypeError(f"images must be a tensor or a list of tensors or file paths; got {type(item).__name__}")
@@ -589,7 +597,8 @@ class HETMM:
         image_threshold, pixel_threshold = thresholds
         result.image_threshold, result.pixel_threshold = image_threshold, pixel_threshold
         result.pred_label = result.pred_score >= image_threshold
-        result.pred_mask = result.anomaly_map >= pixel_threshold
+        # a verdict and its picture agree: an image judged normal shows no defect regions, whatever its pixels
+        result.pred_mask = (result.anomaly_map >= pixel_threshold) & result.pred_label[:, None, None]
         result.regions = Regions(result.pred_mask, result.anomaly_map)
         result.norm_score = normalised(result.pred_score, image_threshold)
         result.norm_map = normalised(result.anomaly_map, pixel_threshold)

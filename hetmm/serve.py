@@ -39,7 +39,7 @@ from starlette.routing import Route
 
 from .bank import TemplateBank
 from .bank_folder import ServedBank, file_identity, read_detector, resident_bytes, scan, update_lock
-from .data import ImageError, read_image
+from .data import MIN_SIDE, ImageError, read_image
 from .detector import HETMM
 
 FORMATS = {"PNG", "JPEG", "BMP", "TIFF"}  # what `hetmm predict` reads (hetmm.data.IMAGE_SUFFIXES)
@@ -75,6 +75,8 @@ def decode_upload(data: bytes, size: int) -> torch.Tensor:
         raise BadInput(400, f"unsupported image format {kind}; expected PNG, JPEG, BMP or TIFF")
     if max(width, height) > MAX_SIDE:
         raise BadInput(413, f"the image is {width} x {height} pixels; sides up to {MAX_SIDE} are accepted")
+    if min(width, height) < MIN_SIDE:
+        raise BadInput(400, f"the image is {width} x {height} pixels; the shorter side must be at least {MIN_SIDE}")
     try:
         return read_image(io.BytesIO(data), size)
     except (ImageError, Image.DecompressionBombError) as error:

@@ -214,14 +214,28 @@ def test_predict_decides_with_the_calibrated_thresholds():
     cal = det.calibration
     assert result.image_threshold == cal.image_threshold(0.2) and result.pixel_threshold == cal.pixel_threshold(0.05)
     assert torch.equal(result.pred_label, result.pred_score >= result.image_threshold)
-    assert torch.equal(result.pred_mask, result.anomaly_map >= result.pixel_threshold)
-    for mask, scores, regions in zip(result.pred_mask, result.anomaly_map, result.regions):
+    flagged = result.pred_label[:, None, None]
+    assert torch.equal(result.pred_mask, (result.anomaly_map >= result.pixel_threshold) & flagged)
+    for mask, scores, regions, label in zip(result.pred_mask, result.anomaly_map, result.regions, result.pred_label):
         assert regions == find_regions(mask, scores) and sum(r["area"] for r in regions) == int(mask.sum())
+        assert label or not regions  # an image judged normal carries no regions
     torch.testing.assert_close(result.norm_score, normalised(result.pred_score, result.image_threshold))
     # an explicit threshold wins, for images and pixels alike
     det.threshold = 0.0
     fixed = det.predict(_images(3, 8))
     assert fixed.pred_label.all() and fixed.pred_mask.all() and fixed.image_threshold == 0.0
+
+
+def test_an_image_judged_normal_carries_no_regions():
+    """A lenient pixel threshold beside a strict image one: pixels of normal-judged images pass the pixel
+    threshold, yet their masks stay empty (the verdict and its picture agree); flagged images keep theirs."""
+    det = _detector(fpr=0.01, pixel_fpr=0.3).fit(_images(6, 7))
+    result = det.predict(torch.cat([_images(3, 8), _images(1, 8) * 0.2 + 0.8]))
+    hot = result.anomaly_map >= result.pixel_threshold
+    normal = ~result.pred_label
+    assert normal.any() and hot[normal].any(), "the case needs normal images with pixels above the threshold"
+    assert not result.pred_mask[normal].any() and all(not result.regions[i] for i in torch.nonzero(normal).flatten())
+    assert torch.equal(result.pred_mask[~normal], hot[~normal])
 
 
 def test_calibration_is_saved_checked_and_recomputed_for_older_banks(tmp_path):

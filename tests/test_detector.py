@@ -103,6 +103,27 @@ def test_predict_needs_templates_and_good_images():
         det.predict([])
 
 
+def test_images_with_a_side_under_32_pixels_are_refused_by_size(tmp_path):
+    """A 1 x 1 upload resized to the network's size is one flat colour: it would be scored as a confident defect
+    and accepted as a template. Files and tensors alike are refused, in predict and add_templates."""
+    det = _small_detector().fit(_images(2, 0))
+    dot, sliver = tmp_path / "dot.png", tmp_path / "sliver.png"
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(dot)
+    Image.new("RGB", (200, 31)).save(sliver)
+    for call in (det.predict, det.add_templates):
+        with pytest.raises(ImageError, match=r"dot.png: 1 x 1 pixels; the shorter side must be at least 32"):
+            call([dot])
+        with pytest.raises(ImageError, match=r"200 x 31 pixels"):
+            call([sliver])
+        with pytest.raises(ValueError, match=r"images are 1 x 1 pixels; the shorter side must be at least 32"):
+            call(torch.rand(1, 3, 1, 1))
+        with pytest.raises(ValueError, match=r"images are 40 x 31 pixels"):
+            call([torch.rand(3, 31, 40)])
+    assert len(det.bank) == 2
+    Image.new("RGB", (32, 32)).save(tmp_path / "small.png")  # the documented minimum is accepted
+    assert det.predict([tmp_path / "small.png"]).pred_score.shape == (1,)
+
+
 def test_threshold_gives_labels_and_masks():
     det = _small_detector(threshold=0.0).fit(_images(2, 0))
     result = det.predict(_images(2, 1))

@@ -158,6 +158,9 @@ def _bad_inputs(good: bytes) -> dict:
     wide = bytearray(good)
     wide[width_height_at:width_height_at + 8] = struct.pack(">II", 5_000, 16)
     wide[29:33] = struct.pack(">I", zlib.crc32(bytes(wide[12:29])))
+    dot, sliver = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(dot, format="PNG")
+    Image.new("RGB", (200, 31)).save(sliver, format="PNG")
     gif, webp, ico = io.BytesIO(), io.BytesIO(), io.BytesIO()
     Image.new("RGB", (32, 32)).save(gif, format="GIF")
     Image.new("RGB", (32, 32)).save(ico, format="ICO")
@@ -175,7 +178,8 @@ def _bad_inputs(good: bytes) -> dict:
         "GIF": (gif.getvalue(), 400), "ICO": (ico.getvalue(), 400), "WEBP": (webp.getvalue(), 400),
         "truncated JPEG": (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(40), 400), "BMP header only": (b"BM" + bytes(12), 400),
         "TIFF header only": (b"II*\x00\x08\x00\x00\x00", 400), "gzip": (zlib.compress(good), 400),
-        "too many bytes": (bytes(5000), 413),
+        "too many bytes": (bytes(5000), 413), "1 x 1 PNG": (dot.getvalue(), 400),
+        "200 x 31 PNG": (sliver.getvalue(), 400),
     }
 
 
@@ -219,6 +223,10 @@ def test_the_token_rules(bank_file, tmp_path, data):
             assert status == 401 and json.loads(body)["error"], headers
         status, _, body = running.call("POST", "/templates", b"not an image", {"Authorization": "Bearer s3cret"})
         assert status == 400
+        dot = io.BytesIO()
+        Image.new("RGB", (1, 1)).save(dot, format="PNG")
+        status, _, body = running.call("POST", "/templates", dot.getvalue(), {"Authorization": "Bearer s3cret"})
+        assert status == 400 and "1 x 1 pixels" in json.loads(body)["error"]
         status, _, body = running.call("GET", "/healthz")
         assert json.loads(body)["templates"] == 6  # nothing was added
 
