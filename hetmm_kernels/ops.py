@@ -56,20 +56,30 @@ def _triton_layout(bank: PreparedTemplates):
     return bank.layout("triton", _triton_atm().pixel_major)
 
 
-def forward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backend: str | None = None) -> torch.Tensor:
+def forward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backend: str | None = None,
+                return_argmax: bool = False):
     """Forward template matching: ``[B, T, H, W]`` in the query's dtype.
 
     ``out[b,t,i,j]`` is the largest dot product between ``query[b,:,i,j]`` and the
     features of template ``t`` inside the ``patch x patch`` window centred on (i, j)
     (clipped at the borders; an even ``patch`` acts as ``patch + 1``), floored at -1.
 
+    ``return_argmax``: ``(out, where)``, ``where [B, T, H, W]`` int64 the template pixel ``y2 * W + x2`` of that
+    largest product (ties: the first in row-major order). For explanations (``hetmm``'s nearest templates); the
+    maps alone take the fast path.
+
     >>> q = torch.nn.functional.normalize(torch.randn(2, 32, 8, 8), dim=1)
     >>> forward_ATM(q, q, 3).shape
     torch.Size([2, 2, 8, 8])
+    >>> out, where = forward_ATM(q, q, 3, return_argmax=True)
+    >>> bool((where[0, 0] == torch.arange(64).view(8, 8)).all())  # every pixel matches itself best
+    True
     """
     patch = check_window("patch", patch)
     bank = _checked(query, temp)
     impl = resolve(query.device, backend, query.dtype)
+    if return_argmax:
+        return _forward_argmax(query, bank, patch, impl)
     if query.shape[0] == 0:
         return query.new_empty((0, len(bank), *query.shape[2:]))
     if impl == "reference":
@@ -77,6 +87,21 @@ def forward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backend
     if impl == "torch":
         return torch_atm.forward_ATM(query, _torch_layout(bank), patch).to(query.dtype)
     return _triton_atm().forward_ATM(query, _triton_layout(bank), patch)
+
+
+def _forward_argmax(query: torch.Tensor, bank: PreparedTemplates, patch: int, impl: str):
+    if query.shape[0] == 0:
+        shape = (0, len(bank), *query.shape[2:])
+        return query.new_empty(shape), torch.empty(shape, device=query.device, dtype=torch.int64)
+    if impl == "reference":
+        return reference.forward_argmax(query, bank.temp, patch)
+    if impl == "torch":
+        best, where = torch_atm.forward_argmax(query, bank.temp, patch)
+    else:
+        from .triton_ops import window_argmax
+
+        best, where = window_argmax.forward_argmax(query, _triton_layout(bank), patch)
+    return best.to(query.dtype), where
 
 
 def backward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backend: str | None = None) -> torch.Tensor:

@@ -34,6 +34,26 @@ def forward_ATM(query: torch.Tensor, temp: torch.Tensor, patch: int) -> torch.Te
     return out.to(query.dtype)
 
 
+def forward_argmax(query: torch.Tensor, temp: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(forward_ATM, where)``: ``where[b,t,i,j]`` is the template pixel ``y2 * W + x2`` (int64) whose product
+    with ``query[b,:,i,j]`` is the window's largest; ties go to the first in row-major order (smallest ``y2``,
+    then ``x2``), as ``torch.argmax`` returns the first of equal maxima."""
+    radius = patch // 2
+    q, t = _accumulation(query), _accumulation(temp)
+    batch, _, height, width = q.shape
+    out = torch.full((batch, t.shape[0], height, width), MATCH_FLOOR, device=q.device, dtype=q.dtype)
+    where = torch.zeros((batch, t.shape[0], height, width), device=q.device, dtype=torch.int64)
+    for i in range(height):
+        for j in range(width):
+            y0, x0 = max(0, i - radius), max(0, j - radius)
+            window = t[:, :, y0: i + radius + 1, x0: j + radius + 1]
+            sims = torch.einsum("bc,tcyx->btyx", q[:, :, i, j], window).flatten(2)  # row-major window positions
+            best, first = sims.max(dim=2).values, sims.argmax(dim=2)
+            out[:, :, i, j] = torch.maximum(out[:, :, i, j], best)
+            where[:, :, i, j] = (y0 + first // window.shape[3]) * width + x0 + first % window.shape[3]
+    return out.to(query.dtype), where
+
+
 def backward_ATM(query: torch.Tensor, temp: torch.Tensor, patch: int) -> torch.Tensor:
     """``R[b,t,i,j] = max(-1, max_{|i2-i|<=d, |j2-j|<=d} <query[b,:,i2,j2], temp[t,:,i,j]>)``, d = patch // 2."""
     radius = patch // 2

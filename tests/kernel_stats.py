@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hetmm.parameters import DEFAULT, MVTEC_AD, parse_params  # noqa: E402
-from hetmm_kernels.triton_ops import aggregate, atm, global_match, pts, retrieval  # noqa: E402
+from hetmm_kernels.triton_ops import aggregate, atm, global_match, pts, retrieval, window_argmax  # noqa: E402
 
 GPUS = {90: dict(name="H100/H200", sms=132, shared=232448), 80: dict(name="A100", sms=108, shared=166912)}
 # The paper's features: Wide-ResNet-101-2 at 256 px, 60 templates (PTS's tiny set)
@@ -146,6 +146,12 @@ def other_cases():
             yield f"global_match b{batch} c{channels} {dtype_name}", \
                 lambda b=batch, c=channels, s=side, n=rows, d=dtype: global_match.global_match(
                     torch.empty(b, c, s, s, dtype=d), torch.empty(n, c, dtype=d))
+    # explanations: the forward maxima with their places, at the paper's layer 2 and lite0's (40 channels)
+    for dtype_name, dtype in DTYPES.items():
+        for channels, side, patch in ((512, 32, 9), (40, 32, 9)):
+            yield f"forward_argmax c{channels} {dtype_name} {patch}x{patch}", \
+                lambda c=channels, s=side, k=patch, d=dtype: window_argmax.forward_argmax(
+                    torch.empty(1, c, s, s, dtype=d), _maps(TEMPLATES, c, s, d), k)
     yield "PTS 200 templates -> 60", lambda: pts.PTS(torch.empty(200, 64, 8, 8), torch.zeros(200, 8, 8, dtype=torch.int64),
                                                     60)
 

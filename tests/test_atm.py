@@ -8,7 +8,7 @@ import torch
 import hetmm_kernels as hk
 from hetmm_kernels import reference
 from hetmm_kernels.torch_ops import atm as torch_atm
-from helpers import BACKENDS, assert_matches, device_for, features, skip_reason
+from helpers import BACKENDS, assert_matches, device_for, features, skip_reason, tolerance
 
 # (B, T, C, H, W, fore window, back window)
 SHAPES = [
@@ -57,6 +57,61 @@ def test_mutual_match(backend, dtype, b, t, c, h, w, kf, kb):
     ref_fore, ref_back = reference.mutual_match(query.cpu(), temp.cpu(), kf, kb)
     assert_matches(fore, ref_fore, c)
     assert_matches(back, ref_back, c)
+
+
+def _products_at(query: torch.Tensor, temp: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, W]``: the float64 product of each query pixel with template pixel ``where`` of each template."""
+    q, t = query.double().cpu(), temp.double().cpu().flatten(2)  # [T, C, H*W]
+    batch, _, height, width = q.shape
+    picked = torch.stack([t[k][:, where[:, k].cpu().flatten(1)] for k in range(t.shape[0])], 1)  # [C, T, B, HW]
+    return torch.einsum("bchw,ctbhw->bthw", q, picked.view(q.shape[1], t.shape[0], batch, height, width))
+
+
+def _window_holds(where: torch.Tensor, patch: int, width: int) -> bool:
+    rows, cols = torch.meshgrid(torch.arange(where.shape[2]), torch.arange(where.shape[3]), indexing="ij")
+    radius = patch // 2
+    return bool((((where // width) - rows).abs() <= radius).all() and (((where % width) - cols).abs() <= radius).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,t,c,h,w,kf,kb", SHAPES)
+def test_forward_argmax(backend, dtype, b, t, c, h, w, kf, kb):
+    """The maps as forward_ATM's, and each place inside its window holding the window's largest product: the
+    reference's place, or where float32 sums in another order tie it, one as large to the maps' tolerance."""
+    query, temp = _inputs(backend, dtype, b, t, c, h, w)
+    out, where = hk.forward_ATM(query, temp, kf, backend=backend, return_argmax=True)
+    ref_out, ref_where = reference.forward_argmax(query.cpu(), temp.cpu(), kf)
+    assert_matches(out, ref_out, c)
+    assert torch.equal(ref_out, reference.forward_ATM(query.cpu(), temp.cpu(), kf))
+    assert where.dtype == torch.int64 and where.shape == ref_where.shape and _window_holds(where.cpu(), kf, w)
+    differ = where.cpu() != ref_where
+    at_place = _products_at(query, temp, where)
+    gap = (at_place - ref_out.double()).abs()[differ]
+    assert not gap.numel() or gap.max() <= tolerance(dtype, c)
+    assert differ.float().mean() <= 0.02, f"{int(differ.sum())} of {differ.numel()} places differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_argmax_ties_go_to_the_first_place(backend, dtype):
+    """Features of -1, 0 and 1 make every product exact and ties common: the place must be the reference's, the
+    first of the window's equal maxima in row-major order, and that is checked by hand on a flat template."""
+    reason = skip_reason(backend, dtype)
+    if reason:
+        pytest.skip(reason)
+    device = device_for(backend)
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randint(-1, 2, (2, 6, 7, 9), generator=generator).to(device, dtype)
+    temp = torch.randint(-1, 2, (3, 6, 7, 9), generator=generator).to(device, dtype)
+    for patch in (3, 4, 7):
+        out, where = hk.forward_ATM(query, temp, patch, backend=backend, return_argmax=True)
+        ref_out, ref_where = reference.forward_argmax(query.cpu(), temp.cpu(), patch)
+        assert torch.equal(out.cpu(), ref_out) and torch.equal(where.cpu(), ref_where), patch
+    flat = torch.ones(1, 2, 5, 6, device=device, dtype=dtype)  # every window position ties
+    _, where = hk.forward_ATM(flat, flat, 3, backend=backend, return_argmax=True)
+    rows, cols = torch.meshgrid(torch.arange(5), torch.arange(6), indexing="ij")
+    assert torch.equal(where[0, 0].cpu(), (rows - 1).clamp_min(0) * 6 + (cols - 1).clamp_min(0))
 
 
 def test_reference_mutual_is_the_max_of_the_maps():

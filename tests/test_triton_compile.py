@@ -44,7 +44,8 @@ def test_every_launch_keeps_the_rules(compiled, arch):
     assert returncode == 0 and not broken and summary["failures"] == 0, broken
     assert {row["kernel"] for row in rows} >= {
         "_mutual_kernel", "_mutual_resident_kernel", "_window_max_kernel", "_aggregate_kernel",
-        "_block_histogram_kernel", "_trimmed_topk_kernel", "_pts_select_kernel", "_naive_window_max_kernel"}
+        "_block_histogram_kernel", "_trimmed_topk_kernel", "_pts_select_kernel", "_naive_window_max_kernel",
+        "_window_argmax_kernel"}
     assert all(row["spill_bytes"] == 0 and row["registers"] <= 255 for row in rows
                if row["kernel"] != "_naive_window_max_kernel")
 

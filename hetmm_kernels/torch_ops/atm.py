@@ -22,6 +22,7 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
 
 MATCH_FLOOR = -1.0
 # Templates per BLAS call: bounds the [U_h, U_w*T, P*B] similarity block.
@@ -393,6 +394,30 @@ def mutual_max_tiled(query: torch.Tensor, bank: TiledTemplates, fore_radius: int
 
 def forward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) -> torch.Tensor:
     return window_max(map_major(query), t_groups, patch // 2)
+
+
+def forward_argmax(query: torch.Tensor, temp: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(forward maxima, where)`` as ``reference.forward_argmax``: one window offset at a time, row-major, each
+    offset's products for every pixel and template at once; a strictly larger product takes the place, so the
+    first of equal maxima stays. Explanations only (flagged images, one layer): the offsets are not fused."""
+    radius = patch // 2
+    accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, t = query.to(accumulate), temp.to(accumulate)
+    batch, _, height, width = q.shape
+    padded = F.pad(t, (radius, radius, radius, radius))
+    best = torch.full((batch, t.shape[0], height, width), float("-inf"), device=q.device, dtype=accumulate)
+    where = torch.zeros(best.shape, device=q.device, dtype=torch.int64)
+    rows = torch.arange(height, device=q.device)[:, None]
+    cols = torch.arange(width, device=q.device)[None, :]
+    for dy in range(-min(radius, height - 1), min(radius, height - 1) + 1):
+        for dx in range(-min(radius, width - 1), min(radius, width - 1) + 1):
+            shifted = padded[:, :, radius + dy: radius + dy + height, radius + dx: radius + dx + width]
+            sims = torch.einsum("bchw,tchw->bthw", q, shifted)
+            inside = (rows + dy >= 0) & (rows + dy < height) & (cols + dx >= 0) & (cols + dx < width)
+            better = (sims > best) & inside
+            best = torch.where(better, sims, best)
+            where = torch.where(better, (rows + dy) * width + cols + dx, where)
+    return best.clamp_min_(MATCH_FLOOR), where
 
 
 def backward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) -> torch.Tensor:
