@@ -1,8 +1,9 @@
 """The template bank: per-layer features of normal images, with the configuration that made them.
 
 Persisted as one safetensors file (tensors ``layer1``..``layer3`` ``[N, C, h, w]``) whose
-metadata holds the configuration as JSON; extras (``extra/...``) hold the retrieval codebook and
-histograms and each template pixel's isolation (``hetmm.scoring.template_isolation``). Saving writes a temporary file in the same
+metadata holds the configuration and each template's source (its image file, when it came from one) as JSON;
+extras (``extra/...``) hold the retrieval codebook and histograms, each template pixel's isolation
+(``hetmm.scoring.template_isolation``) and each template's thumbnail. Saving writes a temporary file in the same
 folder, fsyncs it and renames it over the target, so a crash never leaves a half-written bank.
 """
 
@@ -24,7 +25,8 @@ from .magnitude import scales_problem
 from .parameters import parse_params
 from .scoring import coreset_rows, isolated_templates
 
-FORMAT = "hetmm-bank/1"
+FORMAT = "hetmm-bank/2"  # 2: each template's source and thumbnail; a bank of format 1 loads without them
+READABLE = ("hetmm-bank/1", FORMAT)
 # configuration entries that must agree for a bank to serve a detector
 IDENTITY = ("backbone", "weights", "image_size", "layers", "neighbourhood", "magnitude_scales")
 # what a bank saved before a key existed meant by it
@@ -36,10 +38,19 @@ class BankMismatch(ValueError):
 
 
 EXTRA = "extra/"  # prefix of the non-template tensors in the file (codebook, histogram counts)
-PER_TEMPLATE = ("histogram_counts",)  # extras with one row per template: they shard with the templates
+THUMBNAILS = "thumbnails"  # [N, 3, THUMBNAIL, THUMBNAIL] uint8: what each template looked like (explanations)
+THUMBNAIL = 64
+PER_TEMPLATE = ("histogram_counts", THUMBNAILS)  # extras with one row per template: they shard with the templates
 ISOLATION = "isolation."  # + "<layer>.<forward window>": [N, h, w] per template pixel, also sharded with them
 CORESET = "coreset."  # + "<layer>.<percent>": int64 flat indices over [N, h, w] (a shard keeps those of its templates)
 MAX_ISOLATION = 2.0  # 1 - the cosine similarity of unit features
+
+
+def thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, THUMBNAIL, THUMBNAIL]`` uint8 of images ``[N, 3, H, W]`` in [0, 1] (area-averaged)."""
+    small = torch.nn.functional.interpolate(images.float(), size=(THUMBNAIL, THUMBNAIL), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    return (small.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 def _per_template(name: str) -> bool:
@@ -55,13 +66,17 @@ class TemplateBank:
     """
 
     def __init__(self, features: dict, config: dict, extras: dict | None = None, offset: int = 0,
-                 total: int | None = None):
+                 total: int | None = None, sources: list | None = None):
         counts = {name: t.shape[0] for name, t in features.items()}
         if len(set(counts.values())) > 1:
             raise ValueError(f"every layer needs the same number of templates; got {counts}")
         self.features = {name: t.contiguous() for name, t in features.items()}
         self.config = dict(config)
         self.extras = dict(extras or {})
+        # each template's image file (an absolute path) when it came from one, else None (tensors, PTS centres)
+        self.sources = [None] * len(self) if sources is None else list(sources)
+        if len(self.sources) != len(self):
+            raise ValueError(f"sources: one per template ({len(self)}); got {len(self.sources)}")
         self.offset = int(offset)
         self.total = len(self) if total is None else int(total)
         self.version = 0  # grows with every change of the templates
@@ -77,13 +92,18 @@ class TemplateBank:
         features = {name: t[rows.start:rows.stop] for name, t in self.features.items()}
         extras = {name: t[rows.start:rows.stop] if _per_template(name) else t for name, t in self.extras.items()}
         return TemplateBank(features, self.config, _coreset_shares(extras, features, rows), self.offset + rows.start,
-                            self.total)
+                            self.total, self.sources[rows.start:rows.stop])
+
+    def copy(self) -> "TemplateBank":
+        """A bank sharing this one's tensors, whose changes (``add``, ``keep``) leave this one as it is."""
+        return TemplateBank(dict(self.features), self.config, dict(self.extras), self.offset, self.total, self.sources)
 
     def __len__(self) -> int:
         return next(iter(self.features.values())).shape[0] if self.features else 0
 
-    def add(self, features: dict) -> None:
-        """Hot update: append the templates of new normal images (no refit)."""
+    def add(self, features: dict, sources: list | None = None, thumbnails: torch.Tensor | None = None) -> None:
+        """Hot update: append the templates of new normal images (no refit), with their sources and thumbnails
+        (``thumbnail``) when known; the thumbnails are kept only while every template has one."""
         if self.is_shard:
             raise ValueError("add templates to the whole bank, then shard it: a shard cannot grow in place")
         if set(features) != set(self.features):
@@ -93,6 +113,12 @@ class TemplateBank:
             if new.shape[1:] != old.shape[1:]:
                 raise ValueError(f"{name}: new templates are {tuple(new.shape[1:])}, the bank holds {tuple(old.shape[1:])}")
             self.features[name] = torch.cat([old, new.to(old.device, old.dtype)]).contiguous()
+        count = next(iter(features.values())).shape[0]
+        self.sources += [None] * count if sources is None else list(sources)
+        if THUMBNAILS in self.extras and thumbnails is not None:
+            self.extras[THUMBNAILS] = torch.cat([self.extras[THUMBNAILS], thumbnails.cpu()])
+        else:
+            self.extras.pop(THUMBNAILS, None)
         self._templates_changed()
 
     def _templates_changed(self) -> None:
@@ -112,8 +138,10 @@ class TemplateBank:
         if rows.dim() != 1 or not len(rows) or not bool((rows[1:] > rows[:-1]).all()) or rows[-1] >= len(self) or rows[0] < 0:
             raise ValueError(f"rows must be ascending template indices in [0, {len(self)}); got {rows.tolist()[:8]}...")
         self.features = {name: t[rows.to(t.device)].contiguous() for name, t in self.features.items()}
-        if "histogram_counts" in self.extras:
-            self.extras["histogram_counts"] = self.extras["histogram_counts"][rows]
+        for name in PER_TEMPLATE:
+            if name in self.extras:
+                self.extras[name] = self.extras[name][rows]
+        self.sources = [self.sources[i] for i in rows.tolist()]
         self._templates_changed()
 
     @property
@@ -221,7 +249,8 @@ class TemplateBank:
                              f"{self.total}); save the whole bank")
         tensors = {name: t.detach().cpu().to(dtype or t.dtype).contiguous() for name, t in self.features.items()}
         tensors.update({EXTRA + name: t.detach().cpu().contiguous() for name, t in self.extras.items()})
-        metadata = {"format": FORMAT, "config": json.dumps(self.config), "checksum": checksum(tensors)}
+        metadata = {"format": FORMAT, "config": json.dumps(self.config), "checksum": checksum(tensors),
+                    "sources": json.dumps(self.sources)}
         _remove_stale_temporaries(path)
         # the writer's pid in the name: a later save removes what a killed writer left behind
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
@@ -271,7 +300,13 @@ class TemplateBank:
         if config.get("retrieval_k") is not None and not {"codebook_centers", "histogram_counts"} <= set(extras):
             raise BankInvalid(f"bank: {path}: its configuration asks for retrieval (retrieval_k) but the file "
                               "holds no codebook and histograms; refit the bank")
-        bank = cls(tensors, config, extras, rows.start, total)
+        sources = _checked_sources(path, metadata, total)[rows.start:rows.stop]
+        thumbnails = extras.get(THUMBNAILS)
+        if thumbnails is not None and (thumbnails.dtype != torch.uint8 or thumbnails.dim() != 4
+                                       or tuple(thumbnails.shape[:2]) != (len(rows), 3)):
+            raise BankInvalid(f"bank: {path}: its thumbnails must be uint8 [{len(rows)}, 3, h, w]; got "
+                              f"{thumbnails.dtype} {tuple(thumbnails.shape)}")
+        bank = cls(tensors, config, extras, rows.start, total, sources)
         if expected:
             bank.check(expected)
         return bank
@@ -329,7 +364,7 @@ def _read_bank_file(path: Path, shard):
                 raise ValueError(f"a header of {length} bytes in a file of {size}")
             header = json.loads(bytes(view[8:8 + length]))
             metadata = header.pop("__metadata__", None) or {}
-            if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            if not isinstance(metadata, dict) or metadata.get("format") not in READABLE:
                 raise BankInvalid(f"bank: {path} is not a hetmm template bank "
                                   f"(format {metadata.get('format') if isinstance(metadata, dict) else None!r})")
             layers = sorted(n for n in header if not n.startswith(EXTRA))
@@ -407,6 +442,20 @@ def _checked_config(path: Path, metadata: dict) -> dict:
         raise BankInvalid(f"bank: {path}: its parameters make {magnitude} magnitude-aware (m=), so magnitude_scales "
                           f"must give each a finite positive length: {problem}")
     return config
+
+
+def _checked_sources(path: Path, metadata: dict, total: int) -> list:
+    """Each template's source file (``None``: not from a file); a bank of format 1 has none."""
+    if "sources" not in metadata:
+        return [None] * total
+    try:
+        sources = json.loads(metadata["sources"])
+    except (TypeError, json.JSONDecodeError) as error:
+        raise BankInvalid(f"bank: {path}: its template sources are not JSON ({error})") from None
+    if not isinstance(sources, list) or len(sources) != total or not all(s is None or isinstance(s, str)
+                                                                         for s in sources):
+        raise BankInvalid(f"bank: {path}: its template sources must be {total} file names or nulls")
+    return sources
 
 
 def _check_features(path: Path, features: dict, config: dict) -> None:

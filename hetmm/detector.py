@@ -18,12 +18,13 @@ from hetmm_kernels.validation import all_finite
 
 from . import distributed
 from .backbone import LAYERS, Backbone
-from .bank import MAX_IMAGE_SIZE, TemplateBank
+from .bank import MAX_IMAGE_SIZE, THUMBNAILS, TemplateBank, thumbnails
 from .calibration import (DEFAULT_FPR, F1_IMAGE_THRESHOLD, FOLDS, Calibration, Regions, calibration_groups,
                           calibration_neighbours, normalised, outside_own_group)
 from .clustering import compress
 from .retrieval import Codebook
 from .data import MIN_SIDE, measured_prefetched, prefetched, read_image
+from .explanation import explain_regions, explanation_layer
 from .parameters import neighbourhood_for, params_for, parse_params
 from .scoring import LayerMatches, template_coreset, template_isolation
 from .magnitude import directions, rms_length, scales_problem
@@ -114,11 +115,18 @@ class Prediction:
     pro_map: torch.Tensor  # [B, H, W] the map post-processed for PRO
     pred_label: torch.Tensor | None = None  # [B] bool: pred_score >= image_threshold
     pred_mask: torch.Tensor | None = None  # [B, H, W] bool: anomaly_map >= pixel_threshold, empty where not pred_label
-    regions: Sequence | None = None  # per image: regions of pred_mask (box, area, peak), largest first; lazy
+    # per image: regions of pred_mask (box, area, peak), largest first; lazy. With predict(explain=True), each
+    # region of a flagged image also has "nearest": {"template", "source", "box", "similarity"} (hetmm.explanation)
+    regions: Sequence | None = None
     norm_score: torch.Tensor | None = None  # [B] score / (score + image threshold): 0..1, 0.5 at the threshold
     norm_map: torch.Tensor | None = None  # [B, H, W] the same with the pixel threshold
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+
+
+def _source(item) -> str | None:
+    """What a template remembers of where it came from: its file's absolute path (``None``: a tensor)."""
+    return str(Path(item).resolve()) if isinstance(item, (str, Path)) else None
 
 
 def _check_side(images: torch.Tensor) -> None:
@@ -393,9 +401,14 @@ class HETMM:
         """Per-layer unit features ``{layer: [N, C, h, w]}`` of images (tensor or file paths), batched."""
         return self._extract(self._images(images), progress)
 
-    def _extract(self, items: list, progress: bool = True) -> dict:
-        """``extract`` of items ``_images`` has checked."""
-        parts = [self._features(batch) for batch in self._batches(items, "features", progress)]
+    def _extract(self, items: list, progress: bool = True, kept_thumbnails: list | None = None) -> dict:
+        """``extract`` of items ``_images`` has checked; each batch's ``thumbnails`` appended to
+        ``kept_thumbnails`` when given."""
+        parts = []
+        for batch in self._batches(items, "features", progress):
+            parts.append(self._features(batch))
+            if kept_thumbnails is not None:
+                kept_thumbnails.append(thumbnails(batch))
         return {layer: torch.cat([p[layer] for p in parts]) for layer in LAYERS}
 
     def _features(self, batch: torch.Tensor) -> dict:
@@ -436,10 +449,15 @@ class HETMM:
             descriptors = torch.cat([image_descriptors(self._descriptor_features(self._features(batch)))
                                      for batch in self._batches(items, "selection", True)])
             items = [items[i] for i in spread(descriptors, self.max_templates).tolist()]
-        return self.fit_features(self._extract(items))
+        kept = []
+        features = self._extract(items, kept_thumbnails=kept)
+        return self.fit_features(features, [_source(x) for x in items], torch.cat(kept))
 
-    def fit_features(self, features: dict) -> "HETMM":
-        """``fit`` from features ``extract`` gave (``{layer: [N, C, h, w]}``), e.g. collected batch by batch."""
+    def fit_features(self, features: dict, sources: list | None = None,
+                     template_thumbnails: torch.Tensor | None = None) -> "HETMM":
+        """``fit`` from features ``extract`` gave (``{layer: [N, C, h, w]}``), e.g. collected batch by batch; each
+        image's ``sources`` (file name) and ``template_thumbnails`` (``hetmm.bank.thumbnails``) when known, which
+        explanations show (``predict(explain=True)``)."""
         missing = [layer for layer in LAYERS if layer not in features]
         if missing:
             raise ValueError(f"features must hold every layer {list(LAYERS)} (as extract returns them); missing {missing}")
@@ -451,13 +469,20 @@ class HETMM:
             keep = spread_images(self._descriptor_features(features), self.max_templates)
             if len(keep) < len(features[LAYERS[0]]):  # before the float32 copy: only the kept images get one
                 features = {k: features[k][keep.to(features[k].device)] for k in LAYERS}
+                sources = None if sources is None else [sources[i] for i in keep.tolist()]
+                template_thumbnails = None if template_thumbnails is None else template_thumbnails[keep.cpu()]
         features = {k: features[k].float() for k in LAYERS}
-        templates = {k: compress(v, self.tsize) for k, v in features.items()} if self.templates == "pts" else features
-        self.bank = TemplateBank({k: v.cpu() for k, v in templates.items()}, self.config)
+        if self.templates == "pts":  # the templates are cluster centres, no image's
+            templates, sources, template_thumbnails = {k: compress(v, self.tsize) for k, v in features.items()}, None, None
+        else:
+            templates = features
+        self.bank = TemplateBank({k: v.cpu() for k, v in templates.items()}, self.config, sources=sources)
+        if template_thumbnails is not None:
+            self.bank.extras[THUMBNAILS] = template_thumbnails.cpu()
         if self.retrieval_k is not None:
             codebook = Codebook.fit(templates[self.retrieval_layer])
-            self.bank.extras = {"codebook_centers": codebook.centers,
-                                "histogram_counts": codebook.bank(templates[self.retrieval_layer]).counts}
+            self.bank.extras.update({"codebook_centers": codebook.centers,
+                                     "histogram_counts": codebook.bank(templates[self.retrieval_layer]).counts})
         self._ensure_isolation()
         self._ensure_coresets()
         self.bank.set_calibration(self.calibrate(features if self.templates == "pts" else None))
@@ -655,8 +680,9 @@ class HETMM:
     def add_templates(self, images) -> "HETMM":
         """Hot update: insert new normal images into the bank without refitting."""
         self._require_bank()
-        features = {k: v.float().cpu() for k, v in self.extract(images).items()}
-        self.bank.add(features)
+        items, kept = self._images(images), []
+        features = {k: v.float().cpu() for k, v in self._extract(items, kept_thumbnails=kept).items()}
+        self.bank.add(features, [_source(x) for x in items], torch.cat(kept))
         if self.retrieval_k is not None:  # the new images join the retrieval bank too
             codebook, _ = self._histogram_bank()
             new = codebook.bank(features[self.retrieval_layer]).counts
@@ -785,18 +811,41 @@ class HETMM:
             self._graphs = {key: CapturedPredict(self, self.batch_size)}
         return self._graphs[key](batch)
 
-    def predict(self, images) -> Prediction:
+    def predict(self, images, explain: bool = False) -> Prediction:
         """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths),
-        with labels, masks and regions when a threshold is in force (see ``Prediction``)."""
-        return self._decide(self._predict_raw(images))
+        with labels, masks and regions when a threshold is in force (see ``Prediction``).
 
-    def _predict_raw(self, images) -> Prediction:
-        """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths)."""
+        ``explain``: every region of a flagged image also gets ``"nearest"``, the normal template that matched it
+        best, with the place in it and the similarity (``hetmm.explanation``); the matching is the same, the
+        explanation costs one extra window search at one layer for each flagged image."""
+        if not explain:
+            return self._decide(self._predict_raw(images))
+        bank = self._require_bank()
+        if bank.is_shard:
+            raise RuntimeError("explanations name templates of the whole bank; this bank is a shard")
+        layer = explanation_layer(self.params)
+        kept = []
+        result = self._decide(self._predict_raw(images, keep=(layer, kept)))
+        if result.pred_label is not None:
+            explain_regions(result, torch.cat(kept), bank.prepared(layer, self.device, torch.float32).temp,
+                            self.params.active_layers[layer].fore, bank.sources)
+        return result
+
+    def _predict_raw(self, images, keep: tuple | None = None) -> Prediction:
+        """Image scores and anomaly maps for images (tensor ``[N, 3, H, W]`` in [0, 1], or file paths);
+        ``keep=(layer, list)``: each batch's features at ``layer`` appended to the list (explanations)."""
         self._require_bank()
         items = self._images(images)
         scores, anomaly, pro = [], [], []
         for batch in self._batches(items, "predict", True):
-            for kept, out in zip((scores, anomaly, pro), self._copy_out(*self._run(batch))):
+            if keep is None:
+                outs = self._run(batch)
+            else:
+                features = self.backbone(batch)
+                keep[1].append(features[keep[0]])
+                with hk.trusted_values():
+                    outs = self._score(features)
+            for kept, out in zip((scores, anomaly, pro), self._copy_out(*outs)):
                 kept.append(out)
         return Prediction(torch.cat(scores), torch.cat(anomaly), torch.cat(pro))
 

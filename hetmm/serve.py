@@ -37,7 +37,6 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .bank import TemplateBank
 from .bank_folder import ServedBank, file_identity, read_detector, resident_bytes, scan, update_lock
 from .data import MIN_SIDE, ImageError, read_image
 from .detector import HETMM
@@ -410,8 +409,7 @@ class Service:
             current = file_identity(served.path)
             if current is not None and current != served.identity:
                 detector, _ = read_detector(served.path, self.options, detector)
-            bank = detector.bank
-            helper = detector.with_bank(TemplateBank(dict(bank.features), bank.config, dict(bank.extras)))
+            helper = detector.with_bank(detector.bank.copy())
             helper.add_templates(image[None])
             helper.save(served.path)  # atomic: a restart, or another replica, finds the old bank or the new one
             return helper, file_identity(served.path)
