@@ -181,7 +181,8 @@ def _predict(args) -> int:
     from . import distributed
     from .data import image_files
     from .detector import HETMM
-    from .report import overlay_png, write_gallery
+    from .bank import THUMBNAILS
+    from .report import explanation_png, overlay_png, write_gallery
 
     # the images first: a typo should not wait for the bank and the model to load
     paths = [q for p in map(Path, args.images) for q in (image_files(p) if p.is_dir() else [p])]
@@ -198,6 +199,8 @@ def _predict(args) -> int:
                          "launch with torchrun --nproc-per-node N (N > 1)")
     if args.resume and group is not None:
         raise UsageError("--resume is for single-process runs (not under torchrun)")
+    if args.explain and group is not None:
+        raise UsageError("--explain is for single-process runs (not under torchrun)")
     det = HETMM.load(args.bank, weights=None if args.weights is None else args.weights,
                      device=group.device if group else args.device, half=args.half, batch_size=args.batch_size,
                      threshold=args.threshold, fpr=args.fpr, pixel_fpr=args.pixel_fpr, download=args.download, progress=group is None or group.is_main,
@@ -214,7 +217,7 @@ def _predict(args) -> int:
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             if group is None:
-                result = det.predict(chunk)
+                result = det.predict(chunk, explain=args.explain)
             elif args.shard_bank:  # every rank scores every image against its share of the bank
                 result = distributed.run_everywhere(group, lambda: det.predict(chunk))
                 result = result if group.is_main else None
@@ -232,11 +235,25 @@ def _predict(args) -> int:
     top = max(float(m.max()) for m in maps.values())
     thresholds = det.thresholds()
 
+    thumbnails = det.bank.extras.get(THUMBNAILS)
+    if args.explain:
+        (out / "explain").mkdir(exist_ok=True)
+
     def draw(index_path):  # the model is done: overlays are drawn on every core
         i, path = index_path
         anomaly = torch.from_numpy(maps[path])
-        mask = None if thresholds is None else anomaly >= thresholds[1]
+        kept = done[str(path)]
+        # an image judged normal shows no contour: its verdict and its picture agree
+        mask = None if thresholds is None or not kept.get("anomalous") else anomaly >= thresholds[1]
         _write_new(out / _heatmap_name(i, path), overlay_png(path, anomaly, det.out_size, top, mask))
+        pictures = []
+        for r, region in enumerate(kept.get("regions", [])):
+            if "nearest" in region:
+                pictures.append(f"explain/{i:06d}_{r}.png")
+                thumbnail = None if thumbnails is None else thumbnails[region["nearest"]["template"]]
+                _write_new(out / pictures[-1], explanation_png(path, region, det.out_size, thumbnail))
+        if pictures:
+            kept["explanations"] = pictures
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="hetmm-overlay") as pool:
         list(pool.map(draw, enumerate(paths)))
@@ -245,13 +262,18 @@ def _predict(args) -> int:
         heat = out / _heatmap_name(i, path)
         kept = done[str(path)]
         row = dict(image=kept["image"], score=kept["score"], heatmap=str(heat))
-        row.update({key: kept[key] for key in ("normalised", "anomalous", "regions") if key in kept})
+        row.update({key: kept[key] for key in ("normalised", "anomalous", "regions", "explanations") if key in kept})
+        if args.explain:  # the largest region's nearest template, for the CSV's readers
+            near = next((r["nearest"] for r in kept.get("regions", []) if "nearest" in r), None)
+            row.update(nearest_template=None if near is None else near["template"],
+                       nearest_source=None if near is None else near["source"],
+                       nearest_similarity=None if near is None else near["similarity"])
         rows.append(row)
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(table, fieldnames=[key for key in rows[0] if key != "explanations"])
     writer.writeheader()
-    writer.writerows({key: _csv_cell(len(value) if key == "regions" else value) for key, value in row.items()}
-                     for row in rows)
+    writer.writerows({key: _csv_cell(len(value) if key == "regions" else value) for key, value in row.items()
+                      if key != "explanations"} for row in rows)
     _write_new(out / "scores.csv", table.getvalue().encode("utf-8"))
     _write_new(out / "scores.json", json.dumps(rows, indent=1).encode("utf-8"))
     names = {"image": thresholds[0], "pixel": thresholds[1]} if thresholds else None
@@ -465,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--bank", required=True)
     predict.add_argument("images", nargs="+", help="image files or folders of images")
     predict.add_argument("--out", required=True, help="folder for heat maps and scores.csv / scores.json")
+    predict.add_argument("--explain", action="store_true",
+                         help="each region of a flagged image gets its nearest normal template: in scores.json "
+                              "(regions' \"nearest\"), scores.csv (the largest region's) and the gallery")
     predict.add_argument("--threshold", type=_threshold, default=None,
                          help="flag images and pixels scoring at or above this number, or 'f1': the bank's F1-optimal "
                               "image threshold (fit --val); default: the calibrated thresholds at --fpr")

@@ -1,7 +1,8 @@
 """Pictures of the results: heat-map overlays and static HTML pages (no server; they open from disk).
 
 ``write_gallery``: ``predict --out DIR`` writes ``DIR/index.html``, every image with its overlay, the
-contours of its predicted regions, verdict and scores, highest score first. ``write_evaluation``:
+contours of its predicted regions, verdict and scores, highest score first; with ``--explain``, each region of a
+flagged image beside the place of its nearest template (``explanation_png``). ``write_evaluation``:
 ``evaluate --report DIR`` writes ``DIR/index.html`` with the per-category table, ROC and PRO curves,
 the normal and anomalous image-score histograms with the thresholds marked, and the worst false
 positives and false negatives with their overlays.
@@ -32,6 +33,7 @@ th:first-child, td:first-child { text-align: left; }
 .verdict { font-weight: bold; } .anomalous .verdict { color: #d22; } .normal .verdict { color: #2a2; }
 .name { overflow-wrap: anywhere; font-size: 12px; color: #555; }
 .plots img { width: 360px; margin-right: 8px; }
+.card .why { font-size: 12px; margin-top: 6px; } .card .why img { width: auto; height: 64px; }
 """
 
 
@@ -75,16 +77,62 @@ def overlay_png(image_path, anomaly: torch.Tensor, size: int, top: float, mask: 
     return encoded.getvalue()
 
 
+def _crop(image: "Image.Image", box, side: int, height: int = 128) -> "Image.Image":
+    """The part of ``image`` that ``box`` (in a ``side x side`` map of it) covers, at ``height`` px high."""
+    x0, y0, x1, y1 = box
+    scale_x, scale_y = image.width / side, image.height / side
+    part = image.crop((int(x0 * scale_x), int(y0 * scale_y), max(int(x0 * scale_x) + 1, round(x1 * scale_x)),
+                       max(int(y0 * scale_y) + 1, round(y1 * scale_y))))
+    return part.resize((max(1, round(part.width * height / part.height)), height))
+
+
+def explanation_png(image_path, region: dict, side: int, thumbnail: torch.Tensor | None) -> bytes:
+    """The region cropped from the image at full resolution (left) beside the place of its nearest template
+    (right): from the template's file while it is at its recorded path, else from the bank's thumbnail (grey
+    when there is neither); PNG bytes."""
+    from PIL import Image, ImageOps
+
+    near = region["nearest"]
+    with Image.open(image_path) as img:
+        query = _crop(ImageOps.exif_transpose(img).convert("RGB"), region["box"], side)
+    source = near.get("source")
+    if source and Path(source).is_file():
+        with Image.open(source) as img:
+            template = _crop(ImageOps.exif_transpose(img).convert("RGB"), near["box"], side)
+    elif thumbnail is not None:
+        template = _crop(Image.fromarray(thumbnail.permute(1, 2, 0).numpy()), near["box"], side)
+    else:
+        template = Image.new("RGB", query.size, (128, 128, 128))
+    pair = Image.new("RGB", (query.width + 8 + template.width, query.height), (255, 255, 255))
+    pair.paste(query, (0, 0))
+    pair.paste(template, (query.width + 8, 0))
+    encoded = io.BytesIO()
+    pair.save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
 def _page(title: str, body: str) -> bytes:
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n").encode()
 
 
-def _card(image: str, picture: str, score: float, verdict: str | None, extra: str = "") -> str:
+def _card(image: str, picture: str, score: float, verdict: str | None, extra: str = "", why: str = "") -> str:
     state = {None: "", True: "anomalous", False: "normal"}[verdict if verdict is None else bool(verdict)]
     label = "" if verdict is None else f"<div class=\"verdict\">{state}</div>"
     return (f"<div class=\"card {state}\"><img src=\"{html.escape(picture)}\" alt=\"{html.escape(image)}\">"
-            f"{label}<div>score {score:.4f}{extra}</div><div class=\"name\">{html.escape(image)}</div></div>")
+            f"{label}<div>score {score:.4f}{extra}</div><div class=\"name\">{html.escape(image)}</div>{why}</div>")
+
+
+def _why(row: dict) -> str:
+    """Each explained region: its picture (the region beside its nearest template's place) and caption."""
+    parts = []
+    for region, picture in zip(row.get("regions", []), row.get("explanations", [])):
+        near = region["nearest"]
+        name = Path(near["source"]).name if near.get("source") else "no file recorded"
+        parts.append(f"<div class=\"why\"><img src=\"{html.escape(picture)}\" alt=\"region and its nearest template\">"
+                     f"nearest normal: template {near['template']} ({html.escape(name)}), similarity "
+                     f"{near['similarity']:.3f}</div>")
+    return "".join(parts)
 
 
 def write_gallery(out: Path, rows: list[dict], thresholds: dict | None = None) -> Path:
@@ -97,12 +145,16 @@ def write_gallery(out: Path, rows: list[dict], thresholds: dict | None = None) -
             extra += f" &middot; normalised {row['normalised']:.3f}"
         if "regions" in row:
             extra += f" &middot; {len(row['regions'])} region{'s' if len(row['regions']) != 1 else ''}"
-        cards.append(_card(row["image"], Path(row["heatmap"]).name, row["score"], row.get("anomalous"), extra))
+        cards.append(_card(row["image"], Path(row["heatmap"]).name, row["score"], row.get("anomalous"), extra,
+                           _why(row)))
     flagged = sum(bool(r.get("anomalous")) for r in rows)
     summary = f"<p>{len(rows)} images" + (f", {flagged} anomalous" if any("anomalous" in r for r in rows) else "")
     if thresholds:
         summary += " &middot; " + ", ".join(f"{html.escape(k)} {v:.4g}" for k, v in thresholds.items())
-    body = summary + ". Contours: predicted defect regions.</p>\n<div class=\"cards\">\n" + "\n".join(cards) + "\n</div>"
+    note = (" Beneath a flagged image: each region (left) beside the place of the normal template that matched it"
+            " best (right).") if any(r.get("explanations") for r in rows) else ""
+    body = (summary + f". Contours: predicted defect regions.{note}</p>\n<div class=\"cards\">\n" + "\n".join(cards)
+            + "\n</div>")
     path = out / "index.html"
     write_new(path, _page("hetmm predict", body))
     return path

@@ -96,9 +96,16 @@ def test_the_predict_gallery_renders(demo, tmp_path):
     assert main(["fit", "--data", str(demo), "--category", "brick", "--backbone", "tf_efficientnet_lite0",
                  "--image-size", "128", "--out-size", "128", "--out", str(bank)]) == 0
     assert main(["predict", "--bank", str(bank), str(demo / "brick" / "test" / "good"),
-                 str(demo / "brick" / "test" / "blob"), "--out", str(out), "--fpr", "0.2"]) == 0
+                 str(demo / "brick" / "test" / "blob"), "--out", str(out), "--fpr", "0.2", "--explain"]) == 0
+    rows = json.loads((out / "scores.json").read_text())
+    explained = [region for row in rows for region in row["regions"] if "nearest" in region]
+    assert explained and all(row["anomalous"] or not row["regions"] for row in rows)  # normal: no regions
+    assert all(Path(region["nearest"]["source"]).parent == demo / "brick" / "train" / "good" for region in explained)
+    assert sum(len(row.get("explanations", [])) for row in rows) == len(explained)
     seen = open_in_browser(out / "index.html", "predict-gallery")
-    assert seen == dict(images=4, broken=[], tables=0, cards=4, console=[])
+    assert seen == dict(images=4 + len(explained), broken=[], tables=0, cards=4, console=[])
+    header = (out / "scores.csv").read_text().splitlines()[0]
+    assert header.endswith("regions,nearest_template,nearest_source,nearest_similarity")
 
 
 def test_the_gallery_is_sorted_by_score_and_escapes_names(tmp_path):
