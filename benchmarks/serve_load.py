@@ -4,6 +4,7 @@
     python benchmarks/serve_load.py --bank BANK --images DIR --clients 8 --seconds 20
     python benchmarks/serve_load.py --banks 3             # one service, 8 clients spread over the demo's 3 banks
                                                           # against all 8 on one of them, alternated
+    python benchmarks/serve_load.py --explain             # one client, defective images, ?explain=1 against none
 
 The service runs as ``hetmm serve`` in its own process (as on a line); each client thread keeps one HTTP
 connection and posts the image files in turn, for a bounded time and only to loopback. Reported: the service's
@@ -156,6 +157,25 @@ def run_banks(banks: int = 3, clients: int = 8, seconds: float = 10.0, rounds: i
                 ratio=spread_rate / one_rate, rounds=rates)
 
 
+def run_explain(seconds: float = 5.0, rounds: int = 3) -> dict:
+    """One client posting the demo brick's defective images to ``/predict`` and to ``/predict?explain=1`` in
+    turn (``seconds`` each, ``rounds`` times, one service): the mean answer time of each and their ratio."""
+    with tempfile.TemporaryDirectory() as folder:
+        bank, files = demo_bank(Path(folder))
+        defective = [f.read_bytes() for f in files if f.parent.name != "good"]
+        times = {"plain": [], "explain": []}
+        with serving(["--bank", str(bank)]) as port:
+            load(port, [("/predict?explain=1", defective)], 2.0)  # warm-up
+            for _ in range(rounds):
+                for kind, path in (("plain", "/predict"), ("explain", "/predict?explain=1")):
+                    result = load(port, [(path, defective)], seconds)
+                    if result["errors"]:
+                        raise RuntimeError(f"{result['errors']} requests failed")
+                    times[kind].append(1000 / result["images_per_s"])
+    plain, explained = statistics.median(times["plain"]), statistics.median(times["explain"])
+    return dict(plain_ms=plain, explain_ms=explained, ratio=explained / plain, rounds=times)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bank", default=None, help="a saved bank (default: fit one on the demo's brick)")
@@ -166,8 +186,17 @@ def main(argv=None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--banks", type=int, default=None,
                         help="serve this many of the demo's banks: clients spread over them against all on one")
+    parser.add_argument("--explain", action="store_true",
+                        help="one client: defective images with and without ?explain=1, alternated")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.explain:
+        result = run_explain()
+        print(f"/predict {result['plain_ms']:.1f} ms, /predict?explain=1 {result['explain_ms']:.1f} ms: "
+              f"{result['ratio']:.2f}x ({result['rounds']})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
     if args.banks is not None:
         result = run_banks(args.banks, args.clients, args.seconds, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms)

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 pytest.importorskip("starlette")
 
-from serve_load import run, run_banks  # noqa: E402
+from serve_load import run, run_banks, run_explain  # noqa: E402
 
 
 def test_serve_under_load(benchmark):
@@ -30,3 +30,10 @@ def test_serve_many_banks(benchmark):
     benchmark.extra_info.update({k: v for k, v in result.items() if k != "rounds"})
     print(f"\n8 clients over 3 banks {result['spread_images_per_s']:.1f} images/s, all on one "
           f"{result['one_bank_images_per_s']:.1f}: {result['ratio']:.2f}x")
+
+
+def test_serve_explained_answers(benchmark):
+    """One client, defective images: /predict?explain=1 against /predict, alternated (issue 44: <= 1.2x)."""
+    result = benchmark.pedantic(run_explain, kwargs=dict(seconds=5.0, rounds=3), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: v for k, v in result.items() if k != "rounds"})
+    print(f"\n/predict {result['plain_ms']:.1f} ms, ?explain=1 {result['explain_ms']:.1f} ms: {result['ratio']:.2f}x")

@@ -37,8 +37,8 @@ def explain_regions(result, query: torch.Tensor, templates: torch.Tensor, fore: 
     in the template's map coordinates (those of the region's box). ``query [B, C, h, w]``: the images' features at
     the explanation layer; ``templates [T, C, h, w]``: the bank's there; ``fore``: its forward window.
 
-    Only a crop is matched: the regions' cells and the window's reach around them (a query pixel's window in the
-    crop is its window in the map); first every template's maxima, then the chosen template's places."""
+    Only the regions' cells are matched, in a crop of the maps that holds their windows (a query pixel's window
+    in the crop is its window in the map): one ``forward_ATM(..., return_argmax=True, pixels=...)`` an image."""
     radius = fore // 2
     for index in torch.nonzero(result.pred_label).flatten().tolist():
         regions = result.regions[index]
@@ -48,13 +48,16 @@ def explain_regions(result, query: torch.Tensor, templates: torch.Tensor, fore: 
         rows, cols = torch.nonzero(torch.stack(cells).any(0), as_tuple=True)
         y0, y1 = max(0, int(rows.min()) - radius), min(query.shape[-2], int(rows.max()) + 1 + radius)
         x0, x1 = max(0, int(cols.min()) - radius), min(query.shape[-1], int(cols.max()) + 1 + radius)
-        crop_query = query[index:index + 1, :, y0:y1, x0:x1].float()
-        crop_templates = templates[:, :, y0:y1, x0:x1]
-        values = hk.forward_ATM(crop_query, crop_templates, fore)[0].float().cpu()  # [T, crop h, crop w]
-        for region, region_mask in zip(regions, cells):
-            inside = region_mask[y0:y1, x0:x1]
-            region["nearest"] = nearest(values, inside, crop_query, crop_templates, fore, region["box"],
-                                        result.pred_mask.shape[-2:], query.shape[-2:], sources)
+        crop = [cell[y0:y1, x0:x1] for cell in cells]
+        wanted = torch.nonzero(torch.stack(crop).any(0).flatten()).flatten()  # flat crop pixels, ascending
+        values, where = hk.forward_ATM(query[index:index + 1, :, y0:y1, x0:x1].float(),
+                                       templates[:, :, y0:y1, x0:x1], fore, return_argmax=True,
+                                       pixels=wanted.to(query.device))
+        values, where = values[0].float().cpu(), where[0].cpu()  # [T, P]
+        for region, inside in zip(regions, crop):
+            chosen = torch.searchsorted(wanted, torch.nonzero(inside.flatten()).flatten())
+            region["nearest"] = nearest(values[:, chosen], where[:, chosen], wanted[chosen], x1 - x0,
+                                        region["box"], result.pred_mask.shape[-2:], query.shape[-2:], sources)
 
 
 def region_cells(mask: torch.Tensor, box, grid) -> torch.Tensor:
@@ -70,17 +73,14 @@ def region_cells(mask: torch.Tensor, box, grid) -> torch.Tensor:
     return cells
 
 
-def nearest(values: torch.Tensor, inside: torch.Tensor, query: torch.Tensor, templates: torch.Tensor, fore: int,
-            box, side, grid, sources: list) -> dict:
-    """One region's nearest template: ``values [T, h, w]`` the crop's window maxima, ``inside`` the region's cells
-    in the crop, ``query``/``templates`` the crop's features; ``box`` the region's in map pixels (``side``),
-    ``grid`` the layer's size."""
-    rows, cols = torch.nonzero(inside, as_tuple=True)
-    similarity = values[:, rows, cols].mean(1)
+def nearest(values: torch.Tensor, where: torch.Tensor, pixels: torch.Tensor, width: int, box, side, grid,
+            sources: list) -> dict:
+    """One region's nearest template: ``values``/``where [T, n]`` the window maxima and their places for the
+    region's ``n`` cells, ``pixels`` those cells (flat, in a map ``width`` wide, as the places are); ``box`` the
+    region's in map pixels (``side``), ``grid`` the layer's size."""
+    similarity = values.mean(1)
     template = int(torch.argmax(similarity))  # the first of equal means
-    _, where = hk.forward_ATM(query, templates[template:template + 1], fore, return_argmax=True)
-    places = where[0, 0].cpu()[rows, cols]
-    width = inside.shape[1]
+    places, rows, cols = where[template], pixels // width, pixels % width
     # the region's cells moved to their best pixels: the median move (the lower middle) places the box
     shift_y = float(torch.median(places // width - rows)) * side[0] / grid[0]
     shift_x = float(torch.median(places % width - cols)) * side[1] / grid[1]

@@ -342,14 +342,14 @@ class Service:
                 stash(await self.queue.get())
             while not self.queue.empty():
                 stash(self.queue.get_nowait())
-            served = min(waiting, key=lambda b: waiting[b][0][3])  # the bank of the oldest request
+            served = min(waiting, key=lambda b: waiting[b][0][-1])  # the bank of the oldest request
             batch = waiting[served]
             # wait max_wait after the bank's latest arrival (clients answered together come back spread over
             # their decoding), but never more than BATCH_WAIT_CAP times max_wait after its first, and not at all
             # while another bank's requests wait: the scoring thread would idle while they could be scored
-            cap = batch[0][3] + BATCH_WAIT_CAP * self.max_wait
+            cap = batch[0][-1] + BATCH_WAIT_CAP * self.max_wait
             while len(batch) < self.max_batch and len(waiting) == 1:
-                remaining = min(batch[-1][3] + self.max_wait, cap) - loop.time()
+                remaining = min(batch[-1][-1] + self.max_wait, cap) - loop.time()
                 if remaining <= 0:
                     break
                 try:
@@ -360,28 +360,29 @@ class Service:
             if not batch:
                 del waiting[served]
             detector = served.detector  # the whole batch against one bank, whatever an update does meanwhile
+            explain = any(explained for _, _, _, explained, _ in items)  # flagged images only: a small cost
             try:
                 result = await loop.run_in_executor(self.scoring, self._score, detector,
-                                                    [image for _, image, _, _ in items])
+                                                    [image for _, image, _, _, _ in items], explain)
             except Exception as error:  # noqa: BLE001 - every waiting request gets the error, the loop goes on
-                for _, _, future, _ in items:
+                for _, _, future, _, _ in items:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for index, (_, _, future, _) in enumerate(items):
+            for index, (_, _, future, _, _) in enumerate(items):
                 if not future.done():
                     future.set_result((result, index))
 
     @staticmethod
-    def _score(detector: HETMM, images: list):
+    def _score(detector: HETMM, images: list, explain: bool = False):
         with torch.inference_mode():
-            return detector.predict(torch.stack(images))
+            return detector.predict(torch.stack(images), explain=explain)
 
-    async def predict(self, served: ServedBank, image: torch.Tensor):
+    async def predict(self, served: ServedBank, image: torch.Tensor, explain: bool = False):
         future = asyncio.get_running_loop().create_future()
         served.active += 1  # not dropped while the request waits
         try:
-            await self.queue.put((served, image, future))
+            await self.queue.put((served, image, future, explain))
             return await future
         finally:
             served.active -= 1
@@ -392,7 +393,8 @@ class Service:
         """One image's answer from its batch's ``Prediction`` (which carries the thresholds it was decided at)."""
         label = None if result.pred_label is None else bool(result.pred_label[index])
         regions = [] if result.regions is None else [
-            {"box": [int(v) for v in region["box"]], "area": int(region["area"]), "peak": float(region["peak"])}
+            {"box": [int(v) for v in region["box"]], "area": int(region["area"]), "peak": float(region["peak"]),
+             **({"nearest": region["nearest"]} if "nearest" in region else {})}
             for region in result.regions[index]]
         return {"score": float(result.pred_score[index]),
                 "norm_score": None if result.norm_score is None else float(result.norm_score[index]),
@@ -478,10 +480,13 @@ def create_app(service: Service):
             heatmap = request.query_params.get("heatmap")
             if heatmap not in (None, "png"):
                 raise BadInput(400, f"heatmap must be 'png'; got {heatmap!r}")
+            explain = request.query_params.get("explain", "0")
+            if explain not in ("0", "1"):
+                raise BadInput(400, f"explain must be 0 or 1; got {explain!r}")
             served = await service.bank(name)
             bank = served.name
             image = await decoded(request, served)
-            result, index = await service.predict(served, image)
+            result, index = await service.predict(served, image, explain == "1")
         except BadInput as error:
             return answer("predict", error.status, {"error": str(error)}, bank=bank)
         except Exception as error:  # noqa: BLE001 - reported, and the service goes on
@@ -599,6 +604,7 @@ body { font-family: sans-serif; margin: 1.5em; background: #fafafa; }
 .card { background: white; border: 3px solid #9c9; padding: 6px; width: 260px; }
 .card.bad { border-color: #d33; }
 .card img { width: 256px; height: 256px; display: block; }
+.why { font-size: 12px; color: #444; margin-top: 4px; }
 </style></head>
 <body><h1>hetmm serve</h1><div id="status">waiting for the first verdict</div><div class="grid" id="grid"></div>
 <script>
@@ -621,6 +627,14 @@ async function refresh() {
       text.textContent = `${v.bank}: ${v.label ? 'ANOMALOUS' : (v.label === null ? 'no threshold' : 'normal')}, score ` +
         `${v.score.toFixed(4)}, ${v.regions.length} region(s), ${v.ms.toFixed(1)} ms`;
       card.append(img, text);
+      for (const region of v.regions.filter((r) => r.nearest)) {
+        const why = document.createElement('div');
+        why.className = 'why';
+        const source = region.nearest.source ? region.nearest.source.split('/').pop() : 'no file recorded';
+        why.textContent = `region at ${region.box.join(', ')}: nearest normal template ${region.nearest.template} ` +
+          `(${source}) at ${region.nearest.box.join(', ')}, similarity ${region.nearest.similarity.toFixed(3)}`;
+        card.append(why);
+      }
       return card;
     }));
   } catch (error) {

@@ -57,7 +57,7 @@ def _triton_layout(bank: PreparedTemplates):
 
 
 def forward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backend: str | None = None,
-                return_argmax: bool = False):
+                return_argmax: bool = False, pixels: torch.Tensor | None = None):
     """Forward template matching: ``[B, T, H, W]`` in the query's dtype.
 
     ``out[b,t,i,j]`` is the largest dot product between ``query[b,:,i,j]`` and the
@@ -66,7 +66,8 @@ def forward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backend
 
     ``return_argmax``: ``(out, where)``, ``where [B, T, H, W]`` int64 the template pixel ``y2 * W + x2`` of that
     largest product (ties: the first in row-major order). For explanations (``hetmm``'s nearest templates); the
-    maps alone take the fast path.
+    maps alone take the fast path. With it, ``pixels`` (int64 ``[P]``, flat query pixels ``y * W + x``) asks for
+    those pixels only: both results are then ``[B, T, P]``.
 
     >>> q = torch.nn.functional.normalize(torch.randn(2, 32, 8, 8), dim=1)
     >>> forward_ATM(q, q, 3).shape
@@ -79,7 +80,9 @@ def forward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backend
     bank = _checked(query, temp)
     impl = resolve(query.device, backend, query.dtype)
     if return_argmax:
-        return _forward_argmax(query, bank, patch, impl)
+        return _forward_argmax(query, bank, patch, impl, _checked_pixels(pixels, query))
+    if pixels is not None:
+        raise ValueError("pixels selects query pixels of return_argmax=True; the maps alone cover every pixel")
     if query.shape[0] == 0:
         return query.new_empty((0, len(bank), *query.shape[2:]))
     if impl == "reference":
@@ -89,18 +92,32 @@ def forward_ATM(query: torch.Tensor, temp: TemplatesLike, patch: int, *, backend
     return _triton_atm().forward_ATM(query, _triton_layout(bank), patch)
 
 
-def _forward_argmax(query: torch.Tensor, bank: PreparedTemplates, patch: int, impl: str):
-    if query.shape[0] == 0:
-        shape = (0, len(bank), *query.shape[2:])
+def _checked_pixels(pixels, query: torch.Tensor) -> torch.Tensor | None:
+    if pixels is None:
+        return None
+    area = query.shape[2] * query.shape[3]
+    if (not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.int64 or pixels.dim() != 1
+            or (pixels.numel() and not (0 <= int(pixels.min()) and int(pixels.max()) < area))):
+        raise ValueError(f"pixels must be a 1-D int64 tensor of flat query pixels in [0, {area}); got "
+                         f"{getattr(pixels, 'dtype', type(pixels).__name__)} {tuple(getattr(pixels, 'shape', ()))}")
+    return pixels.to(query.device)
+
+
+def _forward_argmax(query: torch.Tensor, bank: PreparedTemplates, patch: int, impl: str, pixels):
+    if query.shape[0] == 0 or (pixels is not None and not len(pixels)):
+        shape = (query.shape[0], len(bank), *(query.shape[2:] if pixels is None else (0,)))
         return query.new_empty(shape), torch.empty(shape, device=query.device, dtype=torch.int64)
+    if impl == "torch":  # computes only the pixels asked for
+        best, where = torch_atm.forward_argmax(query, bank.temp, patch, pixels)
+        return best.to(query.dtype), where
     if impl == "reference":
-        return reference.forward_argmax(query, bank.temp, patch)
-    if impl == "torch":
-        best, where = torch_atm.forward_argmax(query, bank.temp, patch)
+        best, where = reference.forward_argmax(query, bank.temp, patch)
     else:
         from .triton_ops import window_argmax
 
         best, where = window_argmax.forward_argmax(query, _triton_layout(bank), patch)
+    if pixels is not None:
+        best, where = best.flatten(2)[:, :, pixels], where.flatten(2)[:, :, pixels]
     return best.to(query.dtype), where
 
 

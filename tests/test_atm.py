@@ -114,6 +114,23 @@ def test_forward_argmax_ties_go_to_the_first_place(backend, dtype):
     assert torch.equal(where[0, 0].cpu(), (rows - 1).clamp_min(0) * 6 + (cols - 1).clamp_min(0))
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_forward_argmax_of_some_pixels_is_theirs_of_the_whole_map(backend):
+    device = device_for(backend) if backend != "reference" else torch.device("cpu")
+    query, temp = features(2, 20, 9, 11, device=device), features(4, 20, 9, 11, device=device, seed=1)
+    out, where = reference.forward_argmax(query.cpu(), temp.cpu(), 7)
+    pixels = torch.tensor([0, 5, 13, 50, 98], device=device)
+    some, some_where = hk.forward_ATM(query, temp, 7, backend=backend, return_argmax=True, pixels=pixels)
+    assert some.shape == some_where.shape == (2, 4, 5)
+    assert_matches(some, out.flatten(2)[:, :, pixels.cpu()], 20)
+    assert torch.equal(some_where.cpu(), where.flatten(2)[:, :, pixels.cpu()])
+    for bad in (torch.tensor([99]), torch.tensor([-1]), torch.tensor([1.0]), torch.zeros(2, 2, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"pixels must be a 1-D int64 tensor of flat query pixels in \[0, 99\)"):
+            hk.forward_ATM(query, temp, 7, backend=backend, return_argmax=True, pixels=bad.to(device))
+    with pytest.raises(ValueError, match="pixels selects query pixels of return_argmax=True"):
+        hk.forward_ATM(query, temp, 7, backend=backend, pixels=pixels)
+
+
 def test_reference_mutual_is_the_max_of_the_maps():
     query, temp = features(2, 8, 6, 5), features(3, 8, 6, 5, seed=1)
     fore, back = reference.mutual_match(query, temp, 5, 3)

@@ -274,8 +274,11 @@ def test_the_live_page_shows_the_latest_verdicts(bank_file, data):
     assert BROWSER is not None, "HETMM_REQUIRE_BROWSER is set but chromium is not installed"
     files = sorted((data / "test").rglob("*.png"))[:3]
     with Running(Service(bank_file)) as running:
+        explained = 0
         for path in files:
-            assert running.call("POST", "/predict", path.read_bytes())[0] == 200
+            status, _, body = running.call("POST", "/predict?explain=1", path.read_bytes())
+            assert status == 200
+            explained += sum("nearest" in region for region in json.loads(body)["regions"])
         run = subprocess.run([BROWSER, "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
                               "--enable-logging=stderr", "--v=0", "--dump-dom", f"http://127.0.0.1:{running.port}/"],
                              capture_output=True, text=True, timeout=120)
@@ -283,7 +286,25 @@ def test_the_live_page_shows_the_latest_verdicts(bank_file, data):
     overlays = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', run.stdout)
     assert len(cards) == 3 and len(overlays) == 3, run.stdout[-1500:]
     assert "6 templates" in run.stdout and "3 images scored" in run.stdout
+    assert explained and len(re.findall(r"<div class=\"why\">region at [^<]*nearest normal template", run.stdout)) == explained
     assert not [line for line in run.stderr.splitlines() if ":CONSOLE" in line], run.stderr[-1500:]
+
+
+def test_predict_explains_a_flagged_image_on_request(bank_file, data):
+    defect = sorted((data / "test").rglob("*.png"))[0].read_bytes()
+    expected = hetmm.HETMM.load(bank_file).predict([sorted((data / "test").rglob("*.png"))[0]], explain=True)
+    with Running(Service(bank_file)) as running:
+        status, _, body = running.call("POST", "/predict?explain=1", defect)
+        verdict = json.loads(body)
+        assert status == 200 and verdict["label"] and verdict["regions"]
+        for region, truth in zip(verdict["regions"], expected.regions[0]):
+            near = region["nearest"]
+            assert near["template"] == truth["nearest"]["template"] and near["box"] == truth["nearest"]["box"]
+            assert Path(near["source"]).parent == data / "train" / "good"
+        plain = json.loads(running.call("POST", "/predict", defect)[2])
+        assert plain["score"] == verdict["score"] and all("nearest" not in r for r in plain["regions"])
+        status, _, body = running.call("POST", "/predict?explain=yes", defect)
+        assert status == 400 and "explain must be 0 or 1" in json.loads(body)["error"]
 
 
 def test_the_command_line_refuses_bad_settings_by_name(bank_file, tmp_path, capsys):

@@ -398,34 +398,38 @@ def forward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) -
 ARGMAX_ELEMENTS = 1 << 22  # products held at once by forward_argmax (16 MiB of float32)
 
 
-def forward_argmax(query: torch.Tensor, temp: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_argmax(query: torch.Tensor, temp: torch.Tensor, patch: int,
+                   pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(forward maxima, where)`` as ``reference.forward_argmax``: a chunk of query pixels against every template
     pixel in one product, those outside each pixel's window masked, then ``torch.argmax`` over the template's
-    pixels in row-major order (the first of equal maxima). Dense, so its cost grows with the map's area squared:
-    meant for explanations, which ask for a few pixels' crop of one image (a 14 x 14 crop of lite0's layer 2
-    against 40 templates: ~1 ms), not for the hot path."""
+    pixels in row-major order (the first of equal maxima). ``pixels`` (flat query pixels): only those, as
+    ``[B, T, P]``. Dense, so its cost grows with the pixels asked for times the map's area: meant for
+    explanations (a region's few dozen cells), not for the hot path."""
     radius = patch // 2
     accumulate = torch.float64 if query.dtype == torch.float64 else torch.float32
     batch, channels, height, width = query.shape
-    count, pixels = temp.shape[0], height * width
-    q = query.to(accumulate).flatten(2)  # [B, C, HW]
-    t = temp.to(accumulate).permute(1, 0, 2, 3).reshape(channels, count * pixels)  # [C, T * HW]
+    count, area = temp.shape[0], height * width
+    wanted = torch.arange(area, device=query.device) if pixels is None else pixels.to(query.device)
+    q = query.to(accumulate).flatten(2)[:, :, wanted]  # [B, C, P]
+    t = temp.to(accumulate).permute(1, 0, 2, 3).reshape(channels, count * area)  # [C, T * HW]
     ys = torch.arange(height, device=query.device).repeat_interleave(width)
     xs = torch.arange(width, device=query.device).repeat(height)
-    best = torch.empty(batch, count, pixels, device=query.device, dtype=accumulate)
+    best = torch.empty(batch, count, len(wanted), device=query.device, dtype=accumulate)
     where = torch.empty(best.shape, device=query.device, dtype=torch.int64)
-    chunk = max(1, ARGMAX_ELEMENTS // (count * pixels))
+    chunk = max(1, ARGMAX_ELEMENTS // (count * area))
     for b in range(batch):
-        for p0 in range(0, pixels, chunk):
-            p1 = min(pixels, p0 + chunk)
-            sims = (q[b, :, p0:p1].t() @ t).view(p1 - p0, count, pixels)
-            far = ((ys[p0:p1, None] - ys).abs() > radius) | ((xs[p0:p1, None] - xs).abs() > radius)
-            sims.masked_fill_(far[:, None, :], float("-inf"))
+        for p0 in range(0, len(wanted), chunk):
+            p1 = min(len(wanted), p0 + chunk)
+            sims = (q[b, :, p0:p1].t() @ t).view(p1 - p0, count, area)
+            rows, cols = ys[wanted[p0:p1], None], xs[wanted[p0:p1], None]
+            sims.masked_fill_((((rows - ys).abs() > radius) | ((cols - xs).abs() > radius))[:, None, :], float("-inf"))
             first = sims.argmax(2)  # [P, T]
             best[b, :, p0:p1] = sims.gather(2, first[..., None])[..., 0].t()
             where[b, :, p0:p1] = first.t()
-    shape = (batch, count, height, width)
-    return best.clamp_min_(MATCH_FLOOR).view(shape), where.view(shape)
+    best.clamp_min_(MATCH_FLOOR)
+    if pixels is not None:
+        return best, where
+    return best.view(batch, count, height, width), where.view(batch, count, height, width)
 
 
 def backward_ATM(query: torch.Tensor, t_groups: list[torch.Tensor], patch: int) -> torch.Tensor:
