@@ -190,6 +190,12 @@ class DetectorOptions:
     prefetch: int = 2
 
 
+# The options a bank decides (from its configuration) when a detector is made from it; every other option of
+# DetectorOptions is the caller's. A bank saved before a key existed meant OLDER_BANK_DEFAULTS by it.
+BANK_OPTIONS = ("category", "params", "image_size", "out_size", "templates", "tsize", "max_templates",
+                "retrieval_k", "retrieval_layer", "neighbourhood")
+OLDER_BANK_DEFAULTS = {"templates": "all", "neighbourhood": 1}
+
 # Beyond this many other templates, each template's isolation is measured against its most similar
 # images only: the cost grows as N x 64, not N x N (N = 400: about 8x less).
 ISOLATION_NEIGHBOURS = 64
@@ -724,23 +730,16 @@ class HETMM:
         return cls.from_bank(bank, shard=shard, **options)
 
     @classmethod
-    def from_bank(cls, bank: TemplateBank, *, weights=None, device=None, half=False, batch_size: int = 8,
-                  threshold: float | str | None = None, fpr: float = DEFAULT_FPR, pixel_fpr: float | None = None,
-                  download: bool = False, progress: bool = False,
-                  shard=None, cuda_graph: bool = False, precision: str = "auto", workers: int | None = None,
-                  prefetch: int = 2) -> "HETMM":
+    def from_bank(cls, bank: TemplateBank, *, weights=None, shard=None, **options) -> "HETMM":
         """A detector holding a bank already read (``TemplateBank.load``), with the bank's backbone, image size and
-        parameters. ``weights`` defaults to the ones the bank was made with; the other options as for ``HETMM``."""
+        parameters (``BANK_OPTIONS``, from its configuration); ``options``: any other ``DetectorOptions`` field.
+        ``weights`` defaults to the ones the bank was made with."""
+        decided = sorted(set(options) & set(BANK_OPTIONS))
+        if decided:
+            raise TypeError(f"{decided} are the bank's (saved with it, as it was fitted): refit to change them")
         cfg = bank.config
-        det = cls(cfg["backbone"], cfg["weights"] if weights is None else weights, category=cfg.get("category"),
-                  params=cfg["params"], image_size=cfg["image_size"], out_size=cfg.get("out_size", 256),
-                  device=device, half=half, batch_size=batch_size, threshold=threshold, fpr=fpr,
-                  pixel_fpr=pixel_fpr, download=download,
-                  progress=progress, templates=cfg.get("templates", "all"), tsize=cfg.get("tsize", 60),
-                  max_templates=cfg.get("max_templates", DetectorOptions.max_templates),
-                  retrieval_k=cfg.get("retrieval_k"), retrieval_layer=cfg.get("retrieval_layer", "layer2"),
-                  cuda_graph=cuda_graph, precision=precision, neighbourhood=cfg.get("neighbourhood", 1),
-                  workers=workers, prefetch=prefetch)
+        saved = {**OLDER_BANK_DEFAULTS, **{key: cfg[key] for key in BANK_OPTIONS if key in cfg}}
+        det = cls(cfg["backbone"], cfg["weights"] if weights is None else weights, **saved, **options)
         det.set_magnitude_scales(cfg.get("magnitude_scales"))
         bank.check(det.config if weights is None else {k: v for k, v in det.config.items() if k != "weights"})
         det.bank, det.group = bank, shard

@@ -218,6 +218,25 @@ def test_cuda_graph_predict_equals_eager(half, retrieval_k):
     torch.testing.assert_close(graphed.predict(test).pred_score, eager.predict(test).pred_score, rtol=0, atol=tol)
 
 
+def test_load_takes_every_caller_option_and_keeps_the_banks(tmp_path):
+    """HETMM.load builds its options from the bank's configuration (BANK_OPTIONS) and the caller's keywords: any
+    other DetectorOptions field passes through, one the bank decides is refused by name."""
+    import dataclasses
+
+    from hetmm.detector import BANK_OPTIONS, DetectorOptions
+
+    path = _small_detector(max_templates=7).fit(_images(2, 0)).save(tmp_path / "bank.safetensors")
+    callers = {f.name for f in dataclasses.fields(DetectorOptions)} - set(BANK_OPTIONS)
+    assert {"precision", "fpr", "threshold", "batch_size", "workers", "prefetch", "cuda_graph"} <= callers
+    loaded = hetmm.HETMM.load(path, precision="fp32", prefetch=3, batch_size=5, pixel_fpr=0.2)
+    assert (loaded.options.prefetch, loaded.batch_size, loaded.pixel_fpr, loaded.max_templates) == (3, 5, 0.2, 7)
+    assert loaded.image_size == 64 and loaded.options.templates == "auto"
+    with pytest.raises(TypeError, match=r"\['image_size', 'params'\] are the bank's"):
+        hetmm.HETMM.load(path, image_size=128, params=DEFAULT)
+    with pytest.raises(TypeError, match="unknown option"):
+        hetmm.HETMM.load(path, no_such_option=1)
+
+
 def test_options_object_and_keyword_overrides():
     options = hetmm.DetectorOptions(image_size=64, out_size=64, precision="fp32", batch_size=3)
     det = hetmm.HETMM("resnet18", None, options, batch_size=2)
