@@ -77,8 +77,8 @@ def overlay_png(image_path, anomaly: torch.Tensor, size: int, top: float, mask: 
     return encoded.getvalue()
 
 
-def _crop(image: "Image.Image", box, side: int, height: int = 128) -> "Image.Image":
-    """The part of ``image`` that ``box`` (in a ``side x side`` map of it) covers, at ``height`` px high."""
+def _crop(image, box, side: int, height: int = 128):
+    """The part of the PIL ``image`` that ``box`` (in a ``side x side`` map of it) covers, at ``height`` px high."""
     x0, y0, x1, y1 = box
     scale_x, scale_y = image.width / side, image.height / side
     part = image.crop((int(x0 * scale_x), int(y0 * scale_y), max(int(x0 * scale_x) + 1, round(x1 * scale_x)),

@@ -17,7 +17,7 @@ import hetmm_kernels as hk
 from hetmm_kernels import reference
 from hetmm_kernels.cpu_ops import int8_match
 from hetmm_kernels.quantized import dequantize
-from helpers import BACKENDS, INTERPRETED, device_for, features, tolerance
+from helpers import BACKENDS, device_for, features, tolerance
 
 COMPILED = int8_match.available()
 needs_vnni = pytest.mark.skipif(not COMPILED, reason="the compiled int8 kernels need numba and AVX512-VNNI")
