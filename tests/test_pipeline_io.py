@@ -184,18 +184,19 @@ def test_a_stopped_predict_resumes_to_the_same_results(tmp_path, folder, monkeyp
     calls = []
     original = hetmm.HETMM.predict
 
-    def stopped_after_two_chunks(self, images):
+    def stopped_after_two_chunks(self, images, **options):
         calls.append(len(images))
         if len(calls) > 1:
             raise KeyboardInterrupt  # the run is killed while its second chunk is scored
-        return original(self, images)
+        return original(self, images, **options)
 
     monkeypatch.setattr(hetmm.HETMM, "predict", stopped_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         main(["predict", *common, "--out", str(tmp_path / "part")])
     kept = (tmp_path / "part" / "scores.jsonl").read_text().splitlines()
     assert len(kept) == 4  # the first chunk (4 batches of 1) is on disk
-    monkeypatch.setattr(hetmm.HETMM, "predict", lambda self, images: calls.append(images) or original(self, images))
+    monkeypatch.setattr(hetmm.HETMM, "predict", lambda self, images, **options: calls.append(images)
+                        or original(self, images, **options))
     calls.clear()
     assert main(["predict", *common, "--out", str(tmp_path / "part"), "--resume"]) == 0
     assert [len(c) for c in calls] == [3]  # only the images the stopped run had not finished

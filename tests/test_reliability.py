@@ -19,7 +19,7 @@ from hetmm.evaluation import evaluate_category
 EXIF_ORIENTATION = 0x0112
 
 
-def _ramp(height=24, width=32):
+def _ramp(height=32, width=40):  # images hetmm reads have sides of 32 px or more (hetmm.data.MIN_SIDE)
     """A horizontal ramp 0..1 (left dark, right bright), float64 ``[H, W]``."""
     return np.tile(np.linspace(0, 1, width), (height, 1))
 
@@ -41,13 +41,13 @@ def test_a_16_bit_png_is_read_at_its_full_range(tmp_path):
 
 
 def test_palette_images_are_read_in_their_colours(tmp_path):
-    rgb = np.zeros((16, 16, 3), np.uint8)
-    rgb[:, 8:] = (200, 30, 60)
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:, 16:] = (200, 30, 60)
     path = tmp_path / "palette.png"
     Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=4).save(path)
-    image = read_image(path, 16)
-    assert torch.allclose(image[:, :, 12], torch.tensor([200, 30, 60]).float()[:, None] / 255, atol=1 / 255)
-    assert image[:, :, :8].max() < 1 / 255
+    image = read_image(path, 32)
+    assert torch.allclose(image[:, :, 24], torch.tensor([200, 30, 60]).float()[:, None] / 255, atol=1 / 255)
+    assert image[:, :, :16].max() < 1 / 255
 
 
 def test_exif_orientation_is_applied(tmp_path):

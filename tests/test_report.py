@@ -145,7 +145,7 @@ def test_the_evaluation_report_with_equal_scores_and_no_defects(tmp_path):
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"{i}.png")
-        Image.fromarray(np.full((16, 16, 3), 100 + i, np.uint8)).save(paths[-1])
+        Image.fromarray(np.full((32, 32, 3), 100 + i, np.uint8)).save(paths[-1])
     samples = [Sample(p, 0, "good", None) for p in paths]
     result = Prediction(torch.full((3,), 0.5), torch.zeros(3, 16, 16), torch.zeros(3, 16, 16))
     metrics = dict(category="flat", image_auroc=None, images_per_second=1.0)
