@@ -94,6 +94,28 @@ class TemplateBank:
         return TemplateBank(features, self.config, _coreset_shares(extras, features, rows), self.offset + rows.start,
                             self.total, self.sources[rows.start:rows.stop])
 
+    def resident_bytes(self) -> int:
+        """Bytes of the tensors this bank holds: features, extras and the layouts prepared for the kernels
+        (tensors shared between them counted once)."""
+        seen: set[int] = set()
+
+        def count(value, depth: int = 0) -> int:
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                if storage.data_ptr() in seen:
+                    return 0
+                seen.add(storage.data_ptr())
+                return storage.nbytes()
+            if depth > 3:
+                return 0
+            if isinstance(value, dict):
+                return sum(count(v, depth + 1) for v in value.values())
+            if isinstance(value, (list, tuple)):
+                return sum(count(v, depth + 1) for v in value)
+            return count(vars(value), depth + 1) if hasattr(value, "__dict__") else 0
+
+        return count(self.features) + count(self.extras) + count(self._prepared)
+
     def copy(self) -> "TemplateBank":
         """A bank sharing this one's tensors, whose changes (``add``, ``keep``) leave this one as it is."""
         return TemplateBank(dict(self.features), self.config, dict(self.extras), self.offset, self.total, self.sources)

@@ -17,8 +17,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .bank import TemplateBank
 from .detector import HETMM
 
@@ -93,29 +91,9 @@ def _same_config(a: dict, b: dict) -> bool:
 
 
 def resident_bytes(detector: HETMM) -> int:
-    """Bytes the detector's bank holds in memory: its features, extras and the layouts prepared for the kernels
-    (the network is not counted: banks of one backbone differ by their templates)."""
-    seen: set[int] = set()
-
-    def count(value, depth: int = 0) -> int:
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            if storage.data_ptr() in seen:
-                return 0
-            seen.add(storage.data_ptr())
-            return storage.nbytes()
-        if depth > 3:
-            return 0
-        if isinstance(value, dict):
-            return sum(count(v, depth + 1) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(count(v, depth + 1) for v in value)
-        if hasattr(value, "__dict__"):
-            return count(vars(value), depth + 1)
-        return 0
-
-    bank = detector.bank
-    return count(bank.features) + count(bank.extras) + count(bank._prepared)
+    """Bytes the detector's bank holds in memory (``TemplateBank.resident_bytes``; the network is not counted:
+    banks of one backbone differ by their templates)."""
+    return detector.bank.resident_bytes()
 
 
 @dataclass(eq=False)
