@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import json
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,26 +41,19 @@ def scan(folder: Path | None, only: Path | None) -> dict[str, Path]:
             if path.name.endswith(SUFFIX) and not path.name.startswith(".") and path.is_file()}
 
 
-_process_locks: dict[str, threading.Lock] = {}
-_process_locks_guard = threading.Lock()
-
-
 @contextlib.contextmanager
 def update_lock(path: Path):
     """Held while one update of the bank at ``path`` reads, extends and writes it: an exclusive ``flock`` on a
     hidden sidecar file (``.<name>.lock``; the bank file itself is replaced by every save, so a lock on it would
-    lock a file nobody reads again), which orders the updates of every process on this machine and, on a shared
-    volume that supports locks (NFSv4, CephFS, EFS), of every machine; and a lock of this process, for threads."""
-    with _process_locks_guard:
-        local = _process_locks.setdefault(str(path.resolve()), threading.Lock())
-    with local:
-        sidecar = path.with_name(f".{path.stem}.lock")
-        descriptor = os.open(sidecar, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(descriptor)  # releases the flock
+    lock a file nobody reads again). Each holder opens the sidecar anew, and ``flock`` locks belong to the open
+    file, so it orders the updates of threads, of processes on this machine and, on a shared volume that supports
+    locks (NFSv4, CephFS, EFS), of every machine."""
+    descriptor = os.open(path.with_name(f".{path.stem}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the flock
 
 
 def read_detector(path: Path, options: dict, previous: HETMM | None = None) -> tuple[HETMM, tuple]:

@@ -407,6 +407,12 @@ class HETMM:
         """Per-layer unit features ``{layer: [N, C, h, w]}`` of images (tensor or file paths), batched."""
         return self._extract(self._images(images), progress)
 
+    def _template_features(self, items: list) -> tuple:
+        """``(features, sources, thumbnails)`` of images that become templates (``fit_features``' arguments)."""
+        kept = []
+        features = self._extract(items, kept_thumbnails=kept)
+        return features, [_source(x) for x in items], torch.cat(kept)
+
     def _extract(self, items: list, progress: bool = True, kept_thumbnails: list | None = None) -> dict:
         """``extract`` of items ``_images`` has checked; each batch's ``thumbnails`` appended to
         ``kept_thumbnails`` when given."""
@@ -455,9 +461,7 @@ class HETMM:
             descriptors = torch.cat([image_descriptors(self._descriptor_features(self._features(batch)))
                                      for batch in self._batches(items, "selection", True)])
             items = [items[i] for i in spread(descriptors, self.max_templates).tolist()]
-        kept = []
-        features = self._extract(items, kept_thumbnails=kept)
-        return self.fit_features(features, [_source(x) for x in items], torch.cat(kept))
+        return self.fit_features(*self._template_features(items))
 
     def fit_features(self, features: dict, sources: list | None = None,
                      template_thumbnails: torch.Tensor | None = None) -> "HETMM":
@@ -686,9 +690,9 @@ class HETMM:
     def add_templates(self, images) -> "HETMM":
         """Hot update: insert new normal images into the bank without refitting."""
         self._require_bank()
-        items, kept = self._images(images), []
-        features = {k: v.float().cpu() for k, v in self._extract(items, kept_thumbnails=kept).items()}
-        self.bank.add(features, [_source(x) for x in items], torch.cat(kept))
+        features, sources, template_thumbnails = self._template_features(self._images(images))
+        features = {k: v.float().cpu() for k, v in features.items()}
+        self.bank.add(features, sources, template_thumbnails)
         if self.retrieval_k is not None:  # the new images join the retrieval bank too
             codebook, _ = self._histogram_bank()
             new = codebook.bank(features[self.retrieval_layer]).counts
@@ -783,9 +787,13 @@ class HETMM:
             distributed.merge_matches(matches, absent, self.group)
         return matches
 
-    def _forward(self, images: torch.Tensor):
-        """The GPU part of predict for one batch on the device: ``(scores, anomaly maps, PRO maps)``."""
-        return self._score(self.backbone(images))
+    def _forward(self, images: torch.Tensor, keep: tuple | None = None):
+        """The GPU part of predict for one batch on the device: ``(scores, anomaly maps, PRO maps)``;
+        ``keep=(layer, list)``: the batch's features at ``layer`` appended to the list (explanations)."""
+        features = self.backbone(images)
+        if keep is not None:
+            keep[1].append(features[keep[0]])
+        return self._score(features)
 
     def _score(self, features: dict, indices: torch.Tensor | None = None):
         """``(scores, anomaly maps, PRO maps)`` of extracted features (see ``match`` for ``indices``)."""
@@ -796,12 +804,13 @@ class HETMM:
         pro = anomaly if self.params.pro == self.params.pixel else matches.aggregate(size, self.params.pro).maps[:, 0]
         return scores, anomaly, pro
 
-    def _run(self, batch: torch.Tensor):
+    def _run(self, batch: torch.Tensor, keep: tuple | None = None):
         """One batch's device part: no value of a device tensor is read back (the images and the bank
-        were checked where they came in; ``_copy_out`` checks the results), so nothing waits on the GPU."""
-        if not self.cuda_graph or self.group is not None:
+        were checked where they came in; ``_copy_out`` checks the results), so nothing waits on the GPU.
+        ``keep``: as ``_forward``'s (a batch whose features are kept runs eagerly, not from a CUDA graph)."""
+        if keep is not None or not self.cuda_graph or self.group is not None:
             with hk.trusted_values():
-                return self._forward(batch)
+                return self._forward(batch, keep)
         from .pipeline import CapturedPredict
 
         # a graph holds the addresses of the bank's tensors: a new or grown bank needs a new capture
@@ -837,14 +846,7 @@ class HETMM:
         items = self._images(images)
         scores, anomaly, pro = [], [], []
         for batch in self._batches(items, "predict", True):
-            if keep is None:
-                outs = self._run(batch)
-            else:
-                features = self.backbone(batch)
-                keep[1].append(features[keep[0]])
-                with hk.trusted_values():
-                    outs = self._score(features)
-            for kept, out in zip((scores, anomaly, pro), self._copy_out(*outs)):
+            for kept, out in zip((scores, anomaly, pro), self._copy_out(*self._run(batch, keep))):
                 kept.append(out)
         return Prediction(torch.cat(scores), torch.cat(anomaly), torch.cat(pro))
 

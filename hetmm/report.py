@@ -92,13 +92,15 @@ def explanation_png(image_path, region: dict, side: int, thumbnail: torch.Tensor
     when there is neither); PNG bytes."""
     from PIL import Image, ImageOps
 
+    def crop_file(path, box):
+        with Image.open(path) as img:
+            return _crop(ImageOps.exif_transpose(img).convert("RGB"), box, side)
+
     near = region["nearest"]
-    with Image.open(image_path) as img:
-        query = _crop(ImageOps.exif_transpose(img).convert("RGB"), region["box"], side)
+    query = crop_file(image_path, region["box"])
     source = near.get("source")
     if source and Path(source).is_file():
-        with Image.open(source) as img:
-            template = _crop(ImageOps.exif_transpose(img).convert("RGB"), near["box"], side)
+        template = crop_file(source, near["box"])
     elif thumbnail is not None:
         template = _crop(Image.fromarray(thumbnail.permute(1, 2, 0).numpy()), near["box"], side)
     else:
